@@ -1,0 +1,285 @@
+"""Quantization configuration: one validated TOML file, presets, per-op-class and per-layer overrides.
+
+A config is a table of *settings* (see :class:`OpSettings`) resolved for every quantization
+point of the model. Resolution order, later wins::
+
+    [default]  ->  [op.<class>]  ->  [layer.<i>.<class>]
+
+Op classes (where the settings apply): ``embedding``, ``query``, ``key``, ``value``,
+``attention_output``, ``intermediate``, ``output`` (the second FFN matmul), ``pooler``,
+``classifier`` — the matmul/gather sites; and ``scores``, ``softmax``, ``context``,
+``residual``, ``layernorm``, ``gelu``, ``tanh`` — the activation sites.
+
+Example (``w4a8`` written out)::
+
+    preset = "w8a8"          # optional: start from a preset
+    [default]
+    weight_bits = 4
+    weight_block = 128
+    [op.embedding]
+    weight_bits = 8
+    [layer.0.intermediate]
+    acc_bits = 40
+
+Unknown keys and bad values are errors that name the table, key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from kernels.formats import Rounding, Saturation, ScaleKind
+from simulator.errors import ConfigError
+
+MATMUL_CLASSES = (
+    "embedding",
+    "query",
+    "key",
+    "value",
+    "attention_output",
+    "intermediate",
+    "output",
+    "pooler",
+    "classifier",
+)
+ACTIVATION_CLASSES = ("scores", "softmax", "context", "residual", "layernorm", "gelu", "tanh")
+OP_CLASSES = MATMUL_CLASSES + ACTIVATION_CLASSES
+
+GELU_METHODS = ("poly", "lut")
+SOFTMAX_METHODS = ("poly", "lut")
+TANH_METHODS = ("lut",)
+SCALINGS = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class OpSettings:
+    """Every knob of one quantization point. Field comments give units and ranges."""
+
+    weight_bits: int = 8  # 2..16, signed weight codes
+    weight_block: int = 32  # elements per block along the reduction axis; 0 = whole axis
+    weight_scale: str = "pow2"  # "pow2" (shared exponent) or "mult" (multiplier + exponent)
+    weight_mant_bits: int = 8  # multiplier width for "mult" scales
+    weight_exp_bits: int = 8  # bits to store one block exponent (counted in compression)
+    weight_guard: int = 12  # extra low bits kept when weight blocks are aligned for the MAC
+    act_bits: int = 8  # 2..16, activation codes between ops
+    act_block: int = 32  # elements per block along the hidden axis; 0 = whole axis
+    act_guard: int = 4  # extra low bits kept when activation blocks are aligned
+    scaling: str = "dynamic"  # "static" (calibrated exponents) or "dynamic" (run-time, LZC)
+    rounding: str = "RND_CONV"  # rounding of every narrowing at this point
+    saturation: str = "SAT"  # SAT, SAT_SYM or WRAP
+    acc_bits: int = 32  # accumulator width of the matmul, 8..62
+    acc_saturation: str = "SAT"
+    bias_bits: int = 32  # bias codes (stored at the accumulator's scale)
+    residual_bits: int = 16  # width of a residual sum before LayerNorm
+    gelu_method: str = "poly"
+    gelu_in_bits: int = 16
+    gelu_out_bits: int = 16
+    gelu_lut_addr_bits: int = 8
+    softmax_method: str = "poly"
+    softmax_in_bits: int = 16
+    softmax_out_bits: int = 8
+    softmax_lut_addr_bits: int = 8
+    layernorm_out_bits: int = 16
+    tanh_method: str = "lut"
+    tanh_in_bits: int = 16
+    tanh_out_bits: int = 16
+    tanh_lut_addr_bits: int = 10
+    output_bits: int = 16  # logits / last hidden state at the model boundary
+
+    def __post_init__(self) -> None:
+        _check_range("weight_bits", self.weight_bits, 2, 16)
+        _check_range("act_bits", self.act_bits, 2, 16)
+        _check_range("weight_block", self.weight_block, 0, 1 << 16)
+        _check_range("act_block", self.act_block, 0, 1 << 16)
+        _check_range("weight_mant_bits", self.weight_mant_bits, 1, 16)
+        _check_range("weight_exp_bits", self.weight_exp_bits, 1, 16)
+        _check_range("weight_guard", self.weight_guard, 0, 24)
+        _check_range("act_guard", self.act_guard, 0, 16)
+        _check_range("acc_bits", self.acc_bits, 8, 62)
+        _check_range("bias_bits", self.bias_bits, 8, 62)
+        _check_range("residual_bits", self.residual_bits, 4, 32)
+        for k in ("gelu_in_bits", "gelu_out_bits", "softmax_in_bits", "tanh_in_bits", "tanh_out_bits"):
+            _check_range(k, getattr(self, k), 4, 24)
+        _check_range("softmax_out_bits", self.softmax_out_bits, 2, 16)
+        _check_range("layernorm_out_bits", self.layernorm_out_bits, 4, 24)
+        _check_range("output_bits", self.output_bits, 4, 32)
+        for k in ("gelu_lut_addr_bits", "softmax_lut_addr_bits", "tanh_lut_addr_bits"):
+            _check_range(k, getattr(self, k), 2, 16)
+        _check_choice("weight_scale", self.weight_scale, ("pow2", "mult"))
+        _check_choice("scaling", self.scaling, SCALINGS)
+        _check_choice("rounding", self.rounding, tuple(m.name for m in Rounding))
+        _check_choice("saturation", self.saturation, tuple(m.name for m in Saturation))
+        _check_choice("acc_saturation", self.acc_saturation, tuple(m.name for m in Saturation))
+        _check_choice("gelu_method", self.gelu_method, GELU_METHODS)
+        _check_choice("softmax_method", self.softmax_method, SOFTMAX_METHODS)
+        _check_choice("tanh_method", self.tanh_method, TANH_METHODS)
+
+    # Typed views for the lowering.
+    @property
+    def rounding_mode(self) -> Rounding:
+        return Rounding[self.rounding]
+
+    @property
+    def saturation_mode(self) -> Saturation:
+        return Saturation[self.saturation]
+
+    @property
+    def acc_saturation_mode(self) -> Saturation:
+        return Saturation[self.acc_saturation]
+
+    @property
+    def weight_scale_kind(self) -> ScaleKind:
+        return ScaleKind.POW2 if self.weight_scale == "pow2" else ScaleKind.MULT
+
+
+_FIELD_TYPES = {f.name: f.type for f in fields(OpSettings)}
+
+
+def _check_range(name: str, v: Any, lo: int, hi: int) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(f"{name}={v!r}: expected an integer in {lo}..{hi}")
+
+
+def _check_choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:
+    if v not in allowed:
+        raise ConfigError(f"{name}={v!r}: expected one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """A resolved-on-demand configuration: defaults plus overrides by op class and layer."""
+
+    name: str = "custom"
+    default: OpSettings = field(default_factory=OpSettings)
+    by_class: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    by_layer: tuple[tuple[int, str, tuple[tuple[str, Any], ...]], ...] = ()
+
+    def settings(self, op_class: str, layer: int | None = None) -> OpSettings:
+        """Settings for ``op_class`` (one of :data:`OP_CLASSES`) in encoder layer ``layer``."""
+        if op_class not in OP_CLASSES:
+            raise ConfigError(f"unknown op class {op_class!r}; known: {', '.join(OP_CLASSES)}")
+        s = self.default
+        for cls, kv in self.by_class:
+            if cls == op_class:
+                s = _apply(s, dict(kv), f"op.{cls}")
+        if layer is not None:
+            for li, cls, kv in self.by_layer:
+                if li == layer and cls == op_class:
+                    s = _apply(s, dict(kv), f"layer.{li}.{cls}")
+        return s
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "default": dataclasses.asdict(self.default)}
+        d["op"] = {cls: dict(kv) for cls, kv in self.by_class}
+        layers: dict[str, dict[str, Any]] = {}
+        for li, cls, kv in self.by_layer:
+            layers.setdefault(str(li), {})[cls] = dict(kv)
+        d["layer"] = layers
+        return d
+
+    @property
+    def any_static(self) -> bool:
+        """True when some point uses calibrated (static) scales."""
+        if self.default.scaling == "static":
+            return True
+        return any(dict(kv).get("scaling") == "static" for _, kv in self.by_class) or any(
+            dict(kv).get("scaling") == "static" for _, _, kv in self.by_layer
+        )
+
+
+def _apply(s: OpSettings, kv: dict[str, Any], where: str) -> OpSettings:
+    for k in kv:
+        if k not in _FIELD_TYPES:
+            raise ConfigError(f"[{where}] unknown key {k!r}; known keys: {', '.join(sorted(_FIELD_TYPES))}")
+    try:
+        return replace(s, **kv)
+    except ConfigError as e:
+        raise ConfigError(f"[{where}] {e}") from None
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # 8-bit weights and activations, blocks of 32, power-of-two block exponents calibrated on
+    # training sentences; every nonlinearity in integer arithmetic.
+    "w8a8": {
+        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "static"},
+    },
+    # BBCT-like: 4-bit weights in blocks of 128 along the reduction axis with 4-bit stored block
+    # exponents (4.03 bits per weight, >= 7.9x smaller than fp32), 8-bit activations.
+    "w4a8": {
+        "default": {
+            "weight_bits": 4,
+            "weight_block": 128,
+            "weight_exp_bits": 4,
+            "act_bits": 8,
+            "act_block": 32,
+            "scaling": "static",
+        },
+    },
+    # MX-style int8: blocks of 32 with shared power-of-two exponents derived at run time.
+    "mx-int8": {
+        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic"},
+    },
+}
+
+
+def _from_tables(data: dict[str, Any], name: str) -> Config:
+    allowed = {"preset", "name", "default", "op", "layer"}
+    unknown = set(data) - allowed
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    base = Config(name=name)
+    if "preset" in data:
+        p = data["preset"]
+        if p not in PRESETS:
+            raise ConfigError(f"preset={p!r}: expected one of {', '.join(PRESETS)}")
+        base = _from_tables(PRESETS[p], p)
+    default = base.default
+    d = data.get("default", {})
+    if not isinstance(d, dict):
+        raise ConfigError("[default] must be a table")
+    default = _apply(default, d, "default")
+    by_class = list(base.by_class)
+    for cls, kv in (data.get("op") or {}).items():
+        if cls not in OP_CLASSES:
+            raise ConfigError(f"[op.{cls}]: unknown op class; known: {', '.join(OP_CLASSES)}")
+        if not isinstance(kv, dict):
+            raise ConfigError(f"[op.{cls}] must be a table")
+        _apply(default, kv, f"op.{cls}")  # validate now, not at first use
+        by_class.append((cls, tuple(sorted(kv.items()))))
+    by_layer = list(base.by_layer)
+    for li, tables in (data.get("layer") or {}).items():
+        try:
+            layer = int(li)
+        except ValueError:
+            raise ConfigError(f"[layer.{li}]: layer index must be an integer") from None
+        if not isinstance(tables, dict):
+            raise ConfigError(f"[layer.{li}] must contain op-class tables")
+        for cls, kv in tables.items():
+            if cls not in OP_CLASSES:
+                raise ConfigError(f"[layer.{li}.{cls}]: unknown op class; known: {', '.join(OP_CLASSES)}")
+            _apply(default, kv, f"layer.{li}.{cls}")
+            by_layer.append((layer, cls, tuple(sorted(kv.items()))))
+    return Config(
+        name=str(data.get("name", name)), default=default, by_class=tuple(by_class), by_layer=tuple(by_layer)
+    )
+
+
+def load_config(spec: str | Path | dict[str, Any]) -> Config:
+    """A preset name (``w8a8``, ``w4a8``, ``mx-int8``), a TOML file path, or a dict of tables."""
+    if isinstance(spec, dict):
+        return _from_tables(spec, "custom")
+    s = str(spec)
+    if s in PRESETS:
+        return _from_tables(PRESETS[s], s)
+    p = Path(s)
+    if not p.exists():
+        raise ConfigError(f"config {s!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return _from_tables(data, p.stem)
