@@ -122,7 +122,8 @@ class IntFormat:
     """What the bits of an integer tensor mean.
 
     Attributes:
-        bits: total width in bits, 2..32 (including the sign bit when signed).
+        bits: total width in bits (including the sign bit when signed): 2..32 for stored
+            tensors, up to 62 for accumulators and aligned (widened) operands.
         signed: two's complement if True, unsigned otherwise.
         block_axis: axis along which scale blocks run (negative counts from the end).
         block_size: elements per block along ``block_axis``; 0 = one block for the whole axis.
@@ -142,8 +143,8 @@ class IntFormat:
     saturation: Saturation = Saturation.SAT
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bits, (int, np.integer)) or not 2 <= int(self.bits) <= 32:
-            raise FormatError(f"bits={self.bits!r} must be an integer in 2..32")
+        if not isinstance(self.bits, (int, np.integer)) or not 2 <= int(self.bits) <= 62:
+            raise FormatError(f"bits={self.bits!r} must be an integer in 2..62")
         if not isinstance(self.block_size, (int, np.integer)) or int(self.block_size) < 0:
             raise FormatError(f"block_size={self.block_size!r} must be an integer >= 0")
         if not 1 <= int(self.mant_bits) <= 16:
@@ -172,10 +173,10 @@ class IntFormat:
     @property
     def dtype(self) -> np.dtype:
         """Smallest numpy integer dtype that holds every code of this format."""
-        for dt in (np.int8, np.int16, np.int32) if self.signed else (np.uint8, np.uint16, np.uint32):
+        for dt in (np.int8, np.int16, np.int32, np.int64) if self.signed else (np.uint8, np.uint16, np.uint32):
             if np.iinfo(dt).bits >= self.bits:
                 return np.dtype(dt)
-        raise AssertionError("unreachable: bits <= 32")
+        return np.dtype(np.int64)  # unsigned wider than 32 bits: int64 holds up to 62 bits
 
     def to_dict(self) -> dict[str, Any]:
         return {
