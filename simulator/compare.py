@@ -1,0 +1,89 @@
+"""Layer-by-layer comparison of the integer simulation with the float golden, by tensor name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from simulator import ir
+from simulator.execute import Result
+
+
+@dataclass(frozen=True)
+class Row:
+    """One IR tensor compared with the golden tensor of the same ONNX name."""
+
+    node: str
+    onnx_name: str
+    shape: tuple[int, ...]
+    fmt: str
+    sqnr_db: float  # 10 log10(sum g^2 / sum (g - q)^2); inf when equal
+    cosine: float
+    max_abs_err: float
+    overflow: int  # overflow/saturation events in the nodes since the previous compared row
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
+    ref = np.asarray(ref, np.float64)
+    err = np.sum((ref - np.asarray(test, np.float64)) ** 2)
+    sig = np.sum(ref**2)
+    if err == 0:
+        return float("inf")
+    if sig == 0:
+        return float("-inf")
+    return float(10.0 * np.log10(sig / err))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    na, nb_ = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 or nb_ == 0:
+        return 1.0 if na == nb_ else 0.0
+    return float(a @ b / (na * nb_))
+
+
+def compare(graph: ir.Graph, result: Result, golden: dict[str, np.ndarray]) -> list[Row]:
+    """Rows for every traced node that names a golden tensor present in ``golden``."""
+    rows: list[Row] = []
+    pending = 0
+    for n in graph.nodes:
+        pending += result.overflow.get(n.name, 0)
+        if not n.onnx_name or n.onnx_name not in golden or n.name not in result.tensors:
+            continue
+        q = result.tensors[n.name]
+        g = np.asarray(golden[n.onnx_name], np.float64)
+        x = q.dequantize()
+        if x.shape != g.shape:
+            if x.size != g.size:
+                continue
+            x = x.reshape(g.shape)
+        rows.append(Row(
+            node=n.name, onnx_name=n.onnx_name, shape=tuple(g.shape), fmt=q.fmt.short(),
+            sqnr_db=sqnr_db(g, x), cosine=cosine(g, x), max_abs_err=float(np.max(np.abs(g - x))) if g.size else 0.0,
+            overflow=pending,
+        ))
+        pending = 0
+    return rows
+
+
+def first_below(rows: list[Row], threshold_db: float) -> Row | None:
+    """The first compared tensor whose SQNR falls below ``threshold_db``."""
+    return next((r for r in rows if r.sqnr_db < threshold_db), None)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'node':<22} {'format':<28} {'SQNR dB':>8} {'cosine':>9} {'max|err|':>10} {'ovf':>5}  onnx tensor"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r.node:<22} {r.fmt:<28} {r.sqnr_db:>8.2f} {r.cosine:>9.6f} {r.max_abs_err:>10.4g} "
+            f"{r.overflow:>5}  {r.onnx_name}"
+        )
+    return "\n".join(lines)
