@@ -1,0 +1,1 @@
+"""The float truth: real model and data preparation, tokenization, onnxruntime golden runs, vectors."""

@@ -1,0 +1,131 @@
+"""The float golden: onnxruntime on the original graph, with every intermediate exposed.
+
+Both the plain run and the instrumented run use ``ORT_DISABLE_ALL`` graph optimizations:
+fusions (attention, LayerNorm, GELU) would otherwise rename or drop the intermediate
+tensors and change the float rounding of the outputs, and the golden must be one function
+whose outputs are the same bits whether or not intermediates are requested (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from golden.errors import BbctError
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Load an ONNX file; a missing or non-ONNX file is a BbctError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise BbctError(f"{p}: no such file")
+    try:
+        m = onnx.load(str(p))
+    except Exception as e:  # protobuf DecodeError and friends
+        raise BbctError(f"{p}: not an ONNX model ({type(e).__name__}: {e})") from None
+    if not m.graph.node:
+        raise BbctError(f"{p}: not an ONNX model (empty graph)")
+    return m
+
+
+def _options(threads: int | None) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    so.log_severity_level = 3
+    return so
+
+
+@dataclass
+class Golden:
+    """Float golden tensors by name, with the node and op that produced each."""
+
+    values: dict[str, np.ndarray]
+    producer: dict[str, tuple[str, str]]
+    outputs: list[str]
+
+
+class GoldenRunner:
+    """Runs a model in onnxruntime; ``run_all`` exposes every node output by tensor name."""
+
+    def __init__(self, model: str | Path | onnx.ModelProto, threads: int | None = None) -> None:
+        self.model = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
+        self.path = None if isinstance(model, onnx.ModelProto) else Path(model)
+        self.threads = threads
+        self.input_names = [i.name for i in self.model.graph.input]
+        self.output_names = [o.name for o in self.model.graph.output]
+        init = {i.name for i in self.model.graph.initializer}
+        self.input_names = [n for n in self.input_names if n not in init]
+        self._plain: ort.InferenceSession | None = None
+        self._all: ort.InferenceSession | None = None
+        self.producer: dict[str, tuple[str, str]] = {}
+        self.vocab_size = self._vocab_size()
+
+    def _vocab_size(self) -> int | None:
+        """Rows of the table gathered by input_ids, if the graph has one."""
+        init = {i.name: i for i in self.model.graph.initializer}
+        for n in self.model.graph.node:
+            if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == "input_ids" and n.input[0] in init:
+                return int(init[n.input[0]].dims[0])
+        return None
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        try:
+            return ort.InferenceSession(model.SerializeToString(), _options(self.threads),
+                                        providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise BbctError(f"onnxruntime cannot load {self.path or 'the model'}: {e}") from None
+
+    def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Keep the inputs the model takes; unknown names and bad ids are BbctErrors."""
+        out = {}
+        for k, v in feeds.items():
+            if k not in self.input_names:
+                if k == "token_type_ids":  # tokenizers always produce it; some exports drop it
+                    continue
+                raise BbctError(f"input {k!r} is not an input of the model (inputs: {self.input_names})")
+            out[k] = np.asarray(v)
+        missing = [n for n in self.input_names if n not in out]
+        if missing:
+            raise BbctError(f"missing model input(s) {missing}")
+        ids = out.get("input_ids")
+        if ids is not None and self.vocab_size is not None and ids.size:
+            bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))
+            if len(bad):
+                i = tuple(bad[0])
+                raise BbctError(f"input_ids{list(i)} = {int(ids[i])} is outside the vocabulary "
+                                f"0..{self.vocab_size - 1}")
+        return out
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The model's outputs by name."""
+        feeds = self.check_inputs(feeds)
+        if self._plain is None:
+            self._plain = self._session(self.model)
+        vals = self._plain.run(None, feeds)
+        return dict(zip(self.output_names, vals))
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> Golden:
+        """Every node output (and the graph outputs) by tensor name."""
+        feeds = self.check_inputs(feeds)
+        if self._all is None:
+            m = onnx.ModelProto()
+            m.CopyFrom(self.model)
+            have = {o.name for o in m.graph.output}
+            for node in m.graph.node:
+                for t in node.output:
+                    if t:
+                        self.producer[t] = (node.name, node.op_type)
+                        if t not in have:
+                            m.graph.output.append(onnx.ValueInfoProto(name=t))
+                            have.add(t)
+            self._all = self._session(m)
+            self._all_names = [o.name for o in self._all.get_outputs()]
+        vals = self._all.run(None, feeds)
+        return Golden(dict(zip(self._all_names, vals)), self.producer, self.output_names)

@@ -1,0 +1,61 @@
+"""Tokenization with HF ``tokenizers`` from a model folder's ``tokenizer.json``."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from golden.errors import BbctError
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise BbctError(f"{path}: not a tokenizers JSON file: {e}") from None
+
+
+def find_tokenizer(model: str | Path) -> Path:
+    """``tokenizer.json`` beside an ONNX file, or inside a model folder."""
+    p = Path(model)
+    cand = p / "tokenizer.json" if p.is_dir() else p.with_name("tokenizer.json")
+    if not cand.is_file():
+        raise BbctError(f"no tokenizer.json beside {p}")
+    return cand
+
+
+def encode(
+    tokenizer: str | Path,
+    texts: list[str],
+    max_length: int = 128,
+    pad_to: int | None = None,
+    text_pairs: list[str] | None = None,
+) -> dict[str, np.ndarray]:
+    """int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` for a batch.
+
+    Sequences are truncated to ``max_length`` tokens and padded to the longest in the batch,
+    or to ``pad_to`` when given.
+    """
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts:
+        raise BbctError("no text to encode")
+    tok = _load(str(tokenizer))
+    tok.enable_truncation(max_length=max_length)
+    pad_id = tok.token_to_id("[PAD]")
+    if pad_id is None:
+        pad_id = 0
+    if pad_to is not None:
+        tok.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=pad_to)
+    else:
+        tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")
+    batch = tok.encode_batch(list(zip(texts, text_pairs)) if text_pairs else list(texts))
+    return {
+        "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64),
+    }
