@@ -107,6 +107,11 @@ class ScaleKind(enum.IntEnum):
 def _enum(cls: type[enum.IntEnum], value: Any, field_name: str) -> Any:
     if isinstance(value, cls):
         return value
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        try:
+            return cls(int(value))
+        except ValueError:
+            pass
     if isinstance(value, str):
         try:
             return cls[value.upper()]

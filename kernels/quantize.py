@@ -1,0 +1,227 @@
+"""quantize: float -> block-scaled integers. The only kernel that reads floats.
+
+Used by lowering (weights, tables, biases) and at the model's input boundary. Contract:
+
+* Block exponent (POW2): the smallest integer ``e`` with ``amax <= qmax * 2**e``, where
+  ``amax`` is the block's max |x| and ``qmax = 2**(bits-1)-1`` (signed) or ``2**bits-1``;
+  so rounding never needs to saturate. An all-zero block gets ``EXP_ZERO``.
+* Block scale (MULT): ``mant * 2**e`` with ``mant`` in ``[2**(mant_bits-1), 2**mant_bits)``,
+  the smallest such scale with ``amax <= qmax * mant * 2**e`` (mantissa rounded up).
+* Code: ``q = sat(round(v))`` with ``v = (x * 2**-e) / mant`` evaluated in IEEE float64
+  (for POW2 ``v`` is exact), rounded with the format's mode exactly as the table in
+  :mod:`kernels.formats` says, and narrowed with the format's saturation.
+  With given (static) exponents, values beyond the range saturate and are counted in
+  ``meta['overflow']``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
+from kernels.formats import (
+    EXP_ZERO,
+    FormatError,
+    IntFormat,
+    QTensor,
+    Rounding,
+    ScaleKind,
+    sat_bounds,
+    saturate,
+    saturate_ref,
+)
+
+
+def _check_float(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"quantize: non-finite value {x[tuple(bad)]} at index {tuple(int(i) for i in bad)}")
+    return x
+
+
+def _pow2_exp(amax: float, qmax: int) -> int:
+    if amax == 0.0:
+        return EXP_ZERO
+    e = math.ceil(math.log2(amax / qmax))
+    while amax > math.ldexp(qmax, e):
+        e += 1
+    while amax <= math.ldexp(qmax, e - 1):
+        e -= 1
+    return e
+
+
+def _mult_scale(amax: float, qmax: int, mant_bits: int) -> tuple[int, int]:
+    lo, hi = 1 << (mant_bits - 1), 1 << mant_bits
+    if amax == 0.0:
+        return EXP_ZERO, lo
+    s = amax / qmax
+    e = math.floor(math.log2(s)) - (mant_bits - 1)
+    m = math.ceil(s / math.ldexp(1.0, e))
+    # fix-ups make amax <= qmax*m*2**e hold exactly (qmax*m < 2**48: exact in float64)
+    while amax > math.ldexp(qmax * m, e):
+        m += 1
+    while m > lo and amax <= math.ldexp(qmax * (m - 1), e):
+        m -= 1
+    if m >= hi:
+        m, e = lo, e + 1
+        while amax > math.ldexp(qmax * m, e):
+            m += 1
+    return e, m
+
+
+def block_exponents(x: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-block (exp int32, mant int32 or None) from each block's max |x| (see module doc)."""
+    x = _check_float(x)
+    rows, moved = rows_view(np.abs(x), fmt.block_axis)
+    n = rows.shape[1]
+    bs = effective_block(n, fmt.block_size)
+    nblk = -(-n // bs) if n else 0
+    pad = nblk * bs - n
+    if pad:
+        rows = np.concatenate([rows, np.zeros((rows.shape[0], pad))], axis=1)
+    amax = rows.reshape(rows.shape[0], nblk, bs).max(axis=2) if n else np.zeros((rows.shape[0], 0))
+    qmax = fmt.qmax
+    exp = np.empty(amax.shape, np.int32)
+    mant = np.empty(amax.shape, np.int32) if fmt.scale == ScaleKind.MULT else None
+    for idx, a in np.ndenumerate(amax):
+        if mant is None:
+            exp[idx] = _pow2_exp(float(a), qmax)
+        else:
+            exp[idx], mant[idx] = _mult_scale(float(a), qmax, fmt.mant_bits)
+    exp = rows_restore(exp, moved, fmt.block_axis)
+    mant = None if mant is None else rows_restore(mant, moved, fmt.block_axis)
+    return np.ascontiguousarray(exp), None if mant is None else np.ascontiguousarray(mant)
+
+
+def round_float_ref(v: float, mode: Rounding | int) -> int:
+    """Round a float64 to an integer with ``mode`` (the same table as integer shifts)."""
+    f = math.floor(v)
+    r = v - f  # exact: v and floor(v) share the exponent range
+    mode = int(mode)
+    if mode == Rounding.TRN:
+        return int(f)
+    if mode == Rounding.TRN_ZERO:
+        return int(f) + 1 if (v < 0 and r != 0) else int(f)
+    if r < 0.5:
+        return int(f)
+    if r > 0.5:
+        return int(f) + 1
+    if mode == Rounding.RND:
+        return int(f) + 1
+    if mode == Rounding.RND_ZERO:
+        return int(f) + 1 if v < 0 else int(f)
+    if mode == Rounding.RND_INF:
+        return int(f) if v < 0 else int(f) + 1
+    return int(f) + (int(f) & 1)
+
+
+@nb.njit(cache=True, inline="always")
+def _round_float(v: float, mode: int) -> np.int64:
+    f = np.floor(v)
+    r = v - f
+    q = np.int64(f)
+    if mode == 0:
+        return q
+    if mode == 1:
+        return q + 1 if (v < 0 and r != 0) else q
+    if r < 0.5:
+        return q
+    if r > 0.5:
+        return q + 1
+    if mode == 2:
+        return q + 1
+    if mode == 3:
+        return q + 1 if v < 0 else q
+    if mode == 4:
+        return q if v < 0 else q + 1
+    return q + (q & 1)
+
+
+# |v| beyond 2**62 saturates before the float -> int64 conversion could overflow.
+_BIG = float(2**62)
+
+
+@nb.njit(cache=True)
+def _quantize_rows(x, exp, mant, bs, mode, lo, hi, wrap, bits, out):
+    rows, n = x.shape
+    n_over = 0
+    for r in range(rows):
+        for j in range(n):
+            b = j // bs
+            e = exp[r, b]
+            v = math.ldexp(x[r, j], -e)  # exact scaling by a power of two
+            if mant is not None:
+                v = v / mant[r, b]
+            if v >= _BIG:
+                q = hi + 1
+            elif v <= -_BIG:
+                q = lo - 1
+            else:
+                q = _round_float(v, mode)
+            y = saturate(q, lo, hi, wrap, bits)
+            if y != q:
+                n_over += 1
+            out[r, j] = y
+    return n_over
+
+
+def _prepare(x: np.ndarray, fmt: IntFormat, exp, mant):
+    x = _check_float(x)
+    if exp is None:
+        if mant is not None:
+            raise FormatError("quantize: mant given without exp")
+        exp, mant = block_exponents(x, fmt)
+    if (mant is None) != (fmt.scale == ScaleKind.POW2):
+        raise FormatError(f"quantize: a {fmt.scale.name} format needs mant={'None' if mant is None else 'an array'}")
+    bshape = blocks_shape(x.shape, fmt.block_axis, fmt.block_size)
+    exp_full = np.ascontiguousarray(np.broadcast_to(np.asarray(exp, np.int32), bshape))
+    mant_full = None if mant is None else np.ascontiguousarray(np.broadcast_to(np.asarray(mant, np.int32), bshape))
+    return x, exp_full, mant_full
+
+
+def quantize(
+    x: np.ndarray, fmt: IntFormat, exp: np.ndarray | None = None, mant: np.ndarray | None = None
+) -> QTensor:
+    """Float -> QTensor in ``fmt`` (Numba). ``exp``/``mant`` None: derived per block (dynamic)."""
+    x, exp_full, mant_full = _prepare(x, fmt, exp, mant)
+    rows, moved = rows_view(x, fmt.block_axis)
+    bs = effective_block(rows.shape[1], fmt.block_size)
+    e_rows = block_rows(exp_full, x.shape, fmt.block_axis, fmt.block_size).astype(np.int64)
+    m_rows = None if mant_full is None else block_rows(mant_full, x.shape, fmt.block_axis, fmt.block_size)
+    lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
+    out = np.empty(rows.shape, np.int64)
+    n_over = _quantize_rows(rows, e_rows, None if m_rows is None else m_rows.astype(np.float64),
+                            max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, out)
+    data = rows_restore(out, moved, fmt.block_axis).astype(fmt.dtype)
+    return QTensor(np.ascontiguousarray(data), fmt, exp_full, mant_full, {"overflow": int(n_over)})
+
+
+def quantize_ref(
+    x: np.ndarray, fmt: IntFormat, exp: np.ndarray | None = None, mant: np.ndarray | None = None
+) -> QTensor:
+    """Plain-Python twin of :func:`quantize` (element by element, Python ints)."""
+    x, exp_full, mant_full = _prepare(x, fmt, exp, mant)
+    axis = fmt.block_axis % x.ndim
+    bs = effective_block(x.shape[axis], fmt.block_size)
+    out = np.empty(x.shape, np.int64)
+    n_over = 0
+    for idx in np.ndindex(*x.shape):
+        bidx = list(idx)
+        bidx[axis] = idx[axis] // bs
+        bidx = tuple(bidx)
+        e = int(exp_full[bidx])
+        v = math.ldexp(float(x[idx]), -e)
+        if mant_full is not None:
+            v = v / float(mant_full[bidx])
+        if v >= _BIG or v <= -_BIG:
+            q = (1 << 63) if v > 0 else -(1 << 63)
+        else:
+            q = round_float_ref(v, fmt.rounding)
+        y, over = saturate_ref(q, fmt.bits, fmt.signed, fmt.saturation)
+        n_over += over
+        out[idx] = y
+    return QTensor(out.astype(fmt.dtype), fmt, exp_full, mant_full, {"overflow": int(n_over)})

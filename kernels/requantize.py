@@ -1,0 +1,282 @@
+"""requantize: integer -> integer narrowing, with static, dynamic (MX-style) or multiplier scales.
+
+Value convention: ``x[i] * 2**e_in[i]`` in, ``y[i] * 2**e_out[block(i)]`` out.
+
+* Static (``exp_out`` given, POW2): ``y = sat(x >>r (e_out - e_in))`` — one arithmetic shift
+  with the format's rounding ``r`` (a left shift when ``e_out < e_in``), then the format's
+  saturation. Shifts right by more than 62 are taken as 62 (the result is 0, or -1/+1 as the
+  rounding mode gives for |x| < 2**62).
+* Dynamic (``exp_out`` None): per output block, integer only, as block-floating-point
+  hardware does with a leading-zero counter: ``amax = max |x|``,
+  ``s = bitlen(amax) - (bits - 1)`` (``bits`` for unsigned), then ``s += 1`` while the
+  rounded extreme values would leave ``[qmin, qmax]``; ``s`` may be negative (a left shift:
+  exact, gains precision). ``e_out = e_in + s``; an all-zero block gets ``EXP_ZERO``.
+  ``e_in`` must be constant within each output block.
+* Multiplier (:func:`requantize_mult`): ``y = sat((x * M) >>r shift)``, TFLite-style rescale
+  by the constant ``M * 2**-shift``; ``|x * M| < 2**62`` is checked.
+
+Saturation events are counted in ``meta['overflow']`` (``QTensor``) or returned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+from kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
+from kernels.formats import (
+    EXP_ZERO,
+    FormatError,
+    IntFormat,
+    QTensor,
+    Rounding,
+    Saturation,
+    ScaleKind,
+    bit_length,
+    require_int,
+    sat_bounds,
+    saturate,
+    saturate_ref,
+    shift_round,
+    shift_round_ref,
+)
+
+_LIMIT = 1 << 62
+
+
+@nb.njit(cache=True)
+def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
+    rows, n = x.shape
+    n_over = 0
+    for r in range(rows):
+        for j in range(n):
+            s = np.int64(e_out[r, j // bs]) - np.int64(e_in[r, j])
+            v = x[r, j]
+            if s > 62:
+                s = 62
+            if s < 0 and v != 0 and bit_length(v) - s > 62:
+                q = hi + 1 if v > 0 else lo - 1
+            else:
+                q = shift_round(v, s, mode)
+            y = saturate(q, lo, hi, wrap, bits)
+            if y != q:
+                n_over += 1
+            out[r, j] = y
+    return n_over
+
+
+@nb.njit(cache=True)
+def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
+    rows, n = x.shape
+    nblk = e_out.shape[1]
+    n_over = 0
+    for r in range(rows):
+        for b in range(nblk):
+            j0 = b * bs
+            j1 = min(n, j0 + bs)
+            pmax = np.int64(0)
+            nmin = np.int64(0)
+            e0 = e_in[r, j0]
+            for j in range(j0, j1):
+                if e_in[r, j] != e0:
+                    return -1 - r * nblk - b  # caller reports the block
+                v = x[r, j]
+                if v > pmax:
+                    pmax = v
+                if v < nmin:
+                    nmin = v
+            if pmax == 0 and nmin == 0:
+                e_out[r, b] = EXP_ZERO
+                for j in range(j0, j1):
+                    out[r, j] = 0
+                continue
+            amax = pmax if pmax > -nmin else -nmin
+            s = bit_length(amax) - (bits - 1 if signed else bits)
+            while shift_round(pmax, s, mode) > hi or shift_round(nmin, s, mode) < lo:
+                s += 1
+            e_out[r, b] = e0 + s
+            for j in range(j0, j1):
+                q = shift_round(x[r, j], s, mode)
+                y = saturate(q, lo, hi, wrap, bits)
+                if y != q:
+                    n_over += 1
+                out[r, j] = y
+    return n_over
+
+
+def _setup(x, e_in, fmt):
+    x = require_int("requantize: x", x).astype(np.int64, copy=False)
+    e_in = require_int("requantize: e_in", e_in)
+    if fmt.scale != ScaleKind.POW2:
+        raise FormatError("requantize produces POW2 formats; use requantize_mult for a multiplier rescale")
+    if x.size and int(np.max(np.abs(x))) >= _LIMIT:
+        raise ValueError(f"requantize: |x| must be < 2**62, got {int(np.max(np.abs(x)))}")
+    try:
+        e_full = np.broadcast_to(e_in, x.shape)
+    except ValueError:
+        raise FormatError(f"requantize: e_in shape {e_in.shape} does not broadcast to x {x.shape}") from None
+    return x, e_full
+
+
+def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndarray | None = None) -> QTensor:
+    """Narrow int64 ``x`` (value ``x * 2**e_in``) to ``fmt`` with static or dynamic exponents (Numba)."""
+    x, e_full = _setup(x, e_in, fmt)
+    axis = fmt.block_axis
+    rows, moved = rows_view(x, axis)
+    e_rows = rows_view(e_full.astype(np.int64), axis)[0]
+    bs = effective_block(rows.shape[1], fmt.block_size)
+    lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
+    out = np.empty(rows.shape, np.int64)
+    bshape = blocks_shape(x.shape, axis, fmt.block_size)
+    if exp_out is not None:
+        eo = block_rows(require_int("requantize: exp_out", exp_out), x.shape, axis, fmt.block_size)
+        n_over = _static_rows(rows, e_rows, eo.astype(np.int64), max(bs, 1), int(fmt.rounding), lo, hi, wrap,
+                              fmt.bits, out)
+        exp = np.ascontiguousarray(np.broadcast_to(np.asarray(exp_out, np.int32), bshape))
+    else:
+        nblk = -(-rows.shape[1] // bs) if rows.shape[1] else 0
+        eo = np.empty((rows.shape[0], nblk), np.int64)
+        n_over = _dynamic_rows(rows, e_rows, max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, fmt.signed,
+                               out, eo)
+        if n_over < 0:
+            k = -1 - n_over
+            raise FormatError(f"requantize: input exponents differ inside output block {k % nblk} of row "
+                              f"{k // nblk}; dynamic blocks need one input exponent per block")
+        exp = np.ascontiguousarray(rows_restore(eo, moved, axis).astype(np.int32))
+    data = rows_restore(out, moved, axis).astype(fmt.dtype)
+    return QTensor(np.ascontiguousarray(data), fmt, exp, None, {"overflow": int(n_over)})
+
+
+def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndarray | None = None) -> QTensor:
+    """Plain-Python twin of :func:`requantize`."""
+    x, e_full = _setup(x, e_in, fmt)
+    axis = fmt.block_axis % x.ndim
+    n = x.shape[axis]
+    bs = effective_block(n, fmt.block_size)
+    bshape = blocks_shape(x.shape, axis, fmt.block_size)
+    lo, hi, _ = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
+    out = np.empty(x.shape, np.int64)
+    n_over = 0
+    if exp_out is not None:
+        eo = np.broadcast_to(np.asarray(exp_out), bshape)
+    else:
+        eo = np.empty(bshape, np.int64)
+    for bidx in np.ndindex(*bshape):
+        members = []
+        for j in range(bidx[axis] * bs, min(n, (bidx[axis] + 1) * bs)):
+            idx = list(bidx)
+            idx[axis] = j
+            members.append(tuple(idx))
+        if exp_out is None:
+            e0 = int(e_full[members[0]])
+            if any(int(e_full[m]) != e0 for m in members):
+                raise FormatError(f"requantize: input exponents differ inside output block {bidx}")
+            vals = [int(x[m]) for m in members]
+            if not any(vals):
+                eo[bidx] = EXP_ZERO
+                for m in members:
+                    out[m] = 0
+                continue
+            amax = max(abs(v) for v in vals)
+            s = amax.bit_length() - (fmt.bits - 1 if fmt.signed else fmt.bits)
+            while (shift_round_ref(max(vals + [0]), s, fmt.rounding) > hi
+                   or shift_round_ref(min(vals + [0]), s, fmt.rounding) < lo):
+                s += 1
+            eo[bidx] = e0 + s
+            shifts = {m: s for m in members}
+        else:
+            shifts = {m: min(62, int(eo[bidx]) - int(e_full[m])) for m in members}
+        for m in members:
+            v, s = int(x[m]), shifts[m]
+            q = shift_round_ref(v, s, fmt.rounding)  # Python ints: a huge left shift stays exact
+            y, over = saturate_ref(q, fmt.bits, fmt.signed, fmt.saturation)
+            n_over += over
+            out[m] = y
+    return QTensor(out.astype(fmt.dtype), fmt, np.asarray(eo, np.int32).copy(), None, {"overflow": int(n_over)})
+
+
+@nb.njit(cache=True)
+def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
+    n_over = 0
+    for i in range(x.size):
+        p = x[i] * m[i]
+        sh = s[i]
+        if sh > 62:
+            sh = 62
+        if sh < 0 and p != 0 and bit_length(p) - sh > 62:
+            q = hi + 1 if p > 0 else lo - 1
+        else:
+            q = shift_round(p, sh, mode)
+        y = saturate(q, lo, hi, wrap, bits)
+        if y != q:
+            n_over += 1
+        out[i] = y
+    return n_over
+
+
+def _mult_setup(x, multiplier, shift):
+    x = require_int("requantize_mult: x", x).astype(np.int64, copy=False)
+    m = np.broadcast_to(require_int("requantize_mult: multiplier", np.asarray(multiplier)), x.shape)
+    s = np.broadcast_to(require_int("requantize_mult: shift", np.asarray(shift)), x.shape)
+    if x.size:
+        big = int(np.max(np.abs(x))) * int(np.max(np.abs(m)))
+        if big >= _LIMIT:
+            raise ValueError(f"requantize_mult: |x * multiplier| reaches {big}, must stay below 2**62")
+    return x, m.astype(np.int64), s.astype(np.int64)
+
+
+def requantize_mult(
+    x: np.ndarray,
+    multiplier: int | np.ndarray,
+    shift: int | np.ndarray,
+    bits: int,
+    signed: bool = True,
+    rounding: Rounding = Rounding.RND_CONV,
+    saturation: Saturation = Saturation.SAT,
+) -> tuple[np.ndarray, int]:
+    """``sat((x * multiplier) >>r shift)`` elementwise (Numba); returns (int64 codes, overflow events)."""
+    x, m, s = _mult_setup(x, multiplier, shift)
+    lo, hi, wrap = sat_bounds(bits, signed, saturation)
+    out = np.empty(x.size, np.int64)
+    n = _mult_flat(np.ascontiguousarray(x).ravel(), np.ascontiguousarray(m).ravel(),
+                   np.ascontiguousarray(s).ravel(), int(rounding), lo, hi, wrap, bits, out)
+    return out.reshape(x.shape), int(n)
+
+
+def requantize_mult_ref(
+    x: np.ndarray,
+    multiplier: int | np.ndarray,
+    shift: int | np.ndarray,
+    bits: int,
+    signed: bool = True,
+    rounding: Rounding = Rounding.RND_CONV,
+    saturation: Saturation = Saturation.SAT,
+) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`requantize_mult`."""
+    x, m, s = _mult_setup(x, multiplier, shift)
+    out = np.empty(x.shape, np.int64)
+    n = 0
+    for idx in np.ndindex(*x.shape):
+        q = shift_round_ref(int(x[idx]) * int(m[idx]), min(62, int(s[idx])), rounding)
+        y, over = saturate_ref(q, bits, signed, saturation)
+        out[idx] = y
+        n += over
+    return out, n
+
+
+def quantize_multiplier(real: float, mult_bits: int = 15) -> tuple[int, int]:
+    """(M, shift) with ``real ~= M * 2**-shift`` and M in ``[2**(mult_bits-1), 2**mult_bits)``.
+
+    Lowering helper (floats allowed): relative error below ``2**-mult_bits``.
+    """
+    if not (real > 0 and math.isfinite(real)):
+        raise ValueError(f"quantize_multiplier: real={real!r} must be positive and finite")
+    mant, e = math.frexp(real)  # real = mant * 2**e, mant in [0.5, 1)
+    m = round(mant * (1 << mult_bits))
+    shift = mult_bits - e
+    if m == 1 << mult_bits:
+        m //= 2
+        shift -= 1
+    return int(m), int(shift)
