@@ -7,6 +7,8 @@ unchanged (no arithmetic). Ids outside ``0..V-1`` are an error that names the fi
 
 from __future__ import annotations
 
+import dataclasses
+
 import numba as nb
 import numpy as np
 
@@ -54,7 +56,8 @@ def _run(table: QTensor, ids: np.ndarray, gather) -> QTensor:
     data = take(table.data)
     exp = take(_per_row(table.exp, v))
     mant = None if table.mant is None else take(_per_row(table.mant, v))
-    return QTensor(data, table.fmt, exp, mant)
+    # blocks run along the last (hidden) axis of the gathered rows too
+    return QTensor(data, dataclasses.replace(table.fmt, block_axis=-1), exp, mant)
 
 
 def _gather_ref(table, ids, out):

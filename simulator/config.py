@@ -71,7 +71,7 @@ class OpSettings:
     scaling: str = "dynamic"  # "static" (calibrated exponents) or "dynamic" (run-time, LZC)
     rounding: str = "RND_CONV"  # rounding of every narrowing at this point
     saturation: str = "SAT"  # SAT, SAT_SYM or WRAP
-    acc_bits: int = 32  # accumulator width of the matmul, 8..62
+    acc_bits: int = 40  # accumulator write-back width of the matmul, 8..62
     acc_saturation: str = "SAT"
     bias_bits: int = 32  # bias codes (stored at the accumulator's scale)
     residual_bits: int = 16  # width of a residual sum before LayerNorm
@@ -202,13 +202,14 @@ def _apply(s: OpSettings, kv: dict[str, Any], where: str) -> OpSettings:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 8-bit weights and activations, blocks of 32, power-of-two block exponents calibrated on
-    # training sentences; every nonlinearity in integer arithmetic.
+    # 8-bit weights and activations in blocks of 32 with power-of-two block exponents found at
+    # run time from each block's maximum (leading-zero count); every nonlinearity in integers.
     "w8a8": {
-        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "static"},
+        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic",
+                    "gelu_method": "lut"},
     },
     # BBCT-like: 4-bit weights in blocks of 128 along the reduction axis with 4-bit stored block
-    # exponents (4.03 bits per weight, >= 7.9x smaller than fp32), 8-bit activations.
+    # exponents (4.03 bits per weight: >= 7.9x smaller than fp32), 8-bit block activations.
     "w4a8": {
         "default": {
             "weight_bits": 4,
@@ -216,12 +217,21 @@ PRESETS: dict[str, dict[str, Any]] = {
             "weight_exp_bits": 4,
             "act_bits": 8,
             "act_block": 32,
-            "scaling": "static",
+            "scaling": "dynamic",
+            "gelu_method": "lut",
         },
     },
-    # MX-style int8: blocks of 32 with shared power-of-two exponents derived at run time.
+    # MX-style int8: blocks of 32, shared 8-bit power-of-two exponents derived at run time,
+    # I-BERT-style polynomial GELU and exp.
     "mx-int8": {
-        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic"},
+        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic",
+                    "gelu_method": "poly", "softmax_method": "poly"},
+    },
+    # Calibrated (static) block exponents: no run-time max search, exponents fixed per channel
+    # block from the calibration split.
+    "w8a8-static": {
+        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "static",
+                    "gelu_method": "lut"},
     },
 }
 

@@ -16,7 +16,7 @@ import numpy as np
 from kernels.add import add
 from kernels.align import align
 from kernels.embedding import embedding
-from kernels.formats import IntFormat, QTensor
+from kernels.formats import IntFormat, QTensor, expand_blocks
 from kernels.gelu import gelu_lut, gelu_poly
 from kernels.gemm import gemm
 from kernels.layernorm import layernorm
@@ -49,8 +49,8 @@ def _fixed(data: np.ndarray, fmt: IntFormat, e: int) -> QTensor:
 
 
 def _exp_full(q: QTensor) -> np.ndarray:
-    """Per-element exponents of a tensor whose blocks are whole rows (block_size 0)."""
-    return np.asarray(q.exp)
+    """Per-element exponents (a broadcast view: one exponent per block, repeated)."""
+    return expand_blocks(np.asarray(q.exp), q.shape, q.fmt.block_axis, q.fmt.block_size)
 
 
 def _embed(n: ir.Embed, x: QTensor) -> tuple[QTensor, int]:
@@ -69,7 +69,7 @@ def _align(n: ir.Align, x: QTensor) -> tuple[QTensor, int]:
 
 def _linear(n: ir.Linear, x: QTensor) -> tuple[QTensor, int]:
     acc, e, ov = gemm(
-        x.data, _exp_full(x), n.weight, np.array(n.w_exp, dtype=np.int32),
+        x.data, np.asarray(x.exp), n.weight, np.array(n.w_exp, dtype=np.int32),
         acc_bits=n.acc_bits, acc_saturation=n.acc_saturation,
         bias=n.bias, e_bias=n.bias_exp, bias_rounding=n.bias_rounding,
     )
@@ -139,7 +139,7 @@ def _nonlinear(n: ir.Nonlinear, x: QTensor, *rest: QTensor) -> tuple[QTensor, in
     elif n.kind == "tanh":
         y = tanh_lut(x.data, p)
     else:  # layernorm: scale-invariant, the row exponent only places eps
-        y = layernorm(x.data, _exp_full(x), p)
+        y = layernorm(x.data, np.asarray(x.exp), p)
         if isinstance(y, tuple):
             y = y[0]
     return _fixed(np.asarray(y), n.out_fmt, n.e_out), 0

@@ -207,13 +207,13 @@ class _Lowerer:
         e = self.spec.embeddings
         s = self.cfg.settings("embedding")
         word = self.add(ir.Embed(name="emb.word", inputs=("input_ids",),
-                                 table=self.quant_weight(e.word, s, axis=1, what="emb.word")))
+                                 table=self.quant_weight(e.word, s, axis=-1, what="emb.word")))
         pos = self.add(ir.Embed(name="emb.position", inputs=("position_ids",),
-                                table=self.quant_weight(e.position, s, axis=1, what="emb.position")))
+                                table=self.quant_weight(e.position, s, axis=-1, what="emb.position")))
         total = self.residual("emb.sum_wp", word, pos, None, "emb.sum_wp")
         if e.token_type is not None:
             tt = self.add(ir.Embed(name="emb.token_type", inputs=("token_type_ids",),
-                                   table=self.quant_weight(e.token_type, s, axis=1, what="emb.token_type")))
+                                   table=self.quant_weight(e.token_type, s, axis=-1, what="emb.token_type")))
             total = self.residual("emb.sum", total, tt, None, "emb.sum", e.names.get(S.ROLE_OUT))
         return self.layernorm("emb.ln", total, e.layer_norm, None, "emb.ln")
 

@@ -14,7 +14,7 @@ def test_presets_load_and_resolve():
         assert s.act_bits == 8
     assert load_config("w4a8").settings("intermediate", 3).weight_bits == 4
     assert load_config("mx-int8").settings("value").scaling == "dynamic"
-    assert load_config("w8a8").any_static and not load_config("mx-int8").any_static
+    assert load_config("w8a8-static").any_static and not load_config("w8a8").any_static
 
 
 def test_overrides_by_class_then_layer(tmp_path):
