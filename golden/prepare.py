@@ -76,11 +76,17 @@ def prepare_data(home: Path) -> dict[str, Any]:
     for name, rows in splits.items():
         p = out / f"{name}.tsv"
         D.write_tsv(p, rows)
-        arts[f"data/{name}"] = _artifact(p, f"{D.MEMBER} from {wheel.name}: fresh/rotten, deduplicated, "
-                                             f"split by film (seed 0, 80/20), {len(rows)} rows")
-    stats = {"snippets": len(snippets), "films": len({s.film for s in snippets}),
-             **{f"{k}_rows": len(v) for k, v in splits.items()},
-             "test_films": len({s.film for s in splits["test"]})}
+        arts[f"data/{name}"] = _artifact(
+            p,
+            f"{D.MEMBER} from {wheel.name}: fresh/rotten, deduplicated, "
+            f"split by film (seed 0, 80/20), {len(rows)} rows",
+        )
+    stats = {
+        "snippets": len(snippets),
+        "films": len({s.film for s in snippets}),
+        **{f"{k}_rows": len(v) for k, v in splits.items()},
+        "test_films": len({s.film for s in splits["test"]}),
+    }
     return {"artifacts": arts, "data_stats": stats}
 
 
@@ -105,8 +111,16 @@ def export_onnx(model: Any, path: Path, with_type_ids: bool = True, output: str 
             return out[0]
 
     with torch.no_grad():
-        torch.onnx.export(Wrap(model), args, str(path), input_names=names, output_names=[output],
-                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False)
+        torch.onnx.export(
+            Wrap(model),
+            args,
+            str(path),
+            input_names=names,
+            output_names=[output],
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            dynamo=False,
+        )
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -121,8 +135,9 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
     src = source_model_dir()
     dst = model_dir(ENCODER, home)
     model = transformers.BertModel.from_pretrained(str(src), attn_implementation="eager", add_pooling_layer=False)
-    feeds = encode(src / "tokenizer.json", ["A three-hour cinema master class.", "Dull and far too long."],
-                   max_length=MAX_LEN)
+    feeds = encode(
+        src / "tokenizer.json", ["A three-hour cinema master class.", "Dull and far too long."], max_length=MAX_LEN
+    )
     model.eval()
     with torch.no_grad():  # the reference first: tracing may leave the module changed
         ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})[0].numpy()
@@ -135,14 +150,20 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
     diff = float(np.max(np.abs(ref - got)))
     if diff >= 1e-4:
         raise BbctError(f"encoder export differs from PyTorch by {diff:.3g} (>= 1e-4)")
-    return {"artifacts": {"encoder/model.onnx": _artifact(onnx_path, f"torch.onnx.export opset {OPSET} of "
-                                                         f"{src} (BertModel, eager attention)"),
-                          "encoder/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package")},
-            "encoder_max_abs_diff_vs_torch": diff}
+    return {
+        "artifacts": {
+            "encoder/model.onnx": _artifact(
+                onnx_path, f"torch.onnx.export opset {OPSET} of {src} (BertModel, eager attention)"
+            ),
+            "encoder/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package"),
+        },
+        "encoder_max_abs_diff_vs_torch": diff,
+    }
 
 
-def float_accuracy(onnx_path: Path, texts: list[str], labels: np.ndarray, batch: int = 64,
-                   progress: bool = False) -> float:
+def float_accuracy(
+    onnx_path: Path, texts: list[str], labels: np.ndarray, batch: int = 64, progress: bool = False
+) -> float:
     from golden.runner import GoldenRunner
 
     r = GoldenRunner(onnx_path)
@@ -170,7 +191,8 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
     dst = model_dir(CLASSIFIER, home)
     texts, labels = D.read_split(data_dir(home), "train")
     model = transformers.BertForSequenceClassification.from_pretrained(
-        str(src), num_labels=2, attn_implementation="eager")
+        str(src), num_labels=2, attn_implementation="eager"
+    )
     tokp = src / "tokenizer.json"
     bs, lr = 32, 5e-5
     steps = epochs * ((len(texts) + bs - 1) // bs)
@@ -185,8 +207,7 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
         for i in range(0, len(order), bs):
             idx = order[i : i + bs]
             feeds = encode(tokp, [texts[j] for j in idx], max_length=MAX_LEN)
-            out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()},
-                        labels=torch.from_numpy(labels[idx]))
+            out = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}, labels=torch.from_numpy(labels[idx]))
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -202,16 +223,25 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
     (dst / "config.json").write_text(model.config.to_json_string())
     test_texts, test_labels = D.read_split(data_dir(home), "test")
     acc = float_accuracy(onnx_path, test_texts, test_labels, progress=progress)
-    return {"artifacts": {"classifier/model.onnx": _artifact(
-                onnx_path, f"BertForSequenceClassification from {src.name}, fine-tuned {epochs} epochs on "
-                           f"{TASK} train (batch {bs}, max length {MAX_LEN}, lr {lr}, seed 0), "
-                           f"torch.onnx.export opset {OPSET}"),
-                          "classifier/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package")},
-            "float_test_accuracy": acc, "finetune_seconds": round(train_s, 1), "finetune_epochs": epochs}
+    return {
+        "artifacts": {
+            "classifier/model.onnx": _artifact(
+                onnx_path,
+                f"BertForSequenceClassification from {src.name}, fine-tuned {epochs} epochs on "
+                f"{TASK} train (batch {bs}, max length {MAX_LEN}, lr {lr}, seed 0), "
+                f"torch.onnx.export opset {OPSET}",
+            ),
+            "classifier/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package"),
+        },
+        "float_test_accuracy": acc,
+        "finetune_seconds": round(train_s, 1),
+        "finetune_epochs": epochs,
+    }
 
 
-def prepare(home: str | Path | None = None, force: bool = False, finetune: bool = True,
-            epochs: int = 2, progress: bool = True) -> Path:
+def prepare(
+    home: str | Path | None = None, force: bool = False, finetune: bool = True, epochs: int = 2, progress: bool = True
+) -> Path:
     """Run the steps that are not done yet; return the manifest path."""
     home = bbct_home(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -221,8 +251,7 @@ def prepare(home: str | Path | None = None, force: bool = False, finetune: bool 
 
     def done(prefix: str) -> bool:
         arts = [a for k, a in manifest["artifacts"].items() if k.startswith(prefix)]
-        return bool(arts) and all(Path(a["path"]).exists() and _sha256(Path(a["path"])) == a["sha256"]
-                                  for a in arts)
+        return bool(arts) and all(Path(a["path"]).exists() and _sha256(Path(a["path"])) == a["sha256"] for a in arts)
 
     def save() -> None:
         mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))

@@ -77,8 +77,9 @@ class GoldenRunner:
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         try:
-            return ort.InferenceSession(model.SerializeToString(), _options(self.threads),
-                                        providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(
+                model.SerializeToString(), _options(self.threads), providers=["CPUExecutionProvider"]
+            )
         except Exception as e:
             raise BbctError(f"onnxruntime cannot load {self.path or 'the model'}: {e}") from None
 
@@ -99,8 +100,9 @@ class GoldenRunner:
             bad = np.argwhere((ids < 0) | (ids >= self.vocab_size))
             if len(bad):
                 i = tuple(bad[0])
-                raise BbctError(f"input_ids{list(i)} = {int(ids[i])} is outside the vocabulary "
-                                f"0..{self.vocab_size - 1}")
+                raise BbctError(
+                    f"input_ids{list(i)} = {int(ids[i])} is outside the vocabulary 0..{self.vocab_size - 1}"
+                )
         return out
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -109,7 +111,7 @@ class GoldenRunner:
         if self._plain is None:
             self._plain = self._session(self.model)
         vals = self._plain.run(None, feeds)
-        return dict(zip(self.output_names, vals))
+        return dict(zip(self.output_names, vals, strict=True))
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> Golden:
         """Every node output (and the graph outputs) by tensor name."""
@@ -128,4 +130,4 @@ class GoldenRunner:
             self._all = self._session(m)
             self._all_names = [o.name for o in self._all.get_outputs()]
         vals = self._all.run(None, feeds)
-        return Golden(dict(zip(self._all_names, vals)), self.producer, self.output_names)
+        return Golden(dict(zip(self._all_names, vals, strict=True)), self.producer, self.output_names)

@@ -53,7 +53,7 @@ def encode(
         tok.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=pad_to)
     else:
         tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")
-    batch = tok.encode_batch(list(zip(texts, text_pairs)) if text_pairs else list(texts))
+    batch = tok.encode_batch(list(zip(texts, text_pairs, strict=True)) if text_pairs else list(texts))
     return {
         "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),

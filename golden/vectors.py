@@ -99,8 +99,18 @@ def dump_vectors(
         else:
             p = out / f"{node}.{port}.hex"
             p.write_text(to_hex_lines(arr, bits))
-        files.append({"node": node, "port": port, "file": p.name, "shape": list(arr.shape),
-                      "dtype": str(arr.dtype), "bits": bits, "sha256": _sha(p), **meta})
+        files.append(
+            {
+                "node": node,
+                "port": port,
+                "file": p.name,
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "bits": bits,
+                "sha256": _sha(p),
+                **meta,
+            }
+        )
 
     entries = []
     for n in selected:
@@ -109,8 +119,13 @@ def dump_vectors(
             q = tensors.get(t)
             if q is None:
                 raise BbctError(f"tensor {t!r} of node {n.name} was not traced")
-            write(n.name, port, q.data, q.fmt.bits, {"tensor": t, "format": q.fmt.to_dict(),
-                                                     "exp_shape": list(np.shape(q.exp))})
+            write(
+                n.name,
+                port,
+                q.data,
+                q.fmt.bits,
+                {"tensor": t, "format": q.fmt.to_dict(), "exp_shape": list(np.shape(q.exp))},
+            )
             write(n.name, port + ".exp", np.asarray(q.exp), EXP_BITS, {"tensor": t})
         scalars, arrays = _params_dict(n)
         for k, a in arrays.items():
@@ -120,11 +135,18 @@ def dump_vectors(
                 lo, hi = int(a.min()), int(a.max())
                 bits = max(2, max(abs(lo), abs(hi)).bit_length() + 1)
             write(n.name, k, a.astype(np.int64), bits, {"constant": True})
-        entries.append({"node": n.name, "op": n.op, "inputs": list(n.inputs), "onnx_name": n.onnx_name,
-                        "params": scalars})
-    manifest = {"config": graph.config_name, "nodes": entries, "files": files,
-                "conventions": {"hex": "two's complement at 'bits' width, one value per line, row-major",
-                                "exp": f"per-block exponent, two's complement {EXP_BITS} bits; real = code * 2**exp"}}
+        entries.append(
+            {"node": n.name, "op": n.op, "inputs": list(n.inputs), "onnx_name": n.onnx_name, "params": scalars}
+        )
+    manifest = {
+        "config": graph.config_name,
+        "nodes": entries,
+        "files": files,
+        "conventions": {
+            "hex": "two's complement at 'bits' width, one value per line, row-major",
+            "exp": f"per-block exponent, two's complement {EXP_BITS} bits; real = code * 2**exp",
+        },
+    }
     path = out / "vectors.json"
     path.write_text(json.dumps(manifest, indent=1, default=str))
     return path

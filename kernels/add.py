@@ -76,13 +76,16 @@ def _exact_sum(a: QTensor, b: QTensor, fmt: IntFormat, ref: bool):
         for r in range(ar.shape[0]):
             for j0 in range(0, ar.shape[1], bs):
                 js = range(j0, min(ar.shape[1], j0 + bs))
-                es = {j: max(min(int(ear[r, j]), int(ebr[r, j])), max(int(ear[r, j]), int(ebr[r, j])) - MAX_ALIGN)
-                      for j in js}
+                es = {
+                    j: max(min(int(ear[r, j]), int(ebr[r, j])), max(int(ear[r, j]), int(ebr[r, j])) - MAX_ALIGN)
+                    for j in js
+                }
                 eblk = min(es.values())
                 for j in js:
                     e = es[j]
-                    s = (shift_round_ref(int(ar[r, j]), e - int(ear[r, j]), fmt.rounding)
-                         + shift_round_ref(int(br[r, j]), e - int(ebr[r, j]), fmt.rounding))
+                    s = shift_round_ref(int(ar[r, j]), e - int(ear[r, j]), fmt.rounding) + shift_round_ref(
+                        int(br[r, j]), e - int(ebr[r, j]), fmt.rounding
+                    )
                     out[r, j] = s << (e - eblk)
                     e_out[r, j] = eblk
     return rows_restore(out, moved, axis), rows_restore(e_out, moved, axis)

@@ -60,7 +60,9 @@ def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Roundi
     return out.reshape(x.shape), e_ref
 
 
-def align_ref(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding) -> tuple[np.ndarray, np.ndarray]:
+def align_ref(
+    q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding
+) -> tuple[np.ndarray, np.ndarray]:
     """Plain-Python twin of :func:`align`."""
     e, x, m = _expand(q)
     e_ref = _e_ref(e, reduce_axes, guard)

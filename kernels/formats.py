@@ -117,9 +117,7 @@ def _enum(cls: type[enum.IntEnum], value: Any, field_name: str) -> Any:
             return cls[value.upper()]
         except KeyError:
             pass
-    raise FormatError(
-        f"{field_name}={value!r} is not one of {', '.join(m.name for m in cls)}"
-    )
+    raise FormatError(f"{field_name}={value!r} is not one of {', '.join(m.name for m in cls)}")
 
 
 @dataclass(frozen=True)
@@ -452,9 +450,7 @@ def _saturate_array(x: np.ndarray, lo: int, hi: int, wrap: bool, bits: int) -> t
     return out, n
 
 
-def saturate_array(
-    x: np.ndarray, bits: int, signed: bool, mode: Saturation | int
-) -> tuple[np.ndarray, int]:
+def saturate_array(x: np.ndarray, bits: int, signed: bool, mode: Saturation | int) -> tuple[np.ndarray, int]:
     """Elementwise :func:`saturate` on an int array; returns (int64 values, overflow count)."""
     x = require_int("x", x).astype(np.int64, copy=False)
     lo, hi, wrap = sat_bounds(bits, signed, mode)

@@ -113,13 +113,15 @@ def gelu_float(x: np.ndarray, approximate: str = "none") -> np.ndarray:
     return 0.5 * x * (1 + erf(x / math.sqrt(2)))
 
 
-def make_gelu_lut(e_in: int, in_bits: int = 16, addr_bits: int = 8, out_bits: int = 16,
-                  approximate: str = "none") -> LutParams:
+def make_gelu_lut(
+    e_in: int, in_bits: int = 16, addr_bits: int = 8, out_bits: int = 16, approximate: str = "none"
+) -> LutParams:
     """Table of GELU on [-4, 4) at the input exponent (e_out = e_in)."""
     if approximate not in ("none", "tanh"):
         raise ValueError(f"gelu_lut: approximate={approximate!r}, expected 'none' or 'tanh'")
-    return make_lut(lambda v: gelu_float(v, approximate), e_in, in_bits, -4.0, 4.0, addr_bits, out_bits,
-                    e_in, below=0.0, above=None)
+    return make_lut(
+        lambda v: gelu_float(v, approximate), e_in, in_bits, -4.0, 4.0, addr_bits, out_bits, e_in, below=0.0, above=None
+    )
 
 
 def gelu_lut(x: np.ndarray, p: LutParams) -> np.ndarray:

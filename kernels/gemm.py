@@ -117,15 +117,28 @@ def gemm(
             acc = np.broadcast_to(acc, batch + (m_, n_)).copy()
     else:
         a3 = np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:])).reshape(-1, m_, a.shape[-1])
-        b3 = b.reshape(-1, b.shape[-2], n_) if b.ndim == 2 or not batch else np.ascontiguousarray(
-            np.broadcast_to(b, batch + b.shape[-2:])).reshape(-1, b.shape[-2], n_)
+        b3 = (
+            b.reshape(-1, b.shape[-2], n_)
+            if b.ndim == 2 or not batch
+            else np.ascontiguousarray(np.broadcast_to(b, batch + b.shape[-2:])).reshape(-1, b.shape[-2], n_)
+        )
         acc = np.empty((a3.shape[0], m_, n_), np.int64)
         _matmul_i64(a3, np.ascontiguousarray(b3), acc)
         acc = acc.reshape(batch + (m_, n_))
     lo, hi, wrap = sat_bounds(acc_bits, True, acc_saturation)
     acc3 = acc.reshape(-1, m_, n_)
-    n_over = _writeback(acc3, e_acc.reshape(-1, m_), np.zeros(1, np.int64) if bias is None else bias,
-                        int(e_bias), int(bias_rounding), lo, hi, wrap, acc_bits, bias is not None)
+    n_over = _writeback(
+        acc3,
+        e_acc.reshape(-1, m_),
+        np.zeros(1, np.int64) if bias is None else bias,
+        int(e_bias),
+        int(bias_rounding),
+        lo,
+        hi,
+        wrap,
+        acc_bits,
+        bias is not None,
+    )
     return acc3.reshape(batch + (m_, n_)), e_acc, int(n_over)
 
 

@@ -89,8 +89,9 @@ class LayerNormParams:
         return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
 
 
-def make_layernorm_params(gamma: np.ndarray, beta: np.ndarray, eps: float, gamma_bits: int = 16,
-                          out_bits: int = 16) -> LayerNormParams:
+def make_layernorm_params(
+    gamma: np.ndarray, beta: np.ndarray, eps: float, gamma_bits: int = 16, out_bits: int = 16
+) -> LayerNormParams:
     """Integer gamma/beta/eps and the output exponent (float math here only)."""
     gamma = np.asarray(gamma, np.float64)
     beta = np.asarray(beta, np.float64)
@@ -108,8 +109,16 @@ def make_layernorm_params(gamma: np.ndarray, beta: np.ndarray, eps: float, gamma
         eps_m, eps_e = 0, 0
     bound = gmax * math.sqrt(len(gamma)) + float(np.max(np.abs(beta)))
     e_out = math.ceil(math.log2(bound / ((1 << (out_bits - 1)) - 1)))
-    return LayerNormParams(gamma=g_q, beta=b_q, e_gamma=e_gamma, eps_m=eps_m, eps_e=eps_e, e_out=e_out,
-                           out_bits=out_bits, gamma_bits=gamma_bits)
+    return LayerNormParams(
+        gamma=g_q,
+        beta=b_q,
+        e_gamma=e_gamma,
+        eps_m=eps_m,
+        eps_e=eps_e,
+        e_out=e_out,
+        out_bits=out_bits,
+        gamma_bits=gamma_bits,
+    )
 
 
 @nb.njit(cache=True)
@@ -168,8 +177,10 @@ def _setup(x, e_row, p):
         # |d| <= 2 max|x|: d*d*H must stay below 2**62
         m = int(np.max(np.abs(xr)))
         if (2 * m) ** 2 * h >= LIMIT:
-            raise ValueError(f"layernorm: inputs up to {m} with H={h} would overflow the int64 variance; "
-                             f"narrow the input to below {math.isqrt(LIMIT // h) // 2}")
+            raise ValueError(
+                f"layernorm: inputs up to {m} with H={h} would overflow the int64 variance; "
+                f"narrow the input to below {math.isqrt(LIMIT // h) // 2}"
+            )
     return xr, er
 
 

@@ -82,9 +82,17 @@ def make_lut(
         return int(np.clip(np.round(v / 2.0**e_out), lo, hi))
 
     return LutParams(
-        e_in=e_in, e_out=e_out, q_lo=q_lo, addr_bits=addr_bits, frac_bits=frac_bits, table=table,
-        below=code(below), above=0 if above is None else code(above), above_identity=above is None,
-        out_bits=out_bits, signed=signed,
+        e_in=e_in,
+        e_out=e_out,
+        q_lo=q_lo,
+        addr_bits=addr_bits,
+        frac_bits=frac_bits,
+        table=table,
+        below=code(below),
+        above=0 if above is None else code(above),
+        above_identity=above is None,
+        out_bits=out_bits,
+        signed=signed,
     )
 
 
@@ -110,8 +118,21 @@ def lut(x: np.ndarray, p: LutParams) -> np.ndarray:
     x = require_int("lut: x", x)
     lo, hi = int_range(p.out_bits, p.signed)
     out = np.empty(x.size, np.int64)
-    _lut_flat(np.ascontiguousarray(x).ravel(), p.table, p.q_lo, p.q_hi, p.frac_bits, p.below, p.above,
-              p.above_identity, p.e_out - p.e_in, lo, hi, p.out_bits, out)
+    _lut_flat(
+        np.ascontiguousarray(x).ravel(),
+        p.table,
+        p.q_lo,
+        p.q_hi,
+        p.frac_bits,
+        p.below,
+        p.above,
+        p.above_identity,
+        p.e_out - p.e_in,
+        lo,
+        hi,
+        p.out_bits,
+        out,
+    )
     return out.reshape(x.shape)
 
 

@@ -183,9 +183,7 @@ def _prepare(x: np.ndarray, fmt: IntFormat, exp, mant):
     return x, exp_full, mant_full
 
 
-def quantize(
-    x: np.ndarray, fmt: IntFormat, exp: np.ndarray | None = None, mant: np.ndarray | None = None
-) -> QTensor:
+def quantize(x: np.ndarray, fmt: IntFormat, exp: np.ndarray | None = None, mant: np.ndarray | None = None) -> QTensor:
     """Float -> QTensor in ``fmt`` (Numba). ``exp``/``mant`` None: derived per block (dynamic)."""
     x, exp_full, mant_full = _prepare(x, fmt, exp, mant)
     rows, moved = rows_view(x, fmt.block_axis)
@@ -194,8 +192,18 @@ def quantize(
     m_rows = None if mant_full is None else block_rows(mant_full, x.shape, fmt.block_axis, fmt.block_size)
     lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
     out = np.empty(rows.shape, np.int64)
-    n_over = _quantize_rows(rows, e_rows, None if m_rows is None else m_rows.astype(np.float64),
-                            max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, out)
+    n_over = _quantize_rows(
+        rows,
+        e_rows,
+        None if m_rows is None else m_rows.astype(np.float64),
+        max(bs, 1),
+        int(fmt.rounding),
+        lo,
+        hi,
+        wrap,
+        fmt.bits,
+        out,
+    )
     data = rows_restore(out, moved, fmt.block_axis).astype(fmt.dtype)
     return QTensor(np.ascontiguousarray(data), fmt, exp_full, mant_full, {"overflow": int(n_over)})
 

@@ -132,18 +132,20 @@ def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndar
     bshape = blocks_shape(x.shape, axis, fmt.block_size)
     if exp_out is not None:
         eo = block_rows(require_int("requantize: exp_out", exp_out), x.shape, axis, fmt.block_size)
-        n_over = _static_rows(rows, e_rows, eo.astype(np.int64), max(bs, 1), int(fmt.rounding), lo, hi, wrap,
-                              fmt.bits, out)
+        n_over = _static_rows(
+            rows, e_rows, eo.astype(np.int64), max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, out
+        )
         exp = np.ascontiguousarray(np.broadcast_to(np.asarray(exp_out, np.int32), bshape))
     else:
         nblk = -(-rows.shape[1] // bs) if rows.shape[1] else 0
         eo = np.empty((rows.shape[0], nblk), np.int64)
-        n_over = _dynamic_rows(rows, e_rows, max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, fmt.signed,
-                               out, eo)
+        n_over = _dynamic_rows(rows, e_rows, max(bs, 1), int(fmt.rounding), lo, hi, wrap, fmt.bits, fmt.signed, out, eo)
         if n_over < 0:
             k = -1 - n_over
-            raise FormatError(f"requantize: input exponents differ inside output block {k % nblk} of row "
-                              f"{k // nblk}; dynamic blocks need one input exponent per block")
+            raise FormatError(
+                f"requantize: input exponents differ inside output block {k % nblk} of row "
+                f"{k // nblk}; dynamic blocks need one input exponent per block"
+            )
         exp = np.ascontiguousarray(rows_restore(eo, moved, axis).astype(np.int32))
     data = rows_restore(out, moved, axis).astype(fmt.dtype)
     return QTensor(np.ascontiguousarray(data), fmt, exp, None, {"overflow": int(n_over)})
@@ -181,8 +183,10 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
                 continue
             amax = max(abs(v) for v in vals)
             s = amax.bit_length() - (fmt.bits - 1 if fmt.signed else fmt.bits)
-            while (shift_round_ref(max(vals + [0]), s, fmt.rounding) > hi
-                   or shift_round_ref(min(vals + [0]), s, fmt.rounding) < lo):
+            while (
+                shift_round_ref(max(vals + [0]), s, fmt.rounding) > hi
+                or shift_round_ref(min(vals + [0]), s, fmt.rounding) < lo
+            ):
                 s += 1
             eo[bidx] = e0 + s
             shifts = {m: s for m in members}
@@ -240,8 +244,17 @@ def requantize_mult(
     x, m, s = _mult_setup(x, multiplier, shift)
     lo, hi, wrap = sat_bounds(bits, signed, saturation)
     out = np.empty(x.size, np.int64)
-    n = _mult_flat(np.ascontiguousarray(x).ravel(), np.ascontiguousarray(m).ravel(),
-                   np.ascontiguousarray(s).ravel(), int(rounding), lo, hi, wrap, bits, out)
+    n = _mult_flat(
+        np.ascontiguousarray(x).ravel(),
+        np.ascontiguousarray(m).ravel(),
+        np.ascontiguousarray(s).ravel(),
+        int(rounding),
+        lo,
+        hi,
+        wrap,
+        bits,
+        out,
+    )
     return out.reshape(x.shape), int(n)
 
 

@@ -65,8 +65,9 @@ class SoftmaxParams:
         return d
 
 
-def make_softmax_params(e_in: int, in_bits: int = 16, out_bits: int = 8, method: str = "poly",
-                        lut_addr_bits: int = 8) -> SoftmaxParams:
+def make_softmax_params(
+    e_in: int, in_bits: int = 16, out_bits: int = 8, method: str = "poly", lut_addr_bits: int = 8
+) -> SoftmaxParams:
     """Integer constants (and the exp table for ``method='lut'``) for inputs at ``e_in``."""
     if method not in ("poly", "lut"):
         raise ValueError(f"softmax: method={method!r}, expected 'poly' or 'lut'")
@@ -85,8 +86,20 @@ def make_softmax_params(e_in: int, in_bits: int = 16, out_bits: int = 8, method:
     table = None
     if method == "lut":
         table = make_lut(np.exp, e_in, in_bits + 1, -16.0, 0.0, lut_addr_bits, F + 2, -F, below=0.0, above=1.0)
-    return SoftmaxParams(e_in=e_in, in_bits=in_bits, out_bits=out_bits, e_out=-out_bits, method=method,
-                         guard=guard, ln2_q=ln2_q, c1=c1, c2=c2, c2_shift=s, c0=c0, lut=table)
+    return SoftmaxParams(
+        e_in=e_in,
+        in_bits=in_bits,
+        out_bits=out_bits,
+        e_out=-out_bits,
+        method=method,
+        guard=guard,
+        ln2_q=ln2_q,
+        c1=c1,
+        c2=c2,
+        c2_shift=s,
+        c0=c0,
+        lut=table,
+    )
 
 
 @nb.njit(cache=True, inline="always")
@@ -114,8 +127,9 @@ def _exp_lut(q, table, q_lo, q_hi, frac_bits, below, above):
 
 
 @nb.njit(cache=True)
-def _softmax_rows(x, m, lo_in, hi_in, use_lut, g, ln2_q, c1, c2, s, c0, table, q_lo, q_hi, frac_bits, below,
-                  above, out_bits, out):
+def _softmax_rows(
+    x, m, lo_in, hi_in, use_lut, g, ln2_q, c1, c2, s, c0, table, q_lo, q_hi, frac_bits, below, above, out_bits, out
+):
     rows, n = x.shape
     e = np.empty(n, np.int64)
     hi_out = (np.int64(1) << out_bits) - 1
@@ -162,9 +176,27 @@ def softmax(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray
     lo_in, hi_in = int_range(p.in_bits, True)
     out = np.empty(xr.shape, np.int64)
     t = p.lut
-    _softmax_rows(xr, mr, lo_in, hi_in, t is not None, p.guard, p.ln2_q, p.c1, p.c2, p.c2_shift, p.c0,
-                  t.table if t else np.zeros(2, np.int64), t.q_lo if t else 0, t.q_hi if t else 0,
-                  t.frac_bits if t else 0, t.below if t else 0, t.above if t else 0, p.out_bits, out)
+    _softmax_rows(
+        xr,
+        mr,
+        lo_in,
+        hi_in,
+        t is not None,
+        p.guard,
+        p.ln2_q,
+        p.c1,
+        p.c2,
+        p.c2_shift,
+        p.c0,
+        t.table if t else np.zeros(2, np.int64),
+        t.q_lo if t else 0,
+        t.q_hi if t else 0,
+        t.frac_bits if t else 0,
+        t.below if t else 0,
+        t.above if t else 0,
+        p.out_bits,
+        out,
+    )
     return out.reshape(np.shape(x)).astype(np.uint16 if p.out_bits > 8 else np.uint8)
 
 
@@ -174,7 +206,7 @@ def softmax_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.nda
     lo_in, hi_in = int_range(p.in_bits, True)
     out = np.empty(xr.shape, np.int64)
     for r in range(xr.shape[0]):
-        z = [min(max(int(a) + int(b), lo_in), hi_in) for a, b in zip(xr[r], mr[r])]
+        z = [min(max(int(a) + int(b), lo_in), hi_in) for a, b in zip(xr[r], mr[r], strict=True)]
         zmax = max(z)
         es = []
         for v in z:
@@ -188,8 +220,9 @@ def softmax_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.nda
                 else:
                     u = d - t.q_lo
                     k, f = u >> t.frac_bits, u & ((1 << t.frac_bits) - 1)
-                    ev = int(t.table[k]) + shift_round_ref((int(t.table[k + 1]) - int(t.table[k])) * f,
-                                                           t.frac_bits, RND)
+                    ev = int(t.table[k]) + shift_round_ref(
+                        (int(t.table[k + 1]) - int(t.table[k])) * f, t.frac_bits, RND
+                    )
             else:
                 dd = d << p.guard
                 k = (-dd) // p.ln2_q

@@ -15,8 +15,7 @@ RANGE = 8.0
 
 def make_tanh_lut(e_in: int, in_bits: int = 16, addr_bits: int = 10, out_bits: int = 16) -> LutParams:
     """Table of tanh for inputs at exponent ``e_in`` (float math here only)."""
-    return make_lut(np.tanh, e_in, in_bits, -RANGE, RANGE, addr_bits, out_bits, -(out_bits - 1),
-                    below=-1.0, above=1.0)
+    return make_lut(np.tanh, e_in, in_bits, -RANGE, RANGE, addr_bits, out_bits, -(out_bits - 1), below=-1.0, above=1.0)
 
 
 def tanh_lut(x: np.ndarray, p: LutParams) -> np.ndarray:

@@ -27,7 +27,9 @@ def _channel_amax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.max(np.abs(x[valid]), axis=0)
 
 
-def float_points(spec: S.BertSpec, inputs: dict[str, np.ndarray], golden: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def float_points(
+    spec: S.BertSpec, inputs: dict[str, np.ndarray], golden: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
     """Float value at every activation point the lowering may calibrate, by point name."""
     e = spec.embeddings
     ids = np.asarray(inputs["input_ids"])

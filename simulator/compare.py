@@ -64,11 +64,18 @@ def compare(graph: ir.Graph, result: Result, golden: dict[str, np.ndarray]) -> l
             if x.size != g.size:
                 continue
             x = x.reshape(g.shape)
-        rows.append(Row(
-            node=n.name, onnx_name=n.onnx_name, shape=tuple(g.shape), fmt=q.fmt.short(),
-            sqnr_db=sqnr_db(g, x), cosine=cosine(g, x), max_abs_err=float(np.max(np.abs(g - x))) if g.size else 0.0,
-            overflow=pending,
-        ))
+        rows.append(
+            Row(
+                node=n.name,
+                onnx_name=n.onnx_name,
+                shape=tuple(g.shape),
+                fmt=q.fmt.short(),
+                sqnr_db=sqnr_db(g, x),
+                cosine=cosine(g, x),
+                max_abs_err=float(np.max(np.abs(g - x))) if g.size else 0.0,
+                overflow=pending,
+            )
+        )
         pending = 0
     return rows
 

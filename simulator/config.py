@@ -27,10 +27,11 @@ Unknown keys and bad values are errors that name the table, key and the allowed 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from kernels.formats import Rounding, Saturation, ScaleKind
 from simulator.errors import ConfigError
@@ -205,8 +206,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 8-bit weights and activations in blocks of 32 with power-of-two block exponents found at
     # run time from each block's maximum (leading-zero count); every nonlinearity in integers.
     "w8a8": {
-        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic",
-                    "gelu_method": "lut"},
+        "default": {
+            "weight_bits": 8,
+            "act_bits": 8,
+            "weight_block": 32,
+            "act_block": 32,
+            "scaling": "dynamic",
+            "gelu_method": "lut",
+        },
     },
     # BBCT-like: 4-bit weights in blocks of 128 along the reduction axis with 4-bit stored block
     # exponents (4.03 bits per weight: >= 7.9x smaller than fp32), 8-bit block activations.
@@ -224,14 +231,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     # MX-style int8: blocks of 32, shared 8-bit power-of-two exponents derived at run time,
     # I-BERT-style polynomial GELU and exp.
     "mx-int8": {
-        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "dynamic",
-                    "gelu_method": "poly", "softmax_method": "poly"},
+        "default": {
+            "weight_bits": 8,
+            "act_bits": 8,
+            "weight_block": 32,
+            "act_block": 32,
+            "scaling": "dynamic",
+            "gelu_method": "poly",
+            "softmax_method": "poly",
+        },
     },
     # Calibrated (static) block exponents: no run-time max search, exponents fixed per channel
     # block from the calibration split.
     "w8a8-static": {
-        "default": {"weight_bits": 8, "act_bits": 8, "weight_block": 32, "act_block": 32, "scaling": "static",
-                    "gelu_method": "lut"},
+        "default": {
+            "weight_bits": 8,
+            "act_bits": 8,
+            "weight_block": 32,
+            "act_block": 32,
+            "scaling": "static",
+            "gelu_method": "lut",
+        },
     },
 }
 
@@ -273,9 +293,7 @@ def _from_tables(data: dict[str, Any], name: str) -> Config:
                 raise ConfigError(f"[layer.{li}.{cls}]: unknown op class; known: {', '.join(OP_CLASSES)}")
             _apply(default, kv, f"layer.{li}.{cls}")
             by_layer.append((layer, cls, tuple(sorted(kv.items()))))
-    return Config(
-        name=str(data.get("name", name)), default=default, by_class=tuple(by_class), by_layer=tuple(by_layer)
-    )
+    return Config(name=str(data.get("name", name)), default=default, by_class=tuple(by_class), by_layer=tuple(by_layer))
 
 
 def load_config(spec: str | Path | dict[str, Any]) -> Config:

@@ -69,9 +69,15 @@ def _align(n: ir.Align, x: QTensor) -> tuple[QTensor, int]:
 
 def _linear(n: ir.Linear, x: QTensor) -> tuple[QTensor, int]:
     acc, e, ov = gemm(
-        x.data, np.asarray(x.exp), n.weight, np.array(n.w_exp, dtype=np.int32),
-        acc_bits=n.acc_bits, acc_saturation=n.acc_saturation,
-        bias=n.bias, e_bias=n.bias_exp, bias_rounding=n.bias_rounding,
+        x.data,
+        np.asarray(x.exp),
+        n.weight,
+        np.array(n.w_exp, dtype=np.int32),
+        acc_bits=n.acc_bits,
+        acc_saturation=n.acc_saturation,
+        bias=n.bias,
+        e_bias=n.bias_exp,
+        bias_rounding=n.bias_rounding,
     )
     return _wide(acc, e, n.acc_bits), int(ov)
 
@@ -80,8 +86,14 @@ def _matmul(n: ir.MatMul, a: QTensor, b: QTensor) -> tuple[QTensor, int]:
     ea = np.asarray(a.exp)
     if ea.ndim < a.data.ndim:
         ea = ea.reshape((1,) * (a.data.ndim - ea.ndim) + ea.shape)
-    acc, e, ov = gemm(a.data.astype(np.int64, copy=False), ea, b.data, np.asarray(b.exp),
-                      acc_bits=n.acc_bits, acc_saturation=n.acc_saturation)
+    acc, e, ov = gemm(
+        a.data.astype(np.int64, copy=False),
+        ea,
+        b.data,
+        np.asarray(b.exp),
+        acc_bits=n.acc_bits,
+        acc_saturation=n.acc_saturation,
+    )
     return _wide(acc, e, n.acc_bits), int(ov)
 
 
@@ -93,8 +105,7 @@ def _requant(n: ir.Requant, x: QTensor) -> tuple[QTensor, int]:
 def _rescale(n: ir.Rescale, x: QTensor) -> tuple[QTensor, int]:
     # value = acc * 2**e_acc * m * 2**-shift = y * 2**e_out  =>  y = acc * m >> (shift + e_out - e_acc)
     shift = n.shift + n.e_out - _exp_full(x).astype(np.int64)
-    y, ov = requantize_mult(x.data, n.multiplier, shift, n.fmt.bits, n.fmt.signed,
-                            n.fmt.rounding, n.fmt.saturation)
+    y, ov = requantize_mult(x.data, n.multiplier, shift, n.fmt.bits, n.fmt.signed, n.fmt.rounding, n.fmt.saturation)
     return _fixed(y.astype(n.fmt.dtype), n.fmt, n.e_out), int(ov)
 
 
@@ -201,8 +212,9 @@ def graph_inputs(graph: ir.Graph, inputs: dict[str, np.ndarray]) -> dict[str, QT
         if v.shape != (b, s):
             raise ExecutionError(f"input {k} has shape {v.shape}, expected {(b, s)} like input_ids")
     fmt = IntFormat(bits=32, block_size=0)
-    return {k: QTensor(np.ascontiguousarray(v).astype(np.int64), fmt, np.zeros((1, 1), np.int32))
-            for k, v in out.items()}
+    return {
+        k: QTensor(np.ascontiguousarray(v).astype(np.int64), fmt, np.zeros((1, 1), np.int32)) for k, v in out.items()
+    }
 
 
 def run(graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False) -> Result:
@@ -231,5 +243,3 @@ def run(graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False) -> 
                 env.pop(i, None)
     outputs = {role: env[t] for role, t in graph.outputs.items()}
     return Result(outputs=outputs, tensors=tensors, overflow=overflow)
-
-

@@ -27,8 +27,12 @@ def _gelu(x: np.ndarray, kind: str) -> np.ndarray:
     return 0.5 * x * (1 + erf(x / math.sqrt(2)))
 
 
-def run_spec_float(spec: S.BertSpec, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-                   token_type_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def run_spec_float(
+    spec: S.BertSpec,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    token_type_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Outputs by role (last_hidden_state, pooler_output, logits) in float64."""
     ids = np.asarray(input_ids)
     b, s = ids.shape
@@ -44,10 +48,7 @@ def run_spec_float(spec: S.BertSpec, input_ids: np.ndarray, attention_mask: np.n
         nh = at.num_heads
         d = x.shape[-1] // nh
 
-        def heads(t: np.ndarray) -> np.ndarray:
-            return t.reshape(b, s, nh, d).transpose(0, 2, 1, 3)
-
-        q, k, v = heads(_lin(x, at.q)), heads(_lin(x, at.k)), heads(_lin(x, at.v))
+        q, k, v = (_lin(x, lin).reshape(b, s, nh, d).transpose(0, 2, 1, 3) for lin in (at.q, at.k, at.v))
         sc = q @ k.transpose(0, 1, 3, 2) * at.scale + ((1 - mask) * max(at.mask_value, -1e30))[:, None, None, :]
         sc = sc - sc.max(-1, keepdims=True)
         p = np.exp(sc)

@@ -47,9 +47,7 @@ class Calibration:
 
 
 def _fixed_fmt(bits: int, s: OpSettings, signed: bool = True) -> IntFormat:
-    return IntFormat(
-        bits=bits, signed=signed, block_size=0, rounding=s.rounding_mode, saturation=s.saturation_mode
-    )
+    return IntFormat(bits=bits, signed=signed, block_size=0, rounding=s.rounding_mode, saturation=s.saturation_mode)
 
 
 def _act_fmt(s: OpSettings, bits: int | None = None) -> IntFormat:
@@ -106,8 +104,13 @@ class _Lowerer:
             per = s.weight_exp_bits + (s.weight_mant_bits if s.weight_scale_kind == ScaleKind.MULT else 0)
             scale_bits = scale_blocks * per
         self.storage.append(
-            {"name": what, "numel": int(numel), "bits": int(bits), "scale_bits": int(scale_bits),
-             "matrix": s is not None}
+            {
+                "name": what,
+                "numel": int(numel),
+                "bits": int(bits),
+                "scale_bits": int(scale_bits),
+                "matrix": s is not None,
+            }
         )
 
     def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str) -> QTensor:
@@ -167,8 +170,9 @@ class _Lowerer:
         exp, _ = block_exponents(a, IntFormat(bits=fmt.bits, block_axis=-1, block_size=fmt.block_size))
         return np.asarray(exp, dtype=np.int32)
 
-    def requant(self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None,
-                bits: int | None = None) -> str:
+    def requant(
+        self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None, bits: int | None = None
+    ) -> str:
         fmt = _act_fmt(s, bits)
         return self.add(
             ir.Requant(name=name, inputs=(x,), onnx_name=onnx, fmt=fmt, exp=self.static_exp(point, fmt, s, ndim))
@@ -182,15 +186,23 @@ class _Lowerer:
         s = self.cfg.settings("layernorm", layer)
         xa = self.align(name + ".in", x, s)
         p = make_layernorm_params(
-            np.asarray(ln.gamma, np.float64), np.asarray(ln.beta, np.float64), float(ln.eps),
+            np.asarray(ln.gamma, np.float64),
+            np.asarray(ln.beta, np.float64),
+            float(ln.eps),
             out_bits=s.layernorm_out_bits,
         )
         self.count(name + ".gamma", ln.gamma.size, 16, 0, None)
         self.count(name + ".beta", ln.beta.size, 16, 0, None)
         y = self.add(
             ir.Nonlinear(
-                name=name + ".y", inputs=(xa,), kind="layernorm", method="isqrt", params=p,
-                e_in=0, e_out=int(p.e_out), out_fmt=_fixed_fmt(s.layernorm_out_bits, s),
+                name=name + ".y",
+                inputs=(xa,),
+                kind="layernorm",
+                method="isqrt",
+                params=p,
+                e_in=0,
+                e_out=int(p.e_out),
+                out_fmt=_fixed_fmt(s.layernorm_out_bits, s),
             )
         )
         return self.requant(name, y, s, point, 3, ln.names.get(S.ROLE_OUT))
@@ -206,14 +218,27 @@ class _Lowerer:
     def embeddings(self) -> str:
         e = self.spec.embeddings
         s = self.cfg.settings("embedding")
-        word = self.add(ir.Embed(name="emb.word", inputs=("input_ids",),
-                                 table=self.quant_weight(e.word, s, axis=-1, what="emb.word")))
-        pos = self.add(ir.Embed(name="emb.position", inputs=("position_ids",),
-                                table=self.quant_weight(e.position, s, axis=-1, what="emb.position")))
+        word = self.add(
+            ir.Embed(
+                name="emb.word", inputs=("input_ids",), table=self.quant_weight(e.word, s, axis=-1, what="emb.word")
+            )
+        )
+        pos = self.add(
+            ir.Embed(
+                name="emb.position",
+                inputs=("position_ids",),
+                table=self.quant_weight(e.position, s, axis=-1, what="emb.position"),
+            )
+        )
         total = self.residual("emb.sum_wp", word, pos, None, "emb.sum_wp")
         if e.token_type is not None:
-            tt = self.add(ir.Embed(name="emb.token_type", inputs=("token_type_ids",),
-                                   table=self.quant_weight(e.token_type, s, axis=-1, what="emb.token_type")))
+            tt = self.add(
+                ir.Embed(
+                    name="emb.token_type",
+                    inputs=("token_type_ids",),
+                    table=self.quant_weight(e.token_type, s, axis=-1, what="emb.token_type"),
+                )
+            )
             total = self.residual("emb.sum", total, tt, None, "emb.sum", e.names.get(S.ROLE_OUT))
         return self.layernorm("emb.ln", total, e.layer_norm, None, "emb.ln")
 
@@ -236,27 +261,54 @@ class _Lowerer:
         qh = self.add(ir.SplitHeads(name=p + "q.heads", inputs=(qa,), num_heads=at.num_heads))
         kh = self.add(ir.SplitHeads(name=p + "k.heads", inputs=(ka,), num_heads=at.num_heads, transpose=True))
         vh = self.add(ir.SplitHeads(name=p + "v.heads", inputs=(va,), num_heads=at.num_heads))
-        s_acc = self.add(ir.MatMul(name=p + "scores.acc", inputs=(qh, kh), acc_bits=s_sc.acc_bits,
-                                   acc_saturation=s_sc.acc_saturation_mode))
+        s_acc = self.add(
+            ir.MatMul(
+                name=p + "scores.acc", inputs=(qh, kh), acc_bits=s_sc.acc_bits, acc_saturation=s_sc.acc_saturation_mode
+            )
+        )
         ssm = cfg.settings("softmax", i)
         e_sm = 6 - (ssm.softmax_in_bits - 1)  # scores in [-64, 64): far past where exp() underflows
         mult, shift = quantize_multiplier(float(at.scale))
-        scores = self.add(ir.Rescale(name=p + "scores", inputs=(s_acc,), multiplier=mult, shift=shift,
-                                     e_out=e_sm, fmt=_fixed_fmt(ssm.softmax_in_bits, ssm)))
+        scores = self.add(
+            ir.Rescale(
+                name=p + "scores",
+                inputs=(s_acc,),
+                multiplier=mult,
+                shift=shift,
+                e_out=e_sm,
+                fmt=_fixed_fmt(ssm.softmax_in_bits, ssm),
+            )
+        )
         if not any(isinstance(n, ir.Mask) for n in self.nodes):
             lo = -(1 << (ssm.softmax_in_bits - 1))
             mv = max(lo, int(np.round(float(at.mask_value) / 2.0**e_sm))) if np.isfinite(at.mask_value) else lo
-            self.add(ir.Mask(name="mask", inputs=("attention_mask",), value=mv, e_out=e_sm,
-                             bits=ssm.softmax_in_bits))
-        sp = make_softmax_params(e_in=e_sm, in_bits=ssm.softmax_in_bits, out_bits=ssm.softmax_out_bits,
-                                 method=ssm.softmax_method, lut_addr_bits=ssm.softmax_lut_addr_bits)
-        probs = self.add(ir.Nonlinear(
-            name=p + "probs", inputs=(scores, "mask"), onnx_name=at.names.get(S.ROLE_PROBS), kind="softmax",
-            method=ssm.softmax_method, params=sp, e_in=e_sm, e_out=int(sp.e_out),
-            out_fmt=_fixed_fmt(ssm.softmax_out_bits, ssm, signed=False)))
+            self.add(ir.Mask(name="mask", inputs=("attention_mask",), value=mv, e_out=e_sm, bits=ssm.softmax_in_bits))
+        sp = make_softmax_params(
+            e_in=e_sm,
+            in_bits=ssm.softmax_in_bits,
+            out_bits=ssm.softmax_out_bits,
+            method=ssm.softmax_method,
+            lut_addr_bits=ssm.softmax_lut_addr_bits,
+        )
+        probs = self.add(
+            ir.Nonlinear(
+                name=p + "probs",
+                inputs=(scores, "mask"),
+                onnx_name=at.names.get(S.ROLE_PROBS),
+                kind="softmax",
+                method=ssm.softmax_method,
+                params=sp,
+                e_in=e_sm,
+                e_out=int(sp.e_out),
+                out_fmt=_fixed_fmt(ssm.softmax_out_bits, ssm, signed=False),
+            )
+        )
         sc = cfg.settings("context", i)
-        c_acc = self.add(ir.MatMul(name=p + "context.acc", inputs=(probs, vh), acc_bits=sc.acc_bits,
-                                   acc_saturation=sc.acc_saturation_mode))
+        c_acc = self.add(
+            ir.MatMul(
+                name=p + "context.acc", inputs=(probs, vh), acc_bits=sc.acc_bits, acc_saturation=sc.acc_saturation_mode
+            )
+        )
         c_m = self.add(ir.MergeHeads(name=p + "context.merged", inputs=(c_acc,)))
         ctx = self.requant(p + "context", c_m, sc, p + "context", 3, at.names.get(S.ROLE_CONTEXT))
         so = cfg.settings("attention_output", i)
@@ -274,9 +326,15 @@ class _Lowerer:
         # GELU input: calibrated range when known, else +-64 (far beyond where GELU(x) = x or 0).
         rng = float(np.max(amax)) if amax is not None and sg.scaling == "static" else 64.0
         e_g = _fixed_exp_for_range(sg.gelu_in_bits, max(rng, 1e-3))
-        g_in = self.add(ir.Requant(
-            name=p + "ffn1", inputs=(f_acc,), onnx_name=layer.intermediate.names.get(S.ROLE_OUT),
-            fmt=_fixed_fmt(sg.gelu_in_bits, sg), exp=np.array([[[e_g]]], dtype=np.int32)))
+        g_in = self.add(
+            ir.Requant(
+                name=p + "ffn1",
+                inputs=(f_acc,),
+                onnx_name=layer.intermediate.names.get(S.ROLE_OUT),
+                fmt=_fixed_fmt(sg.gelu_in_bits, sg),
+                exp=np.array([[[e_g]]], dtype=np.int32),
+            )
+        )
         approximate = "tanh" if layer.activation == "gelu_tanh" else "none"
         if sg.gelu_method == "poly":
             if approximate == "tanh":
@@ -286,11 +344,25 @@ class _Lowerer:
                 )
             gp = make_gelu_poly(e_in=e_g, in_bits=sg.gelu_in_bits, out_bits=sg.gelu_out_bits)
         else:
-            gp = make_gelu_lut(e_in=e_g, in_bits=sg.gelu_in_bits, addr_bits=sg.gelu_lut_addr_bits,
-                               out_bits=sg.gelu_out_bits, approximate=approximate)
-        g = self.add(ir.Nonlinear(name=p + "gelu.y", inputs=(g_in,), kind="gelu", method=sg.gelu_method,
-                                  params=gp, e_in=e_g, e_out=int(gp.e_out),
-                                  out_fmt=_fixed_fmt(sg.gelu_out_bits, sg)))
+            gp = make_gelu_lut(
+                e_in=e_g,
+                in_bits=sg.gelu_in_bits,
+                addr_bits=sg.gelu_lut_addr_bits,
+                out_bits=sg.gelu_out_bits,
+                approximate=approximate,
+            )
+        g = self.add(
+            ir.Nonlinear(
+                name=p + "gelu.y",
+                inputs=(g_in,),
+                kind="gelu",
+                method=sg.gelu_method,
+                params=gp,
+                e_in=e_g,
+                e_out=int(gp.e_out),
+                out_fmt=_fixed_fmt(sg.gelu_out_bits, sg),
+            )
+        )
         so = self.cfg.settings("output", i)
         gq = self.requant(p + "gelu", g, so, p + "gelu", 3, layer.names.get(S.ROLE_OUT))
         ga = self.align(p + "gelu.aligned", gq, so)
@@ -308,13 +380,31 @@ class _Lowerer:
         p_acc = self.linear("pooler.acc", ca, sp.pooler, s)
         st = self.cfg.settings("tanh")
         e_t = 3 - (st.tanh_in_bits - 1)  # +-8: tanh is +-1 to 1e-6 beyond
-        t_in = self.add(ir.Requant(name="pooler.dense", inputs=(p_acc,), onnx_name=sp.pooler.names.get(S.ROLE_OUT),
-                                   fmt=_fixed_fmt(st.tanh_in_bits, st), exp=np.array([[e_t]], dtype=np.int32)))
-        tp = make_tanh_lut(e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits,
-                           out_bits=st.tanh_out_bits)
-        t = self.add(ir.Nonlinear(name="pooler", inputs=(t_in,), onnx_name=sp.names.get("pooler_tanh"),
-                                  kind="tanh", method=st.tanh_method, params=tp, e_in=e_t, e_out=int(tp.e_out),
-                                  out_fmt=_fixed_fmt(st.tanh_out_bits, st)))
+        t_in = self.add(
+            ir.Requant(
+                name="pooler.dense",
+                inputs=(p_acc,),
+                onnx_name=sp.pooler.names.get(S.ROLE_OUT),
+                fmt=_fixed_fmt(st.tanh_in_bits, st),
+                exp=np.array([[e_t]], dtype=np.int32),
+            )
+        )
+        tp = make_tanh_lut(
+            e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits, out_bits=st.tanh_out_bits
+        )
+        t = self.add(
+            ir.Nonlinear(
+                name="pooler",
+                inputs=(t_in,),
+                onnx_name=sp.names.get("pooler_tanh"),
+                kind="tanh",
+                method=st.tanh_method,
+                params=tp,
+                e_in=e_t,
+                e_out=int(tp.e_out),
+                out_fmt=_fixed_fmt(st.tanh_out_bits, st),
+            )
+        )
         outs["pooler_output"] = t
         if sp.classifier is None:
             return outs
@@ -322,8 +412,11 @@ class _Lowerer:
         ta = self.align("pooler.aligned", t, sc, guard=0)
         l_acc = self.linear("classifier.acc", ta, sp.classifier, sc)
         logits_name = next((n for n, r in sp.outputs.items() if r == "logits"), None)
-        logits = self.add(ir.Requant(name="logits", inputs=(l_acc,), onnx_name=logits_name,
-                                     fmt=_fixed_fmt(sc.output_bits, sc), exp=None))
+        logits = self.add(
+            ir.Requant(
+                name="logits", inputs=(l_acc,), onnx_name=logits_name, fmt=_fixed_fmt(sc.output_bits, sc), exp=None
+            )
+        )
         outs["logits"] = logits
         return outs
 
@@ -331,22 +424,28 @@ class _Lowerer:
         x = self.embeddings()
         for i, layer in enumerate(self.spec.layers):
             a = self.attention(i, x, layer.attention)
-            h = self.layernorm(f"L{i}.ln1", self.residual(f"L{i}.res1", x, a, i, f"L{i}.res1"),
-                               layer.attention_norm, i, f"L{i}.ln1")
+            h = self.layernorm(
+                f"L{i}.ln1", self.residual(f"L{i}.res1", x, a, i, f"L{i}.res1"), layer.attention_norm, i, f"L{i}.ln1"
+            )
             f = self.ffn(i, h, layer)
-            x = self.layernorm(f"L{i}.ln2", self.residual(f"L{i}.res2", h, f, i, f"L{i}.res2"),
-                               layer.output_norm, i, f"L{i}.ln2")
+            x = self.layernorm(
+                f"L{i}.ln2", self.residual(f"L{i}.res2", h, f, i, f"L{i}.res2"), layer.output_norm, i, f"L{i}.ln2"
+            )
         outs = self.head(x)
         return ir.Graph(
             nodes=tuple(self.nodes),
             outputs=outs,
             config_name=self.cfg.name,
-            info={"storage": self.storage, "dynamic_fallback": self.fallbacks,
-                  "position_offset": self.spec.embeddings.position_offset,
-                  "max_positions": int(self.spec.embeddings.position.shape[0]),
-                  "vocab_size": self.spec.vocab_size,
-                  "type_vocab_size": 0 if self.spec.embeddings.token_type is None
-                  else int(self.spec.embeddings.token_type.shape[0])},
+            info={
+                "storage": self.storage,
+                "dynamic_fallback": self.fallbacks,
+                "position_offset": self.spec.embeddings.position_offset,
+                "max_positions": int(self.spec.embeddings.position.shape[0]),
+                "vocab_size": self.spec.vocab_size,
+                "type_vocab_size": 0
+                if self.spec.embeddings.token_type is None
+                else int(self.spec.embeddings.token_type.shape[0]),
+            },
         )
 
 

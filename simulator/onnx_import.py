@@ -16,7 +16,6 @@ attention, erf and tanh GELU, BertModel and BertForSequenceClassification.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -71,14 +70,30 @@ class _Graph:
         if v is None:
             n = self.prod.get(name)
             if n is not None and n.op_type == "Constant":
-                v = numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value")) \
-                    if any(a.name == "value" for a in n.attribute) else None
+                v = (
+                    numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
+                    if any(a.name == "value" for a in n.attribute)
+                    else None
+                )
                 if v is None:
                     for a in n.attribute:
                         if a.name in ("value_float", "value_int"):
                             v = np.array(onnx.helper.get_attribute_value(a))
-            elif n is not None and n.op_type in ("Cast", "Identity", "Sqrt", "Reciprocal", "Mul", "Div", "Neg",
-                                                 "Unsqueeze", "Squeeze", "Reshape", "Pow", "Sub", "Add"):
+            elif n is not None and n.op_type in (
+                "Cast",
+                "Identity",
+                "Sqrt",
+                "Reciprocal",
+                "Mul",
+                "Div",
+                "Neg",
+                "Unsqueeze",
+                "Squeeze",
+                "Reshape",
+                "Pow",
+                "Sub",
+                "Add",
+            ):
                 ins = [self.const(i) for i in n.input if i]
                 if all(x is not None for x in ins):
                     v = self.probe_value(name)
@@ -157,8 +172,9 @@ class _Importer:
             alpha, beta = _attr(n, "alpha", 1.0), _attr(n, "beta", 1.0)
             if alpha != 1.0 or beta != 1.0 or _attr(n, "transA", 0):
                 raise _err(n, "Gemm with alpha/beta != 1 or transA")
-            return S.Linear(np.ascontiguousarray(w, np.float32), None if b is None else b.astype(np.float32),
-                            {S.ROLE_OUT: out})
+            return S.Linear(
+                np.ascontiguousarray(w, np.float32), None if b is None else b.astype(np.float32), {S.ROLE_OUT: out}
+            )
         bias = None
         mm = n
         if n.op_type == "Add":
@@ -177,8 +193,9 @@ class _Importer:
             raise _err(mm, "MatMul weight is not a 2-D constant")
         if bias is not None and bias.shape != (w.shape[1],):
             raise _err(n, f"bias shape {bias.shape} does not match weight {w.shape}")
-        return S.Linear(np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32),
-                        {S.ROLE_OUT: out})
+        return S.Linear(
+            np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32), {S.ROLE_OUT: out}
+        )
 
     def linear_input(self, lin_out: str) -> str:
         n = self.g.prod[lin_out]
@@ -217,8 +234,12 @@ class _Importer:
             if gamma is None or _attr(c, "axis", -1) != -1:
                 raise _err(c, "LayerNormalization needs constant scale and the last axis")
             beta = np.zeros_like(gamma) if beta is None else beta
-            return S.LayerNorm(gamma.astype(np.float32), beta.astype(np.float32), float(_attr(c, "epsilon", 1e-5)),
-                               {S.ROLE_OUT: c.output[0], "in": x})
+            return S.LayerNorm(
+                gamma.astype(np.float32),
+                beta.astype(np.float32),
+                float(_attr(c, "epsilon", 1e-5)),
+                {S.ROLE_OUT: c.output[0], "in": x},
+            )
         # decomposed: ReduceMean(x) -> Sub(x, mean) -> Pow/Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul -> Add
         subs = [c for c in g.consumers(x, "Sub")]
         for sub in subs:
@@ -243,7 +264,8 @@ class _Importer:
                 continue
             out = addb[0].output[0] if beta is not None else mul[0].output[0]
             beta = np.zeros_like(gamma) if beta is None else beta
-            return S.LayerNorm(gamma.astype(np.float32), beta.astype(np.float32), float(eps), {S.ROLE_OUT: out, "in": x})
+            names = {S.ROLE_OUT: out, "in": x}
+            return S.LayerNorm(gamma.astype(np.float32), beta.astype(np.float32), float(eps), names)
         raise _err(g.prod.get(x), f"no LayerNorm (fused or decomposed) reads {x!r}")
 
     # -- attention ------------------------------------------------------------------------
@@ -297,12 +319,13 @@ class _Importer:
         pre = scores
         if n is not None and n.op_type == "Add":
             a, b = n.input
-            ap, bp = g.prod.get(a), g.prod.get(b)
+
             # the scores side leads back to a MatMul of two non-constant operands
             def is_scores(t: str) -> bool:
                 s, _ = self.scaled_source(t)
                 p = g.prod.get(s)
                 return p is not None and p.op_type == "MatMul" and g.const(p.input[1]) is None
+
             if is_scores(a):
                 pre, mask_t = a, b
             elif is_scores(b):
@@ -310,7 +333,6 @@ class _Importer:
             else:
                 raise _err(n, "cannot tell the scores from the mask at the Softmax input")
             mask_value = self.mask_value(mask_t)
-            _ = (ap, bp)
         src, scale = self.scaled_source(pre)
         mm = g.prod.get(src)
         if mm is None or mm.op_type != "MatMul":
@@ -337,8 +359,6 @@ class _Importer:
             lin[role] = self.linear_from_output(t)
         out = self.linear_from_output(out_name)
         d = None
-        rs = g.back(mm.input[0])[0]
-        _ = rs
         if abs(scale) > 0:
             d_est = 1.0 / (scale * scale)
             if abs(d_est - round(d_est)) < 1e-3 * d_est and round(d_est) > 0:
@@ -413,15 +433,34 @@ class _Importer:
             raise _err(g.prod.get(ln.names["in"]), "embeddings need word and position table Gathers")
         if tt is None and any("token_type" in n.input[0] for n in gathers):
             tt = next(g.const(n.input[0]) for n in gathers if "token_type" in n.input[0])
-        return S.Embeddings(word.astype(np.float32), pos.astype(np.float32),
-                            None if tt is None else tt.astype(np.float32), ln, 0, {S.ROLE_OUT: ln.names["in"]})
+        return S.Embeddings(
+            word.astype(np.float32),
+            pos.astype(np.float32),
+            None if tt is None else tt.astype(np.float32),
+            ln,
+            0,
+            {S.ROLE_OUT: ln.names["in"]},
+        )
 
     # -- whole model ----------------------------------------------------------------------
     def run(self) -> S.BertSpec:
         g = self.g
-        unsupported = [n for n in g.nodes if n.op_type in ("Attention", "MultiHeadAttention", "EmbedLayerNormalization",
-                                                          "SkipLayerNormalization", "FastGelu", "BiasGelu",
-                                                          "QLinearMatMul", "MatMulInteger", "DequantizeLinear")]
+        unsupported = [
+            n
+            for n in g.nodes
+            if n.op_type
+            in (
+                "Attention",
+                "MultiHeadAttention",
+                "EmbedLayerNormalization",
+                "SkipLayerNormalization",
+                "FastGelu",
+                "BiasGelu",
+                "QLinearMatMul",
+                "MatMulInteger",
+                "DequantizeLinear",
+            )
+        ]
         if unsupported:
             raise _err(unsupported[0], "fused or quantized op (export the float model without fusions)")
         softmaxes = [n for n in g.nodes if n.op_type == "Softmax"]
@@ -467,8 +506,16 @@ class _Importer:
         for o in g.outputs:
             if g.back(o)[0] == last or o == last:
                 outputs[o] = "last_hidden_state"
-        tanh = next((n for n in g.nodes if n.op_type == "Tanh" and g.prod.get(n.input[0]) is not None
-                     and g.prod[n.input[0]].op_type in ("Gemm", "Add")), None)
+        tanh = next(
+            (
+                n
+                for n in g.nodes
+                if n.op_type == "Tanh"
+                and g.prod.get(n.input[0]) is not None
+                and g.prod[n.input[0]].op_type in ("Gemm", "Add")
+            ),
+            None,
+        )
         if tanh is not None:
             pooler = self.linear_from_output(tanh.input[0])
             names["pooler_tanh"] = tanh.output[0]
@@ -491,8 +538,7 @@ class _Importer:
         if "input_ids" not in roles:
             raise _err(None, f"graph inputs {g.inputs} lack input_ids")
         opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        return S.BertSpec(emb, tuple(layers), pooler, classifier, roles, outputs, opset,
-                          g.model.producer_name, names)
+        return S.BertSpec(emb, tuple(layers), pooler, classifier, roles, outputs, opset, g.model.producer_name, names)
 
     def _ln_producing(self, x: str) -> S.LayerNorm:
         """The decomposed LayerNorm whose output is ``x`` (the embedding LN)."""
@@ -525,14 +571,22 @@ def describe(spec: S.BertSpec) -> str:
     """One paragraph: layers, sizes, heads, activation, opset and the names found."""
     L = spec.layers
     ffn = L[0].intermediate.out_features if L else 0
-    named = sum(len(lin.names) for layer in L for lin in (layer.attention.q, layer.attention.k,
-                                                          layer.attention.v, layer.attention.out,
-                                                          layer.intermediate, layer.output))
-    return (f"BERT: {len(L)} layers, hidden {spec.hidden}, {spec.num_heads} heads, ffn {ffn}, "
-            f"{L[0].activation if L else '-'}, vocab {spec.vocab_size}, opset {spec.opset}, "
-            f"pooler {'yes' if spec.pooler is not None else 'no'}, classifier "
-            f"{spec.classifier.out_features if spec.classifier is not None else 'no'}, "
-            f"outputs {spec.outputs}, {named} named linear outputs")
-
-
-_ = Callable  # typing helper kept for handler registries built by callers
+    named = sum(
+        len(lin.names)
+        for layer in L
+        for lin in (
+            layer.attention.q,
+            layer.attention.k,
+            layer.attention.v,
+            layer.attention.out,
+            layer.intermediate,
+            layer.output,
+        )
+    )
+    return (
+        f"BERT: {len(L)} layers, hidden {spec.hidden}, {spec.num_heads} heads, ffn {ffn}, "
+        f"{L[0].activation if L else '-'}, vocab {spec.vocab_size}, opset {spec.opset}, "
+        f"pooler {'yes' if spec.pooler is not None else 'no'}, classifier "
+        f"{spec.classifier.out_features if spec.classifier is not None else 'no'}, "
+        f"outputs {spec.outputs}, {named} named linear outputs"
+    )

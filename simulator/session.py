@@ -53,7 +53,8 @@ class Simulator:
             if not calib_texts:
                 raise BbctError(f"config {self.config.name!r} has static scales: calibration sentences are needed")
             self.calibration = calibrate(
-                self.spec, (self.encode(b) for b in batches(calib_texts, calib_batch)),
+                self.spec,
+                (self.encode(b) for b in batches(calib_texts, calib_batch)),
                 lambda feeds: self.golden.run_all(feeds).values,
             )
         self.graph: ir.Graph = lower(self.spec, self.config, self.calibration)

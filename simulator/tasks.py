@@ -45,8 +45,9 @@ TASKS: dict[str, Task] = {
     "mrpc": Task("mrpc", "#1 String", "#2 String", "Quality", ("0", "1"), ("accuracy", "f1")),
     "sts-b": Task("sts-b", "sentence1", "sentence2", "score", None, ("pearson", "spearman")),
     "qqp": Task("qqp", "question1", "question2", "is_duplicate", ("0", "1"), ("accuracy", "f1")),
-    "mnli": Task("mnli", "sentence1", "sentence2", "gold_label", ("contradiction", "entailment", "neutral"),
-                 ("accuracy",)),
+    "mnli": Task(
+        "mnli", "sentence1", "sentence2", "gold_label", ("contradiction", "entailment", "neutral"), ("accuracy",)
+    ),
     "qnli": Task("qnli", "question", "sentence", "label", ("entailment", "not_entailment"), ("accuracy",)),
     "rte": Task("rte", "sentence1", "sentence2", "label", ("entailment", "not_entailment"), ("accuracy",)),
 }

@@ -23,7 +23,7 @@ def test_overrides_by_class_then_layer(tmp_path):
         'preset = "w4a8"\n'
         "[default]\nacc_bits = 40\n"
         "[op.embedding]\nweight_bits = 8\n"
-        "[layer.2.intermediate]\nweight_bits = 6\nrounding = \"TRN\"\n"
+        '[layer.2.intermediate]\nweight_bits = 6\nrounding = "TRN"\n'
     )
     c = load_config(p)
     assert c.settings("embedding").weight_bits == 8

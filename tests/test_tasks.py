@@ -16,9 +16,14 @@ def test_sst2_and_pair_tasks(tmp_path):
     sst = _write(tmp_path / "sst.tsv", [["sentence", "label"], ["a fine film", "1"], ["dull", "0"]])
     ex = read_tsv(get_task("SST-2"), sst)
     assert [(e.text_a, e.text_b, e.label) for e in ex] == [("a fine film", None, 1.0), ("dull", None, 0.0)]
-    rte = _write(tmp_path / "rte.tsv", [["index", "sentence1", "sentence2", "label"],
-                                         ["0", "A man sleeps.", "A person rests.", "entailment"],
-                                         ["1", "It rains.", "It is dry.", "not_entailment"]])
+    rte = _write(
+        tmp_path / "rte.tsv",
+        [
+            ["index", "sentence1", "sentence2", "label"],
+            ["0", "A man sleeps.", "A person rests.", "entailment"],
+            ["1", "It rains.", "It is dry.", "not_entailment"],
+        ],
+    )
     ex = read_tsv(get_task("rte"), rte)
     assert ex[1].text_b == "It is dry." and ex[1].label == 1.0
     mnli = _write(tmp_path / "mnli.tsv", [["sentence1", "sentence2", "gold_label"], ["x", "y", "neutral"]])

