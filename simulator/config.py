@@ -81,7 +81,7 @@ class OpSettings:
     gelu_out_bits: int = 16
     gelu_lut_addr_bits: int = 8
     softmax_method: str = "poly"
-    softmax_in_bits: int = 16
+    softmax_in_bits: int = 18  # scores at 2**-9 resolution over [-256, 256)
     softmax_out_bits: int = 8
     softmax_lut_addr_bits: int = 8
     layernorm_out_bits: int = 16

@@ -267,7 +267,8 @@ class _Lowerer:
             )
         )
         ssm = cfg.settings("softmax", i)
-        e_sm = 6 - (ssm.softmax_in_bits - 1)  # scores in [-64, 64): far past where exp() underflows
+        # scores at a fixed 2**-9 resolution; in_bits sets the range (18 bits: [-256, 256))
+        e_sm = -9
         mult, shift = quantize_multiplier(float(at.scale))
         scores = self.add(
             ir.Rescale(

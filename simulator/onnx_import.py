@@ -394,7 +394,9 @@ class _Importer:
                     continue
                 ops.add(c.op_type)
                 if c.op_type == "Gelu":
-                    ops.add("tanh" if _attr(c, "approximate", "none") == "tanh" else "erf")
+                    approx = _attr(c, "approximate", "none")
+                    approx = approx.decode() if isinstance(approx, bytes) else approx
+                    ops.add("tanh" if approx == "tanh" else "erf")
                 frontier.extend(c.output)
         if out is None:
             raise _err(g.prod.get(x), "no linear layer after the activation")

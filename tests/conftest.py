@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random BERT exports and the real MiniLM prepared once per session."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from bert_exports import export_tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def export_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("exports")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_onnx(export_dir) -> Path:
+    """A tiny random BertForSequenceClassification (TorchScript export, opset 17)."""
+    return export_tiny(export_dir)
+
+
+@pytest.fixture(scope="session")
+def real_home(tmp_path_factory) -> Path:
+    """A BBCT_HOME with the real RT data and MiniLM encoder: the user's cache when it is
+    prepared, else prepared here (data + encoder export, ~15 s; no fine-tuning)."""
+    from golden.paths import bbct_home
+    from golden.prepare import prepare
+
+    home = bbct_home()
+    m = home / "manifest.json"
+    if m.exists() and "encoder/model.onnx" in json.loads(m.read_text()).get("artifacts", {}):
+        return home
+    home = tmp_path_factory.mktemp("bbct_home")
+    prepare(home, finetune=False, progress=False)
+    return home
+
+
+def pytest_configure(config):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
