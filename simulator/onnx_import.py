@@ -28,7 +28,9 @@ BertForSequenceClassification; with and without a token_type_ids input.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -91,17 +93,41 @@ OPS: dict[str, str] = {
     },
 }
 
-# The patterns recognised, in the order they are matched.
-PATTERNS: dict[str, str] = {
-    "inputs": "graph inputs by the table they index: input_ids (word table), token_type_ids, attention_mask",
-    "embeddings": "Gather(word) + Gather(position) [+ Gather(token type)] -> Add -> LayerNorm",
-    "attention": "Softmax anchored: MatMul(+Add) Q/K/V -> head Reshape/Transpose -> MatMul QK^T with Div by "
-    "sqrt(d), Mul by 1/sqrt(d) or Mul by d**-0.25 on Q and K -> Add mask (Sub/Mul/Where forms, -10000 or "
-    "float32 min) -> Softmax [-> IsNaN/Where] -> MatMul PV -> Transpose/Reshape -> output MatMul+Add",
-    "layernorm": "residual Add -> LayerNormalization, or ReduceMean/Sub/Pow/ReduceMean/Add(eps)/Sqrt/Div/Mul/Add",
-    "feed-forward": "MatMul+Add -> GELU (Erf form, Gelu op, tanh approximation) -> MatMul+Add",
-    "pooler": "Gather/Slice of the [CLS] row -> Gemm or MatMul+Add -> Tanh",
-    "classifier": "Gemm or MatMul+Add on the pooler output -> logits",
+
+@dataclass(frozen=True)
+class Pattern:
+    """A recognised piece of BERT: what it matches, and the importer method that matches it."""
+
+    matcher: str  # name of the _Importer method
+    describes: str
+
+
+# The registry of patterns, in the order they are matched; :meth:`_Importer.match` dispatches here.
+PATTERNS: dict[str, Pattern] = {
+    "inputs": Pattern(
+        "input_roles", "graph inputs by the table they index: input_ids (word table), token_type_ids, attention_mask"
+    ),
+    "attention": Pattern(
+        "attention",
+        "Softmax anchored: MatMul(+Add) Q/K/V -> head Reshape/Transpose -> MatMul QK^T with Div by sqrt(d), "
+        "Mul by 1/sqrt(d) or Mul by d**-0.25 on Q and K -> Add mask (Sub/Mul/Where forms, -10000 or float32 "
+        "min) -> Softmax [-> IsNaN/Where] -> MatMul PV -> Transpose/Reshape -> output MatMul+Add",
+    ),
+    "linear": Pattern("linear_from_output", "MatMul(x, W) [+ Add(bias)], or Gemm (transB=1 weights transposed)"),
+    "layernorm": Pattern(
+        "layernorm_after",
+        "residual Add -> LayerNormalization, or ReduceMean/Sub/Pow/ReduceMean/Add(eps)/Sqrt/Div/Mul/Add",
+    ),
+    "embedding layernorm": Pattern("layernorm_producing", "the LayerNorm that feeds the first attention"),
+    "activation": Pattern(
+        "activation", "GELU between the two feed-forward linears: Erf form, Gelu op, tanh approximation"
+    ),
+    "embeddings": Pattern(
+        "embeddings", "Gather(word) + Gather(position) [+ Gather(token type)] -> Add -> embedding LayerNorm"
+    ),
+    "pooler": Pattern(
+        "pooler", "Gather/Slice of the [CLS] row -> Gemm or MatMul+Add -> Tanh [-> classifier Gemm or MatMul+Add]"
+    ),
 }
 
 FUSED_OPS = (
@@ -123,7 +149,7 @@ DEFAULT_PROBE_SEQ = 8
 
 def supported() -> str:
     """The supported patterns and op types, one per line (the tail of every import error)."""
-    pats = "\n".join(f"  {k}: {v}" for k, v in PATTERNS.items())
+    pats = "\n".join(f"  {k}: {p.describes}" for k, p in PATTERNS.items())
     return f"Supported BERT structure:\n{pats}\n  ops: {', '.join(sorted(OPS))}"
 
 
@@ -262,6 +288,10 @@ class _Graph:
 class _Importer:
     def __init__(self, g: _Graph) -> None:
         self.g = g
+
+    def match(self, pattern: str, *args: Any) -> Any:
+        """Run the matcher registered for ``pattern`` in :data:`PATTERNS`."""
+        return getattr(self, PATTERNS[pattern].matcher)(*args)
 
     # -- registry check -----------------------------------------------------------------------
     def check_ops(self) -> None:
@@ -640,7 +670,7 @@ class _Importer:
     def run(self) -> S.BertSpec:
         g = self.g
         self.check_ops()
-        g.roles = self.input_roles()
+        g.roles = self.match("inputs")
         softmaxes = [n for n in g.nodes if n.op_type == "Softmax"]
         if not softmaxes:
             raise _err(None, "no Softmax: not a BERT encoder")
@@ -648,30 +678,30 @@ class _Importer:
         first_ln = None
         x_in = None
         for sm in softmaxes:
-            att, out_name = self.attention(sm)
+            att, out_name = self.match("attention", sm)
             x = self.linear_input(att.q.names[S.ROLE_OUT])
             x = g.back(x)[0]
             if first_ln is None:
-                first_ln = self.layernorm_producing(x)
+                first_ln = self.match("embedding layernorm", x)
             elif x != x_in:
                 raise _err(sm, "attention does not read the previous layer's output")
             res = g.consumers(out_name, "Add")
             if len(res) != 1 or g.back([i for i in res[0].input if i != out_name][0])[0] != x:
                 raise _err(g.prod[out_name], "no residual Add(attention output, layer input)")
-            ln1 = self.layernorm_after(res[0].output[0])
+            ln1 = self.match("layernorm", res[0].output[0])
             inter_out = self.linear_consumer(ln1.names[S.ROLE_OUT])
-            inter = self.linear_from_output(inter_out)
-            act, act_out = self.activation(inter_out)
+            inter = self.match("linear", inter_out)
+            act, act_out = self.match("activation", inter_out)
             ffn_name = self.linear_consumer(act_out)
-            ffn = self.linear_from_output(ffn_name)
+            ffn = self.match("linear", ffn_name)
             res2 = g.consumers(ffn_name, "Add")
             if len(res2) != 1 or g.back([i for i in res2[0].input if i != ffn_name][0])[0] != ln1.names[S.ROLE_OUT]:
                 raise _err(g.prod[ffn_name], "no residual Add(feed-forward output, attention LayerNorm output)")
-            ln2 = self.layernorm_after(res2[0].output[0])
+            ln2 = self.match("layernorm", res2[0].output[0])
             layers.append(S.EncoderLayer(att, ln1, inter, act, ffn, ln2, {S.ROLE_OUT: act_out}))
             x_in = ln2.names[S.ROLE_OUT]
-        emb = self.embeddings(first_ln)
-        pooler, classifier, names = self.pooler(x_in)
+        emb = self.match("embeddings", first_ln)
+        pooler, classifier, names = self.match("pooler", x_in)
         outputs: dict[str, str] = {}
         by_tensor = {x_in: "last_hidden_state", names.get("pooler_tanh"): "pooler_output"}
         if classifier is not None:

@@ -244,3 +244,9 @@ def test_real_minilm_encoder(tmp_path_factory):
     feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
     golden = GoldenRunner(path).run_all(feeds).values
     assert assert_named_tensors_match(spec, feeds, golden) >= 2 + 6 * 12
+
+
+def test_every_registered_pattern_has_its_matcher():
+    from simulator.onnx_import import PATTERNS, _Importer
+
+    assert all(callable(getattr(_Importer, p.matcher, None)) for p in PATTERNS.values())
