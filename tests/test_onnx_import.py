@@ -250,3 +250,19 @@ def test_every_registered_pattern_has_its_matcher():
     from simulator.onnx_import import PATTERNS, _Importer
 
     assert all(callable(getattr(_Importer, p.matcher, None)) for p in PATTERNS.values())
+
+
+@pytest.mark.slow
+def test_real_minilm_classifier_when_prepared():
+    """The fine-tuned RT classifier that `bbct prepare` writes (pooler + 2-label head)."""
+    from golden.paths import default_model
+
+    path = default_model()
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: `bbct prepare` fine-tunes it (minutes); the encoder test covers import")
+    spec = load_bert(path)
+    assert len(spec.layers) == 6 and spec.pooler is not None and spec.classifier.out_features == 2
+    assert spec.outputs == {"logits": "logits"}
+    ids = np.array([[101, 1037, 2307, 2143, 1012, 102, 0, 0]])
+    feeds = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    assert assert_named_tensors_match(spec, feeds, GoldenRunner(path).run_all(feeds).values) >= 2 + 6 * 12 + 3
