@@ -1,12 +1,23 @@
 """add: residual sum of two block-scaled tensors, exponent alignment, then requantization.
 
-Contract: for every element, ``s = a * 2**ea + b * 2**eb`` is formed exactly at the
-common exponent ``e = min(ea, eb)`` (the operand with the larger exponent is shifted
-left by ``|ea - eb|``; when that exceeds 30 bits, ``e = max(ea, eb) - 30`` and the smaller
-operand is shifted right with the output format's rounding instead, so the int64 sum is
-bounded by ``2**(bits + 31)``). Inside every output block the sums are brought to the
-block's smallest ``e`` (left shifts, exact), then :func:`kernels.requantize.requantize`
-narrows them to ``fmt`` with static ``exp_out`` or dynamic block exponents.
+Contract (what a block-floating-point residual adder implements):
+
+* Operands: ``a`` and ``b`` QTensors of the same shape; element values
+  ``va = qa * mant_a`` (``mant`` = 1 for POW2) at exponent ``ea``, likewise ``vb`` at ``eb``
+  (each operand's exponent is that of its own block). ``|va|, |vb| < 2**31`` (checked:
+  stored formats are at most 32 bits, MULT ``bits + mant_bits`` at most 31).
+* Alignment, per *output* block (``fmt``'s blocks): let ``E`` be the exponents of both
+  operands over the block, ignoring ``EXP_ZERO`` (all-zero blocks). The common exponent is
+  ``e = max(min(E), max(E) - 30)``; with ``a`` and ``b`` blocked like ``fmt`` that is
+  ``min(ea, eb)`` unless the two differ by more than 30. Each operand is brought to ``e``
+  with ``v >>r (e - e_v)``: a left shift of at most 30 bits (exact) or, for an operand more
+  than 30 exponent steps below the largest, a right shift rounded with ``fmt.rounding``
+  (shifts beyond 62 taken as 62). The sum ``s = va' + vb'`` is then exact in int64
+  (``|s| < 2 * 2**31 * 2**30 = 2**62``). A block with no exponent left is all zero.
+* Output: :func:`kernels.requantize.requantize` of ``s`` at ``e`` (constant per output
+  block) to ``fmt``: static with ``exp_out``, else dynamic; ``meta['overflow']`` counts
+  its saturations. Exact sums mean the result is the correctly rounded sum whenever
+  ``|ea - eb| <= 30``.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import numpy as np
 
 from kernels.blocks import effective_block, rows_restore, rows_view
 from kernels.formats import (
+    EXP_ZERO,
     FormatError,
     IntFormat,
     QTensor,
@@ -25,18 +37,23 @@ from kernels.formats import (
 )
 from kernels.requantize import requantize, requantize_ref
 
-MAX_ALIGN = 30
+__all__ = ["MAX_ALIGN", "add", "add_ref"]
+
+MAX_ALIGN = 30  # most bits an operand is shifted left to meet the common exponent
+_OPERAND_LIMIT = 1 << 31
 
 
-def _operands(a: QTensor, b: QTensor):
+def _operands(a: QTensor, b: QTensor) -> list[np.ndarray]:
     if a.shape != b.shape:
         raise FormatError(f"add: shapes differ: {a.shape} vs {b.shape}")
     out = []
-    for q in (a, b):
+    for name, q in (("a", a), ("b", b)):
         e = expand_blocks(np.asarray(q.exp, np.int64), q.shape, q.fmt.block_axis, q.fmt.block_size)
         v = np.asarray(q.data, np.int64)
         if q.mant is not None:
             v = v * expand_blocks(np.asarray(q.mant, np.int64), q.shape, q.fmt.block_axis, q.fmt.block_size)
+        if v.size and int(np.max(np.abs(v))) >= _OPERAND_LIMIT:
+            raise ValueError(f"add: operand {name} has |value| {int(np.max(np.abs(v)))}, must stay below 2**31")
         out += [v, e]
     return out
 
@@ -47,52 +64,59 @@ def _sum_rows(a, ea, b, eb, bs, mode, out, e_out):
     for r in range(rows):
         for j0 in range(0, n, bs):
             j1 = min(n, j0 + bs)
-            eblk = np.int64(1 << 40)
-            for j in range(j0, j1):  # the exponent each element's exact sum would have
-                e = min(ea[r, j], eb[r, j])
-                e = max(e, max(ea[r, j], eb[r, j]) - 30)
-                if e < eblk:
-                    eblk = e
+            emin = np.int64(1) << 40
+            emax = -(np.int64(1) << 40)
             for j in range(j0, j1):
-                e = max(min(ea[r, j], eb[r, j]), max(ea[r, j], eb[r, j]) - 30)
-                s = shift_round(a[r, j], e - ea[r, j], mode) + shift_round(b[r, j], e - eb[r, j], mode)
-                out[r, j] = s << (e - eblk)
-                e_out[r, j] = eblk
+                for e in (ea[r, j], eb[r, j]):
+                    if e != EXP_ZERO:
+                        emin = min(emin, e)
+                        emax = max(emax, e)
+            if emax < emin:  # every operand block is all zero
+                e = np.int64(EXP_ZERO)
+            else:
+                e = max(emin, emax - MAX_ALIGN)
+            for j in range(j0, j1):
+                sa = min(62, e - ea[r, j])
+                sb = min(62, e - eb[r, j])
+                out[r, j] = shift_round(a[r, j], sa, mode) + shift_round(b[r, j], sb, mode)
+                e_out[r, j] = e
 
 
-def _exact_sum(a: QTensor, b: QTensor, fmt: IntFormat, ref: bool):
+def _sum_rows_ref(a, ea, b, eb, bs, mode, out, e_out):
+    rows, n = a.shape
+    for r in range(rows):
+        for j0 in range(0, n, bs):
+            js = range(j0, min(n, j0 + bs))
+            exps = [int(e) for j in js for e in (ea[r, j], eb[r, j]) if e != EXP_ZERO]
+            e = max(min(exps), max(exps) - MAX_ALIGN) if exps else EXP_ZERO
+            for j in js:
+                sa = min(62, e - int(ea[r, j]))
+                sb = min(62, e - int(eb[r, j]))
+                out[r, j] = shift_round_ref(int(a[r, j]), sa, mode) + shift_round_ref(int(b[r, j]), sb, mode)
+                e_out[r, j] = e
+
+
+def _exact_sum(a: QTensor, b: QTensor, fmt: IntFormat, ref: bool) -> tuple[np.ndarray, np.ndarray]:
     av, ea, bv, eb = _operands(a, b)
     axis = fmt.block_axis
     ar, moved = rows_view(av, axis)
-    bs = effective_block(ar.shape[1], fmt.block_size)
+    bs = max(effective_block(ar.shape[1], fmt.block_size), 1)
     br = rows_view(bv, axis)[0]
     ear = rows_view(np.asarray(ea), axis)[0]
     ebr = rows_view(np.asarray(eb), axis)[0]
     out = np.empty(ar.shape, np.int64)
     e_out = np.empty(ar.shape, np.int64)
-    if not ref:
-        _sum_rows(ar, ear, br, ebr, max(bs, 1), int(fmt.rounding), out, e_out)
-    else:
-        for r in range(ar.shape[0]):
-            for j0 in range(0, ar.shape[1], bs):
-                js = range(j0, min(ar.shape[1], j0 + bs))
-                es = {
-                    j: max(min(int(ear[r, j]), int(ebr[r, j])), max(int(ear[r, j]), int(ebr[r, j])) - MAX_ALIGN)
-                    for j in js
-                }
-                eblk = min(es.values())
-                for j in js:
-                    e = es[j]
-                    s = shift_round_ref(int(ar[r, j]), e - int(ear[r, j]), fmt.rounding) + shift_round_ref(
-                        int(br[r, j]), e - int(ebr[r, j]), fmt.rounding
-                    )
-                    out[r, j] = s << (e - eblk)
-                    e_out[r, j] = eblk
+    (_sum_rows_ref if ref else _sum_rows)(ar, ear, br, ebr, bs, int(fmt.rounding), out, e_out)
     return rows_restore(out, moved, axis), rows_restore(e_out, moved, axis)
 
 
 def add(a: QTensor, b: QTensor, fmt: IntFormat, exp_out: np.ndarray | None = None) -> QTensor:
-    """Numba kernel; see the module docstring."""
+    """Residual add ``a + b`` into the POW2 format ``fmt`` (module docstring has the contract).
+
+    ``exp_out`` given: static requantization to those exponents (broadcastable to the
+    blocks shape); None: dynamic block exponents. Returns a QTensor with
+    ``meta['overflow']`` = saturated elements. Bit-identical to :func:`add_ref`.
+    """
     s, e = _exact_sum(a, b, fmt, ref=False)
     return requantize(s, e, fmt, exp_out)
 

@@ -10,8 +10,11 @@ For every group (the positions that share their indices on the axes *not* in
 
 A block within ``guard`` exponent steps of the group's largest is shifted left: exact.
 Blocks further below lose their low bits with rounding mode ``r`` (a right shift; shifts
-beyond 62 are taken as 62). ``wide`` needs ``bits + guard (+ mant_bits)`` bits: int64.
-Returns ``(wide, e_ref)``, ``e_ref`` int32 with the reduced axes kept as size 1.
+beyond 62 are taken as 62, so the result is 0 or -1/0/+1 as the mode gives). ``wide``
+needs ``bits + guard (+ mant_bits)`` bits; ``bitlen(max |q * mant|) + guard <= 62`` is
+checked so it is exact in int64. Returns ``(wide, e_ref)``: int64 of ``q``'s shape and
+int32 with the reduced axes kept as size 1. This is the "expand block floating point to
+wide fixed point in front of the MAC array" step of a block-FP datapath.
 """
 
 from __future__ import annotations
@@ -22,12 +25,21 @@ import numpy as np
 from kernels.formats import QTensor, Rounding, expand_blocks, shift_round, shift_round_ref
 
 
-def _expand(q: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _expand(q: QTensor, guard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    if not isinstance(guard, (int, np.integer)) or not 0 <= int(guard) <= 30:
+        raise ValueError(f"align: guard={guard!r} must be an integer in 0..30")
     e = expand_blocks(np.asarray(q.exp, np.int64), q.shape, q.fmt.block_axis, q.fmt.block_size)
     m = None
     if q.mant is not None:
         m = expand_blocks(np.asarray(q.mant, np.int64), q.shape, q.fmt.block_axis, q.fmt.block_size)
-    return e, np.asarray(q.data), m
+    x = np.asarray(q.data)
+    if x.size:
+        top = int(np.max(np.abs(x.astype(np.int64))))
+        if m is not None:
+            top *= int(np.max(m))
+        if top.bit_length() + int(guard) > 62:
+            raise ValueError(f"align: |q*mant| up to {top} shifted left by guard={guard} exceeds 62 bits")
+    return e, x, m
 
 
 def _e_ref(e: np.ndarray, reduce_axes: tuple[int, ...], guard: int) -> np.ndarray:
@@ -48,10 +60,18 @@ def _align_flat(x, m, s, mode, out):
 
 
 def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding) -> tuple[np.ndarray, np.ndarray]:
-    """Numba kernel; see the module docstring for the contract."""
-    if not 0 <= guard <= 30:
-        raise ValueError(f"align: guard={guard} must be in 0..30")
-    e, x, m = _expand(q)
+    """Bring ``q`` to one exponent per group of the non-reduced axes (module docstring).
+
+    Args:
+        q: block-scaled tensor (POW2 or MULT). reduce_axes: the axes a group spans (the
+            dot-product axis, e.g. ``(-1,)`` for activations, ``(0, 1)`` for a weight).
+        guard: extra low bits kept below the group's largest block (0..30).
+        rounding: mode of the right shifts of smaller blocks.
+
+    Returns:
+        ``(wide int64, e_ref int32)``; bit-identical to :func:`align_ref`.
+    """
+    e, x, m = _expand(q, guard)
     e_ref = _e_ref(e, reduce_axes, guard)
     s = np.ascontiguousarray(np.broadcast_to(e_ref, x.shape) - e).ravel()
     out = np.empty(x.size, np.int64)
@@ -64,7 +84,7 @@ def align_ref(
     q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain-Python twin of :func:`align`."""
-    e, x, m = _expand(q)
+    e, x, m = _expand(q, guard)
     e_ref = _e_ref(e, reduce_axes, guard)
     eb = np.broadcast_to(e_ref, x.shape)
     out = np.empty(x.shape, np.int64)

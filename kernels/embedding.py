@@ -25,7 +25,7 @@ def _check(table: QTensor, ids: np.ndarray) -> np.ndarray:
     bad = (ids < 0) | (ids >= v)
     if bad.any():
         pos = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise ValueError(f"embedding: id {int(ids[pos])} at position {pos} is outside the table's 0..{v - 1}")
+        raise ValueError(f"embedding: id {int(ids[pos])} at position {pos} is outside the table's 0..{v - 1} (V={v})")
     return ids.astype(np.int64)
 
 
@@ -66,7 +66,12 @@ def _gather_ref(table, ids, out):
 
 
 def embedding(table: QTensor, ids: np.ndarray) -> QTensor:
-    """Numba kernel: gather codes and block scales."""
+    """Gather rows of the (V, H) table for int ``ids`` of any shape (Numba).
+
+    Returns a QTensor of shape ``ids.shape + (H,)`` in the table's format (blocks along the
+    last axis), codes and per-block exponents/multipliers copied bit for bit; no rounding,
+    no saturation. An id outside ``0..V-1`` is a ValueError naming it, its position and V.
+    """
     return _run(table, ids, _gather)
 
 

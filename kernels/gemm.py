@@ -1,24 +1,42 @@
-"""gemm: integer matrix product of aligned operands, bias, accumulator narrowing.
+"""gemm: integer matrix product of aligned operands into a narrow accumulator, plus bias.
 
-Contract (what the RTL implements):
+Contract (what the RTL implements, one MAC per output):
 
 * ``a``: int64 ``(..., M, K)`` at exponent ``ea`` ``(..., M, 1)`` (one per row, from
-  :func:`kernels.align.align`); ``b``: int64 ``(..., K, N)`` at exponent ``eb``
-  broadcastable to ``(..., 1, 1)``; leading batch axes broadcast.
-* The adder tree is exact: ``s[m, n] = sum_k a[m, k] * b[k, n]`` with no intermediate
-  rounding (internal width ``bits_a + bits_b + ceil(log2 K)``).
-* Bias (optional, int per column at exponent ``e_bias``) is aligned to the accumulator's
-  exponent ``e_acc = ea + eb`` as ``bias >>r (e_acc - e_bias)`` (rounding ``bias_rounding``)
-  and added exactly.
-* Write-back narrows the sum to ``acc_bits`` with ``acc_saturation`` (SAT / SAT_SYM clip,
-  WRAP keeps the low bits); every output whose value changes is one overflow event.
+  :func:`kernels.align.align`); ``b``: int64 ``(..., K, N)`` or ``(K, N)`` at exponent
+  ``eb`` broadcastable to ``(..., 1, 1)``; leading batch axes (batch, heads) broadcast.
+  ``max|a| * max|b| < 2**62`` (checked) so every product fits the int64 datapath.
+* Accumulation is sequential and narrowed after every add::
+
+      acc = 0
+      for k in 0..K-1:  acc = sat_acc(acc + a[m, k] * b[k, n])
+
+  ``sat_acc`` narrows to ``acc_bits`` (signed, 2..62) with ``acc_saturation``: SAT / SAT_SYM
+  clip, WRAP keeps the low ``acc_bits`` bits. Every narrowing that changes the value is one
+  overflow event (an output can have several).
+* Bias (optional, one int per column at exponent ``e_bias``): aligned to the accumulator's
+  exponent ``e_acc = ea + eb`` as ``bias >>r (e_acc - e_bias)`` with ``bias_rounding``
+  (right shifts beyond 62 are taken as 62; a left shift must keep the aligned bias below
+  2**61 — checked), then ``acc = sat_acc(acc + bias')``, counted like any other add.
 
 Returns ``(acc int64 (..., M, N), e_acc int32 (..., M, 1), overflow events)``.
 
-Speed: when ``max|a| * max|b| * K < 2**53`` every product and every partial sum is an
-integer below 2**53 in magnitude, hence exactly representable in float64, and IEEE
-addition of such integers is exact in any order — so float64 BLAS returns the exact sum.
-Otherwise an int64 Numba loop computes it (exact while ``max|a| * max|b| * K < 2**63``).
+How it is computed fast, without changing a bit of that contract:
+
+1. Exactness of float BLAS. Let ``P = max|a| * max|b| * K``. Every product is an integer
+   of magnitude <= ``max|a| * max|b|``; every partial sum a BLAS forms, in *any* order or
+   blocking (and with or without FMA), is a sum of a subset of the K products, so it is an
+   integer of magnitude <= P. IEEE binary64 represents every integer of magnitude <= 2**53
+   (binary32: 2**24), and an add/multiply/FMA whose exact result is representable returns
+   it unrounded. Hence, if ``P < 2**53`` (``P < 2**24``), float64 (float32) ``matmul`` of
+   the integer operands returns the exact integer sum, by induction over the operations.
+2. No overflow event possible. Any prefix sum of output (m, n) is bounded by
+   ``B[m, n] = sum_k |a[m, k]| |b[k, n]| <= min(rowmax|a|_m * colsum|b|_n,
+   rowsum|a|_m * colmax|b|_n)``. If ``B[m, n] <= 2**(acc_bits-1) - 1`` no narrowing changes
+   any prefix, so the sequential result is the exact sum of step 1. Both bound factors are
+   integers whose product is <= P < 2**53, so this test is itself exact in float64.
+3. Outputs whose bound does not prove step 2 are recomputed by the sequential int64 Numba
+   loop (the contract verbatim, counting events). If ``P >= 2**53`` the loop runs for all.
 """
 
 from __future__ import annotations
@@ -29,6 +47,7 @@ import numpy as np
 from kernels.formats import (
     Rounding,
     Saturation,
+    bit_length_ref,
     require_int,
     sat_bounds,
     saturate,
@@ -37,25 +56,55 @@ from kernels.formats import (
     shift_round_ref,
 )
 
-EXACT_F64 = 1 << 53
+__all__ = ["EXACT_F64", "EXACT_F32", "gemm", "gemm_ref"]
+
+EXACT_F64 = 1 << 53  # every integer of magnitude <= 2**53 is a float64
+EXACT_F32 = 1 << 24  # ... <= 2**24 is a float32
 
 
-@nb.njit(cache=True, parallel=False)
-def _matmul_i64(a, b, out):
-    bt, m_, k_ = a.shape
+@nb.njit(cache=True, inline="always")
+def _mac(a, b, t, tb, i, j, lo, hi, wrap, bits):
+    """One output by the contract: sequential adds, narrowed after each; (acc, events)."""
+    s = np.int64(0)
+    n_over = 0
+    for k in range(a.shape[2]):
+        v = s + a[t, i, k] * b[tb, k, j]
+        s = saturate(v, lo, hi, wrap, bits)
+        if s != v:
+            n_over += 1
+    return s, n_over
+
+
+@nb.njit(cache=True)
+def _gemm_seq(a, b, lo, hi, wrap, bits, out):
+    bt, m_, _ = a.shape
     n_ = b.shape[2]
+    n_over = 0
     for t in range(bt):
         tb = t if b.shape[0] > 1 else 0
         for i in range(m_):
             for j in range(n_):
-                s = np.int64(0)
-                for k in range(k_):
-                    s += a[t, i, k] * b[tb, k, j]
+                s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
                 out[t, i, j] = s
+                n_over += c
+    return n_over
 
 
 @nb.njit(cache=True)
-def _writeback(acc, e_acc, bias, e_bias, mode, lo, hi, wrap, bits, use_bias):
+def _gemm_seq_at(a, b, idx, lo, hi, wrap, bits, out):
+    """The sequential loop on the listed outputs only (rows of ``idx``: t, i, j)."""
+    n_over = 0
+    for r in range(idx.shape[0]):
+        t, i, j = idx[r, 0], idx[r, 1], idx[r, 2]
+        tb = t if b.shape[0] > 1 else 0
+        s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
+        out[t, i, j] = s
+        n_over += c
+    return n_over
+
+
+@nb.njit(cache=True)
+def _add_bias(acc, e_acc, bias, e_bias, mode, lo, hi, wrap, bits):
     bt, m_, n_ = acc.shape
     n_over = 0
     for t in range(bt):
@@ -64,9 +113,7 @@ def _writeback(acc, e_acc, bias, e_bias, mode, lo, hi, wrap, bits, use_bias):
             if s > 62:
                 s = 62
             for j in range(n_):
-                v = acc[t, i, j]
-                if use_bias:
-                    v += shift_round(bias[j], s, mode)
+                v = acc[t, i, j] + shift_round(bias[j], s, mode)
                 y = saturate(v, lo, hi, wrap, bits)
                 if y != v:
                     n_over += 1
@@ -74,27 +121,40 @@ def _writeback(acc, e_acc, bias, e_bias, mode, lo, hi, wrap, bits, use_bias):
     return n_over
 
 
-def _check(a, ea, b, eb, acc_bits, bias):
+def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
     a = require_int("gemm: a", a).astype(np.int64, copy=False)
     b = require_int("gemm: b", b).astype(np.int64, copy=False)
     ea = require_int("gemm: ea", ea)
     eb = require_int("gemm: eb", eb)
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {a.shape} and {b.shape} do not multiply")
-    if not 2 <= acc_bits <= 62:
-        raise ValueError(f"gemm: acc_bits={acc_bits} must be in 2..62")
+    if not isinstance(acc_bits, (int, np.integer)) or not 2 <= int(acc_bits) <= 62:
+        raise ValueError(f"gemm: acc_bits={acc_bits!r} must be an integer in 2..62")
+    Saturation(int(acc_saturation))
+    try:
+        batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        e_acc = np.broadcast_to(ea, batch + (a.shape[-2], 1)).astype(np.int64) + np.broadcast_to(eb, batch + (1, 1))
+    except ValueError:
+        raise ValueError(
+            f"gemm: a {a.shape} (ea {ea.shape}) and b {b.shape} (eb {eb.shape}) do not broadcast"
+        ) from None
+    k = a.shape[-1]
+    amax = int(np.max(np.abs(a))) if a.size else 0
+    bmax = int(np.max(np.abs(b))) if b.size else 0
+    if amax * bmax >= 1 << 62:
+        raise ValueError(f"gemm: max|a|*max|b| = {amax * bmax} must stay below 2**62 (int64 products)")
     if bias is not None:
         bias = require_int("gemm: bias", bias).astype(np.int64, copy=False)
         if bias.shape != (b.shape[-1],):
             raise ValueError(f"gemm: bias shape {bias.shape}, expected ({b.shape[-1]},)")
-    k = a.shape[-1]
-    amax = int(np.max(np.abs(a))) if a.size else 0
-    bmax = int(np.max(np.abs(b))) if b.size else 0
-    if amax * bmax * max(k, 1) >= 1 << 63:
-        raise ValueError(f"gemm: max|a|*max|b|*K = {amax * bmax * k} would overflow the int64 adder tree")
-    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-    e_acc = (np.broadcast_to(ea, batch + (a.shape[-2], 1)) + np.broadcast_to(eb, batch + (1, 1))).astype(np.int32)
-    return a, b, bias, batch, e_acc, amax * bmax * max(k, 1)
+        bmx = int(np.max(np.abs(bias))) if bias.size else 0
+        left = int(e_bias) - int(e_acc.min()) if e_acc.size else 0
+        if bmx and left > 0 and bit_length_ref(bmx) + left > 61:
+            raise ValueError(
+                f"gemm: bias (max |bias| {bmx}) shifted left by {left} to the accumulator exponent "
+                f"{int(e_acc.min())} needs more than 61 bits; lower e_bias"
+            )
+    return a, b, bias, batch, e_acc.astype(np.int32), amax * bmax * max(k, 1)
 
 
 def gemm(
@@ -108,38 +168,58 @@ def gemm(
     e_bias: int = 0,
     bias_rounding: Rounding = Rounding.RND_CONV,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Fast kernel: float64 BLAS when provably exact, else an int64 Numba loop."""
-    a, b, bias, batch, e_acc, bound = _check(a, ea, b, eb, acc_bits, bias)
-    m_, n_ = a.shape[-2], b.shape[-1]
-    if bound < EXACT_F64:
-        acc = np.matmul(a.astype(np.float64), b.astype(np.float64)).astype(np.int64)
-        if acc.shape != batch + (m_, n_):  # b carried the batch axes, a did not
-            acc = np.broadcast_to(acc, batch + (m_, n_)).copy()
-    else:
-        a3 = np.ascontiguousarray(np.broadcast_to(a, batch + a.shape[-2:])).reshape(-1, m_, a.shape[-1])
-        b3 = (
-            b.reshape(-1, b.shape[-2], n_)
-            if b.ndim == 2 or not batch
-            else np.ascontiguousarray(np.broadcast_to(b, batch + b.shape[-2:])).reshape(-1, b.shape[-2], n_)
-        )
-        acc = np.empty((a3.shape[0], m_, n_), np.int64)
-        _matmul_i64(a3, np.ascontiguousarray(b3), acc)
-        acc = acc.reshape(batch + (m_, n_))
+    """Integer GEMM with a narrow, per-add saturating accumulator (see the module docstring).
+
+    Args:
+        a: int ``(..., M, K)``, the aligned activations; ``ea`` their exponents ``(..., M, 1)``.
+        b: int ``(..., K, N)`` or ``(K, N)``; ``eb`` broadcastable to ``(..., 1, 1)``.
+        acc_bits: signed accumulator width, 2..62; ``acc_saturation``: its overflow mode.
+        bias: optional int ``(N,)`` at exponent ``e_bias``, aligned with ``bias_rounding``.
+
+    Returns:
+        ``(acc, e_acc, events)``: int64 accumulators ``(..., M, N)`` in ``acc_bits``, their
+        int32 exponents ``ea + eb`` ``(..., M, 1)``, and the number of narrowings that
+        changed a value. Bit-identical to :func:`gemm_ref`.
+    """
+    a, b, bias, batch, e_acc, bound = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
+    m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
     lo, hi, wrap = sat_bounds(acc_bits, True, acc_saturation)
-    acc3 = acc.reshape(-1, m_, n_)
-    n_over = _writeback(
-        acc3,
-        e_acc.reshape(-1, m_),
-        np.zeros(1, np.int64) if bias is None else bias,
-        int(e_bias),
-        int(bias_rounding),
-        lo,
-        hi,
-        wrap,
-        acc_bits,
-        bias is not None,
-    )
-    return acc3.reshape(batch + (m_, n_)), e_acc, int(n_over)
+    out_shape = batch + (m_, n_)
+    a3 = np.broadcast_to(a, batch + (m_, k_)).reshape(-1, m_, k_)
+    b3 = b.reshape(1, k_, n_) if b.ndim == 2 else np.broadcast_to(b, batch + (k_, n_)).reshape(-1, k_, n_)
+    n_over = 0
+    if bound < EXACT_F64:
+        ft = np.float32 if bound < EXACT_F32 else np.float64  # exact: module docstring, step 1
+        acc = np.matmul(a.astype(ft), b.astype(ft)).astype(np.int64)
+        if acc.shape != out_shape:  # b carried batch axes that a did not
+            acc = np.broadcast_to(acc, out_shape)
+        acc = np.ascontiguousarray(acc).reshape(-1, m_, n_)
+        if bound > hi:  # step 2: find the outputs whose prefix sums might leave the range
+            aa, ab = np.abs(a3).astype(np.float64), np.abs(b3).astype(np.float64)
+            pb = np.minimum(
+                aa.max(axis=2)[:, :, None] * ab.sum(axis=1)[:, None, :],
+                aa.sum(axis=2)[:, :, None] * ab.max(axis=1)[:, None, :],
+            )
+            idx = np.argwhere(np.broadcast_to(pb, acc.shape) > hi)
+            if len(idx):
+                a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
+                n_over += _gemm_seq_at(a3c, b3c, idx.astype(np.int64), lo, hi, wrap, acc_bits, acc)
+    else:
+        acc = np.empty((a3.shape[0], m_, n_), np.int64)
+        n_over += _gemm_seq(np.ascontiguousarray(a3), np.ascontiguousarray(b3), lo, hi, wrap, acc_bits, acc)
+    if bias is not None:
+        n_over += _add_bias(
+            acc,
+            np.ascontiguousarray(e_acc.reshape(-1, m_)).astype(np.int64),
+            bias,
+            int(e_bias),
+            int(bias_rounding),
+            lo,
+            hi,
+            wrap,
+            acc_bits,
+        )
+    return acc.reshape(out_shape), e_acc, int(n_over)
 
 
 def gemm_ref(
@@ -153,22 +233,28 @@ def gemm_ref(
     e_bias: int = 0,
     bias_rounding: Rounding = Rounding.RND_CONV,
 ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Plain-Python twin of :func:`gemm` (Python-int dot products)."""
-    a, b, bias, batch, e_acc, _ = _check(a, ea, b, eb, acc_bits, bias)
+    """Plain-Python twin of :func:`gemm`: the contract's loops, Python ints."""
+    a, b, bias, batch, e_acc, _ = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
     m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
     ab = np.broadcast_to(a, batch + (m_, k_))
     bb = np.broadcast_to(b, batch + (k_, n_))
     out = np.empty(batch + (m_, n_), np.int64)
     n_over = 0
     for t in np.ndindex(*batch):
+        bcols = bb[t].T.tolist()
         for i in range(m_):
-            row = [int(v) for v in ab[t + (i,)]]
+            row = ab[t + (i,)].tolist()
             for j in range(n_):
-                s = sum(row[k] * int(bb[t + (k, j)]) for k in range(k_))
+                col = bcols[j]
+                acc = 0
+                for k in range(k_):
+                    acc, over = saturate_ref(acc + row[k] * col[k], acc_bits, True, acc_saturation)
+                    n_over += over
                 if bias is not None:
                     sh = min(62, int(e_acc[t + (i, 0)]) - int(e_bias))
-                    s += shift_round_ref(int(bias[j]), sh, bias_rounding)
-                y, over = saturate_ref(s, acc_bits, True, acc_saturation)
-                n_over += over
-                out[t + (i, j)] = y
+                    acc, over = saturate_ref(
+                        acc + shift_round_ref(int(bias[j]), sh, bias_rounding), acc_bits, True, acc_saturation
+                    )
+                    n_over += over
+                out[t + (i, j)] = acc
     return out, e_acc, n_over

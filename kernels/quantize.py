@@ -43,39 +43,64 @@ def _check_float(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _pow2_exp(amax: float, qmax: int) -> int:
-    if amax == 0.0:
-        return EXP_ZERO
-    e = math.ceil(math.log2(amax / qmax))
-    while amax > math.ldexp(qmax, e):
-        e += 1
-    while amax <= math.ldexp(qmax, e - 1):
-        e -= 1
-    return e
+def _pow2_exps(amax: np.ndarray, qmax: int) -> np.ndarray:
+    """Smallest integer e with ``amax <= qmax * 2**e`` per element (EXP_ZERO for 0), exactly.
+
+    ``frexp`` gives ``amax = f * 2**ex`` with f in [0.5, 1) and ``qmax = g * 2**eq``, so e is
+    ``ex - eq`` or one off. The fix-ups compare ``amax * 2**-e`` with ``qmax``: a power-of-two
+    scaling whose result is near ``qmax`` (a normal float), hence exact even for subnormal
+    ``amax`` -- so each comparison is decided exactly.
+    """
+    _, ex = np.frexp(amax)
+    _, eq = np.frexp(float(qmax))
+    e = (ex - eq).astype(np.int64)
+    nz = amax > 0
+    for _ in range(3):  # at most one step is ever needed; loops make it self-evident
+        up = nz & (np.ldexp(amax, -e) > qmax)
+        e = e + up
+        down = nz & (np.ldexp(amax, 1 - e) <= qmax)
+        e = e - down
+    return np.where(nz, e, EXP_ZERO).astype(np.int32)
 
 
-def _mult_scale(amax: float, qmax: int, mant_bits: int) -> tuple[int, int]:
+def _mult_scales(amax: np.ndarray, qmax: int, mant_bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smallest ``m * 2**e`` (m in [2**(mant_bits-1), 2**mant_bits)) with ``amax <= qmax*m*2**e``.
+
+    The real scale ``amax / qmax`` lies in ``[2**p, 2**(p+1))``; with ``e = p - (mant_bits-1)``
+    the mantissa needed is ``ceil(amax / (qmax * 2**e))`` in ``[lo, 2*lo]``. The division is
+    only a first guess: the fix-ups compare ``amax`` with ``qmax * m * 2**e`` (``qmax * m <
+    2**48``, exact in float64), so m is exactly the smallest that works. ``m == 2**mant_bits``
+    becomes ``lo`` at ``e + 1`` (the same scale).
+    """
     lo, hi = 1 << (mant_bits - 1), 1 << mant_bits
-    if amax == 0.0:
-        return EXP_ZERO, lo
-    s = amax / qmax
-    e = math.floor(math.log2(s)) - (mant_bits - 1)
-    m = math.ceil(s / math.ldexp(1.0, e))
-    # fix-ups make amax <= qmax*m*2**e hold exactly (qmax*m < 2**48: exact in float64)
-    while amax > math.ldexp(qmax * m, e):
-        m += 1
-    while m > lo and amax <= math.ldexp(qmax * (m - 1), e):
-        m -= 1
-    if m >= hi:
-        m, e = lo, e + 1
-        while amax > math.ldexp(qmax * m, e):
-            m += 1
-    return e, m
+    nz = amax > 0
+    safe = np.where(nz, amax, float(qmax))
+    p = _pow2_exps(safe, qmax).astype(np.int64) - 1  # 2**p < amax/qmax <= 2**(p+1)
+    e = p - (mant_bits - 1)
+    scaled = np.ldexp(safe, -e)  # exact (see _pow2_exps): amax / 2**e, near qmax * 2**mant_bits
+    m = np.clip(np.ceil(scaled / qmax), lo, hi).astype(np.int64)
+    for _ in range(4):
+        up = scaled > float(qmax) * m
+        m = m + up
+        down = (m > lo) & (scaled <= float(qmax) * (m - 1))
+        m = m - down
+    top = m >= hi
+    m = np.where(top, m // 2, m)
+    e = e + top
+    return np.where(nz, e, EXP_ZERO).astype(np.int32), np.where(nz, m, lo).astype(np.int32)
 
 
 def block_exponents(x: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarray | None]:
-    """Per-block (exp int32, mant int32 or None) from each block's max |x| (see module doc)."""
+    """Per-block scales from each block's max |x| (the module docstring's rules), exactly.
+
+    Returns ``(exp, mant)``: int32 arrays of ``x``'s shape with the block axis replaced by
+    the number of blocks; ``mant`` is None for POW2 formats. All-zero blocks: ``EXP_ZERO``
+    (and ``mant = 2**(mant_bits-1)``). Floats are allowed here: this runs at lowering and at
+    the model's input boundary. NaN/inf is a ValueError.
+    """
     x = _check_float(x)
+    if fmt.bits + (fmt.mant_bits if fmt.scale == ScaleKind.MULT else 0) > 53:
+        raise FormatError(f"quantize: {fmt.short()} is wider than float64's 53-bit significand")
     rows, moved = rows_view(np.abs(x), fmt.block_axis)
     n = rows.shape[1]
     bs = effective_block(n, fmt.block_size)
@@ -84,14 +109,10 @@ def block_exponents(x: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarr
     if pad:
         rows = np.concatenate([rows, np.zeros((rows.shape[0], pad))], axis=1)
     amax = rows.reshape(rows.shape[0], nblk, bs).max(axis=2) if n else np.zeros((rows.shape[0], 0))
-    qmax = fmt.qmax
-    exp = np.empty(amax.shape, np.int32)
-    mant = np.empty(amax.shape, np.int32) if fmt.scale == ScaleKind.MULT else None
-    for idx, a in np.ndenumerate(amax):
-        if mant is None:
-            exp[idx] = _pow2_exp(float(a), qmax)
-        else:
-            exp[idx], mant[idx] = _mult_scale(float(a), qmax, fmt.mant_bits)
+    if fmt.scale == ScaleKind.MULT:
+        exp, mant = _mult_scales(amax, fmt.qmax, fmt.mant_bits)
+    else:
+        exp, mant = _pow2_exps(amax, fmt.qmax), None
     exp = rows_restore(exp, moved, fmt.block_axis)
     mant = None if mant is None else rows_restore(mant, moved, fmt.block_axis)
     return np.ascontiguousarray(exp), None if mant is None else np.ascontiguousarray(mant)
@@ -184,7 +205,15 @@ def _prepare(x: np.ndarray, fmt: IntFormat, exp, mant):
 
 
 def quantize(x: np.ndarray, fmt: IntFormat, exp: np.ndarray | None = None, mant: np.ndarray | None = None) -> QTensor:
-    """Float -> QTensor in ``fmt`` (Numba). ``exp``/``mant`` None: derived per block (dynamic)."""
+    """Float -> QTensor in ``fmt`` (Numba); the model-input / weight / calibration boundary.
+
+    ``exp``/``mant`` None: scales from :func:`block_exponents` (dynamic; nothing saturates).
+    Given (static or calibrated, broadcastable to the blocks shape): used as is, values
+    beyond the range saturate with ``fmt.saturation``. Each code is ``fmt.rounding`` applied
+    exactly to the float64 quotient ``x / scale`` (exact for POW2; for MULT the IEEE
+    quotient ``(x * 2**-e) / mant``), then narrowed. Returns codes in ``fmt.dtype`` with
+    ``meta['overflow']`` = saturated elements. NaN/inf is a ValueError.
+    """
     x, exp_full, mant_full = _prepare(x, fmt, exp, mant)
     rows, moved = rows_view(x, fmt.block_axis)
     bs = effective_block(rows.shape[1], fmt.block_size)

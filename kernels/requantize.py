@@ -1,20 +1,30 @@
 """requantize: integer -> integer narrowing, with static, dynamic (MX-style) or multiplier scales.
 
-Value convention: ``x[i] * 2**e_in[i]`` in, ``y[i] * 2**e_out[block(i)]`` out.
+Value convention: ``x[i] * 2**e_in[i]`` in, ``y[i] * 2**e_out[block(i)]`` out. ``x`` is int64
+with ``|x| < 2**62`` (checked); ``bits`` of the output format is 2..62.
 
-* Static (``exp_out`` given, POW2): ``y = sat(x >>r (e_out - e_in))`` — one arithmetic shift
-  with the format's rounding ``r`` (a left shift when ``e_out < e_in``), then the format's
-  saturation. Shifts right by more than 62 are taken as 62 (the result is 0, or -1/+1 as the
-  rounding mode gives for |x| < 2**62).
-* Dynamic (``exp_out`` None): per output block, integer only, as block-floating-point
-  hardware does with a leading-zero counter: ``amax = max |x|``,
-  ``s = bitlen(amax) - (bits - 1)`` (``bits`` for unsigned), then ``s += 1`` while the
-  rounded extreme values would leave ``[qmin, qmax]``; ``s`` may be negative (a left shift:
-  exact, gains precision). ``e_out = e_in + s``; an all-zero block gets ``EXP_ZERO``.
-  ``e_in`` must be constant within each output block.
-* Multiplier (:func:`requantize_mult`): ``y = sat((x * M) >>r shift)``, TFLite-style rescale
-  by the constant ``M * 2**-shift``; ``|x * M| < 2**62`` is checked.
+* Static (``exp_out`` given, broadcastable to the blocks shape, POW2 formats):
+  ``y = sat(x >>r (e_out - e_in))`` -- one arithmetic shift with the format's rounding ``r``
+  (a left shift, exact, when ``e_out < e_in``), then the format's saturation. Right shifts
+  beyond 62 are taken as 62 (the result is 0, or -1/+1 as the rounding mode gives). A left
+  shift whose exact result needs more than 62 bits overflows: SAT/SAT_SYM clip by sign,
+  WRAP keeps the low ``bits`` bits of the exact value.
+* Dynamic (``exp_out`` None), integer only, as block-floating-point hardware does with a
+  leading-zero counter. Per output block: ``amax = max |x|``,
+  ``s = bitlen(amax) - (bits - 1)`` (``bits`` for unsigned formats); if
+  ``amax >>r s > qmax`` (the maximum rounded up to ``2**(bits-1)``), ``s += 1`` (once is
+  enough). ``s`` may be negative: a left shift, exact, that gains precision. Then
+  ``e_out = e_in + s`` and ``y = sat(x >>r s)``. The rule looks at the magnitude only, so
+  the one value that can still saturate is a negative extreme rounded to ``-(qmax+1)``
+  under SAT_SYM (and negative inputs to an unsigned format); such events are counted.
+  An all-zero block gets ``EXP_ZERO``. ``e_in`` must be constant within each output
+  block (an error names the first block where it is not).
+* Multiplier (:func:`requantize_mult`): ``y = sat((x * M) >>r shift)``, TFLite-style
+  rescale by the constant ``M * 2**-shift`` (``|x * M| < 2**62`` is checked); shifts follow
+  the static rule above.
 
+MULT output formats are not produced here (a FormatError says so): bbct stores MULT
+scales only for weights, which :func:`kernels.quantize.quantize` makes at lowering.
 Saturation events are counted in ``meta['overflow']`` (``QTensor``) or returned.
 """
 
@@ -46,6 +56,28 @@ from kernels.formats import (
 _LIMIT = 1 << 62
 
 
+@nb.njit(cache=True, inline="always")
+def _shift_narrow(v, s, mode, lo, hi, wrap, bits):
+    """``sat(v >>r s)`` for any shift; returns (value, overflowed). Right shifts beyond 62
+    are taken as 62. A left shift whose exact result needs more than 62 bits overflows:
+    SAT/SAT_SYM clip by its sign, WRAP keeps the low ``bits`` bits of the exact value
+    (int64 shifts are exact modulo 2**64, and ``bits`` <= 62)."""
+    if s > 62:
+        s = 62
+    if s < 0 and v != 0 and bit_length(v) - s > 62:
+        if not wrap:
+            return (hi if v > 0 else lo), True
+        if s <= -64:
+            t = np.int64(0)
+        else:
+            t = v << (-s)
+        m = np.int64(1) << bits
+        return ((t - lo) & (m - 1)) + lo, True
+    q = shift_round(v, s, mode)
+    y = saturate(q, lo, hi, wrap, bits)
+    return y, y != q
+
+
 @nb.njit(cache=True)
 def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     rows, n = x.shape
@@ -53,15 +85,8 @@ def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     for r in range(rows):
         for j in range(n):
             s = np.int64(e_out[r, j // bs]) - np.int64(e_in[r, j])
-            v = x[r, j]
-            if s > 62:
-                s = 62
-            if s < 0 and v != 0 and bit_length(v) - s > 62:
-                q = hi + 1 if v > 0 else lo - 1
-            else:
-                q = shift_round(v, s, mode)
-            y = saturate(q, lo, hi, wrap, bits)
-            if y != q:
+            y, over = _shift_narrow(x[r, j], s, mode, lo, hi, wrap, bits)
+            if over:
                 n_over += 1
             out[r, j] = y
     return n_over
@@ -94,7 +119,7 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
                 continue
             amax = pmax if pmax > -nmin else -nmin
             s = bit_length(amax) - (bits - 1 if signed else bits)
-            while shift_round(pmax, s, mode) > hi or shift_round(nmin, s, mode) < lo:
+            if shift_round(amax, s, mode) > hi:
                 s += 1
             e_out[r, b] = e0 + s
             for j in range(j0, j1):
@@ -121,7 +146,13 @@ def _setup(x, e_in, fmt):
 
 
 def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndarray | None = None) -> QTensor:
-    """Narrow int64 ``x`` (value ``x * 2**e_in``) to ``fmt`` with static or dynamic exponents (Numba)."""
+    """Narrow int ``x`` (value ``x * 2**e_in``, ``e_in`` broadcastable to ``x``) to the POW2
+    format ``fmt``: static when ``exp_out`` is given, dynamic (per output block) when None.
+
+    Rounding ``fmt.rounding`` at the one right shift, saturation ``fmt.saturation`` at the
+    narrowing (see the module docstring). Returns a QTensor with ``fmt.dtype`` codes, int32
+    exponents of the blocks shape and ``meta['overflow']`` = saturated elements.
+    """
     x, e_full = _setup(x, e_in, fmt)
     axis = fmt.block_axis
     rows, moved = rows_view(x, axis)
@@ -158,7 +189,7 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
     n = x.shape[axis]
     bs = effective_block(n, fmt.block_size)
     bshape = blocks_shape(x.shape, axis, fmt.block_size)
-    lo, hi, _ = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
+    hi = fmt.qmax
     out = np.empty(x.shape, np.int64)
     n_over = 0
     if exp_out is not None:
@@ -183,10 +214,7 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
                 continue
             amax = max(abs(v) for v in vals)
             s = amax.bit_length() - (fmt.bits - 1 if fmt.signed else fmt.bits)
-            while (
-                shift_round_ref(max(vals + [0]), s, fmt.rounding) > hi
-                or shift_round_ref(min(vals + [0]), s, fmt.rounding) < lo
-            ):
+            if shift_round_ref(amax, s, fmt.rounding) > hi:  # rounded up to 2**(bits-1): one more bit
                 s += 1
             eo[bidx] = e0 + s
             shifts = {m: s for m in members}
@@ -205,16 +233,8 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
 def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
     n_over = 0
     for i in range(x.size):
-        p = x[i] * m[i]
-        sh = s[i]
-        if sh > 62:
-            sh = 62
-        if sh < 0 and p != 0 and bit_length(p) - sh > 62:
-            q = hi + 1 if p > 0 else lo - 1
-        else:
-            q = shift_round(p, sh, mode)
-        y = saturate(q, lo, hi, wrap, bits)
-        if y != q:
+        y, over = _shift_narrow(x[i] * m[i], s[i], mode, lo, hi, wrap, bits)
+        if over:
             n_over += 1
         out[i] = y
     return n_over
@@ -240,7 +260,13 @@ def requantize_mult(
     rounding: Rounding = Rounding.RND_CONV,
     saturation: Saturation = Saturation.SAT,
 ) -> tuple[np.ndarray, int]:
-    """``sat((x * multiplier) >>r shift)`` elementwise (Numba); returns (int64 codes, overflow events)."""
+    """``sat((x * multiplier) >>r shift)`` elementwise; returns (int64 codes, overflow events).
+
+    ``multiplier`` and ``shift`` broadcast to ``x`` (per-channel constants); the product is
+    formed exactly in int64 (``|x * multiplier| < 2**62``, checked), shifted once with
+    ``rounding`` (shifts beyond 62 taken as 62, negative shifts are exact left shifts) and
+    narrowed to ``bits`` with ``saturation``. The TFLite/gemmlowp fixed-point rescale idiom.
+    """
     x, m, s = _mult_setup(x, multiplier, shift)
     lo, hi, wrap = sat_bounds(bits, signed, saturation)
     out = np.empty(x.size, np.int64)

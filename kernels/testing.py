@@ -11,6 +11,11 @@ Typical use, proving a fast kernel equal to its reference to the bit::
 
 ``edge_ints`` gives the values hardware bugs live at (type min/max, 0, +-1, +-2**k +-1);
 pin them with ``@example`` or mix them in with ``int_arrays(..., edges=True)``.
+
+Strategies: :func:`rounding_modes`, :func:`saturation_modes`, :func:`int_formats`,
+:func:`shapes`, :func:`shapes_and_blocks`, :func:`int_arrays`, :func:`float_arrays`,
+:func:`qtensors`. Oracles: :func:`assert_bit_equal` (with :func:`first_mismatch`'s
+first/last index, both values and their bits), :func:`assert_qtensor_equal`.
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind, int_range
+from kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation, ScaleKind, expand_blocks, int_range
 
 
 def rounding_modes() -> st.SearchStrategy[Rounding]:
+    """Every :class:`Rounding` mode (TRN .. RND_CONV)."""
     return st.sampled_from(list(Rounding))
 
 
 def saturation_modes() -> st.SearchStrategy[Saturation]:
+    """Every :class:`Saturation` mode (SAT, SAT_SYM, WRAP)."""
     return st.sampled_from(list(Saturation))
 
 
@@ -63,7 +70,19 @@ def int_formats(
 
 
 def shapes(max_rows: int = 4, max_cols: int = 40) -> st.SearchStrategy[tuple[int, int]]:
+    """2-D shapes (rows, cols), cols often not a multiple of a block size."""
     return st.tuples(st.integers(1, max_rows), st.integers(1, max_cols))
+
+
+@st.composite
+def shapes_and_blocks(
+    draw: st.DrawFn, max_dims: int = 3, max_side: int = 12, max_block: int = 9
+) -> tuple[tuple[int, ...], int, int]:
+    """``(shape, block_axis, block_size)``: 1..max_dims dims, any axis (as a negative index),
+    block sizes 0 (whole axis), 1, ones that do not divide the axis, and ones longer than it."""
+    shape = tuple(draw(st.lists(st.integers(1, max_side), min_size=1, max_size=max_dims)))
+    axis = draw(st.integers(-len(shape), -1))
+    return shape, axis, draw(st.integers(0, max_block))
 
 
 @st.composite
@@ -88,15 +107,28 @@ def float_arrays(draw: st.DrawFn, shape: tuple[int, ...], max_abs: float = 1e3) 
 
 @st.composite
 def qtensors(
-    draw: st.DrawFn, fmt: IntFormat, shape: tuple[int, int], exp_range: tuple[int, int] = (-20, 10)
+    draw: st.DrawFn,
+    fmt: IntFormat,
+    shape: tuple[int, ...],
+    exp_range: tuple[int, int] = (-20, 10),
+    zero_blocks: bool = True,
 ) -> QTensor:
-    """A QTensor in ``fmt`` with random codes and per-block exponents (some blocks all zero)."""
+    """A QTensor in ``fmt`` with random codes (edge values mixed in) and per-block exponents;
+    with ``zero_blocks`` some blocks are all zero with exponent ``EXP_ZERO``, as quantize
+    and requantize produce them."""
     from kernels.blocks import blocks_shape
 
     lo, hi = fmt.qmin, fmt.qmax
-    data = draw(hnp.arrays(np.int64, shape, elements=st.integers(lo, hi)))
+    edges = [v for v in edge_ints(fmt.bits, fmt.signed) if lo <= v <= hi]
+    data = draw(hnp.arrays(np.int64, shape, elements=st.one_of(st.integers(lo, hi), st.sampled_from(edges))))
     bshape = blocks_shape(shape, fmt.block_axis, fmt.block_size)
     exp = draw(hnp.arrays(np.int32, bshape, elements=st.integers(*exp_range)))
+    if zero_blocks:
+        zero = draw(hnp.arrays(np.bool_, bshape, elements=st.booleans()))
+        zero &= draw(st.booleans())
+        if zero.any():
+            exp = np.where(zero, EXP_ZERO, exp).astype(np.int32)
+            data = np.where(expand_blocks(zero, shape, fmt.block_axis, fmt.block_size), 0, data)
     mant = None
     if fmt.scale == ScaleKind.MULT:
         mant = draw(
@@ -126,3 +158,15 @@ def assert_bit_equal(a: np.ndarray, b: np.ndarray) -> None:
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape or not np.array_equal(a.astype(np.int64), b.astype(np.int64)):
         raise AssertionError(first_mismatch(a, b))
+
+
+def assert_qtensor_equal(a: QTensor, b: QTensor) -> None:
+    """Codes, exponents, multipliers and ``meta['overflow']`` equal to the bit."""
+    assert_bit_equal(a.data, b.data)
+    assert_bit_equal(np.broadcast_to(a.exp, b.exp.shape) if a.exp.shape != b.exp.shape else a.exp, b.exp)
+    if (a.mant is None) != (b.mant is None):
+        raise AssertionError("one tensor has multipliers, the other not")
+    if a.mant is not None:
+        assert_bit_equal(a.mant, b.mant)
+    if a.meta.get("overflow", 0) != b.meta.get("overflow", 0):
+        raise AssertionError(f"overflow counts differ: {a.meta.get('overflow')} vs {b.meta.get('overflow')}")

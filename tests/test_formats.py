@@ -124,3 +124,69 @@ def test_qtensor_dequantize_blocks_that_do_not_divide():
     q = QTensor(np.array([[1, 2, 3, 4, 5]], np.int8), IntFormat(block_size=2), np.array([[-1, 0, 3]], np.int32))
     assert q.dequantize().tolist() == [[0.5, 1.0, 3.0, 4.0, 40.0]]
     assert EXP_ZERO < -1000
+
+
+def test_every_midpoint_every_shift():
+    """(2k+1) * 2**(s-1) is exactly k + 0.5 at shift s: all k in -64..63, shifts 1..20, every
+    mode, reference vs Numba vs the rule written in the mode table."""
+    rules = {
+        Rounding.TRN: lambda k, neg: k,
+        Rounding.TRN_ZERO: lambda k, neg: k + 1 if neg else k,
+        Rounding.RND: lambda k, neg: k + 1,
+        Rounding.RND_ZERO: lambda k, neg: k + 1 if neg else k,
+        Rounding.RND_INF: lambda k, neg: k if neg else k + 1,
+        Rounding.RND_CONV: lambda k, neg: k + (k & 1),
+    }
+    n = 0
+    for mode, s, k in itertools.product(Rounding, range(1, 21), range(-64, 64)):
+        x = (2 * k + 1) << (s - 1)
+        want = rules[mode](k, x < 0)
+        assert shift_round_ref(x, s, mode) == want == int(shift_round(x, s, int(mode)))
+        n += 1
+    assert n == 6 * 20 * 128
+
+
+def test_saturate_exhaustive_small_widths():
+    """Every x in -300..300 narrowed to every width 2..8, signed and unsigned, every mode."""
+    xs = np.arange(-300, 301, dtype=np.int64)
+    n = 0
+    for bits, signed, mode in itertools.product(range(2, 9), (True, False), Saturation):
+        got, cnt = saturate_array(xs, bits, signed, mode)
+        want = [saturate_ref(int(x), bits, signed, mode) for x in xs]
+        assert got.tolist() == [w[0] for w in want] and cnt == sum(w[1] for w in want)
+        n += xs.size
+    assert n == 601 * 7 * 2 * 3
+
+
+def test_bit_length_exhaustive_int16_and_powers():
+    xs = list(range(-(1 << 15), 1 << 15)) + [s * ((1 << k) + d) for k in range(62) for d in (-1, 0) for s in (1, -1)]
+    for x in xs:
+        assert int(bit_length(x)) == bit_length_ref(x)
+
+
+@pytest.mark.parametrize("mode", list(Saturation))
+def test_saturate_62_bit_extremes(mode):
+    lo, hi = -(1 << 61), (1 << 61) - 1
+    for x in (lo - 1, lo, hi, hi + 1, (1 << 62) + 5, -(1 << 62) - 5):
+        b_lo, b_hi, wrap = sat_bounds(62, True, mode)
+        assert int(saturate(x, b_lo, b_hi, wrap, 62)) == saturate_ref(x, 62, True, mode)[0]
+
+
+def test_format_properties_and_errors():
+    f = IntFormat(bits=8, saturation="SAT_SYM")
+    assert (f.qmin, f.qmax) == (-127, 127) and (IntFormat(bits=8).qmin, IntFormat(bits=4, signed=False).qmax) == (
+        -128,
+        15,
+    )
+    assert len({IntFormat(), IntFormat(bits=8), IntFormat(rounding="RND_CONV")}) == 1  # hashable, equal
+    assert IntFormat(bits=5).short() == "s5 b*@-1 pow2 RND_CONV/SAT"
+    with pytest.raises(FormatError, match="bits=63"):
+        IntFormat(bits=63)
+    with pytest.raises(FormatError, match="mant_bits=17"):
+        IntFormat(mant_bits=17)
+    with pytest.raises(FormatError, match="saturation='CLIP'"):
+        IntFormat(saturation="CLIP")
+    with pytest.raises(FormatError, match="mant must be given exactly"):
+        QTensor(np.zeros(3, np.int8), IntFormat(scale="MULT"), np.zeros(1, np.int32))
+    for d in (IntFormat().to_dict(), IntFormat(bits=3, signed=False, scale="MULT", block_axis=0).to_dict()):
+        assert IntFormat.from_dict(d).to_dict() == d
