@@ -11,6 +11,7 @@ from __future__ import annotations
 import bz2
 import csv
 import io
+import os
 import subprocess
 import sys
 import zipfile
@@ -85,11 +86,17 @@ def split_by_film(
 
 
 def write_tsv(path: Path, rows: list[Snippet]) -> None:
+    """SST-2 layout: a ``sentence<TAB>label`` header, then one row per snippet.
+
+    Written beside and renamed into place, so a reader never sees a half-written split.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as f:
         f.write(HEADER)
         for s in rows:
             f.write(f"{s.text}\t{s.label}\n")
+    os.replace(tmp, path)
 
 
 def read_split(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
