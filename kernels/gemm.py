@@ -52,7 +52,7 @@ from kernels.formats import (
     sat_bounds,
     saturate,
     saturate_ref,
-    shift_round,
+    shift_round_array,
     shift_round_ref,
 )
 
@@ -75,50 +75,79 @@ def _mac(a, b, t, tb, i, j, lo, hi, wrap, bits):
     return s, n_over
 
 
+@nb.njit(cache=True, inline="always")
+def _plus_bias(s, tab, r, j, lo, hi, wrap, bits):
+    """``sat_acc(acc + bias')`` with the aligned bias from row ``r`` of the table; (acc, event)."""
+    v = s + tab[r, j]
+    y = saturate(v, lo, hi, wrap, bits)
+    return y, y != v
+
+
 @nb.njit(cache=True)
-def _gemm_seq(a, b, lo, hi, wrap, bits, out):
+def _gemm_seq(a, b, rid, tab, use_bias, lo, hi, wrap, bits, out):
     bt, m_, _ = a.shape
     n_ = b.shape[2]
     n_over = 0
     for t in range(bt):
         tb = t if b.shape[0] > 1 else 0
         for i in range(m_):
+            r = rid[t * m_ + i]
             for j in range(n_):
                 s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
+                if use_bias:
+                    s, ov = _plus_bias(s, tab, r, j, lo, hi, wrap, bits)
+                    c += ov
                 out[t, i, j] = s
                 n_over += c
     return n_over
 
 
 @nb.njit(cache=True)
-def _gemm_seq_at(a, b, idx, lo, hi, wrap, bits, out):
-    """The sequential loop on the listed outputs only (rows of ``idx``: t, i, j)."""
+def _gemm_seq_at(a, b, idx, rid, tab, use_bias, lo, hi, wrap, bits, out):
+    """The sequential loop (and bias) on the listed outputs only (rows of ``idx``: t, i, j)."""
+    m_ = a.shape[1]
     n_over = 0
-    for r in range(idx.shape[0]):
-        t, i, j = idx[r, 0], idx[r, 1], idx[r, 2]
+    for q in range(idx.shape[0]):
+        t, i, j = idx[q, 0], idx[q, 1], idx[q, 2]
         tb = t if b.shape[0] > 1 else 0
         s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
+        if use_bias:
+            s, ov = _plus_bias(s, tab, rid[t * m_ + i], j, lo, hi, wrap, bits)
+            c += ov
         out[t, i, j] = s
         n_over += c
     return n_over
 
 
 @nb.njit(cache=True)
-def _add_bias(acc, e_acc, bias, e_bias, mode, lo, hi, wrap, bits):
-    bt, m_, n_ = acc.shape
+def _finish(accf, rid, tab, use_bias, skip, lo, hi, wrap, bits, out):
+    """Exact float sums (module docstring, steps 1-2) -> int64, plus the aligned bias with
+    narrowing. Outputs marked in ``skip`` are left for :func:`_gemm_seq_at`."""
+    bt, m_, n_ = accf.shape
     n_over = 0
     for t in range(bt):
         for i in range(m_):
-            s = np.int64(e_acc[t, i]) - e_bias
-            if s > 62:
-                s = 62
+            r = rid[t * m_ + i]
             for j in range(n_):
-                v = acc[t, i, j] + shift_round(bias[j], s, mode)
-                y = saturate(v, lo, hi, wrap, bits)
-                if y != v:
-                    n_over += 1
-                acc[t, i, j] = y
+                if skip is not None and skip[t, i, j]:
+                    continue
+                s = np.int64(accf[t, i, j])  # an integer below 2**53: exact conversion
+                if use_bias:
+                    s, ov = _plus_bias(s, tab, r, j, lo, hi, wrap, bits)
+                    n_over += ov
+                out[t, i, j] = s
     return n_over
+
+
+def _bias_table(bias, e_acc, e_bias, rounding, rows):
+    """Aligned bias rows: one per distinct shift ``e_acc - e_bias`` (clamped to 62), and the
+    table row of every accumulator row. Same values as shifting per element."""
+    if bias is None:
+        return np.zeros((rows,), np.int64), np.zeros((1, 1), np.int64)
+    sh = np.minimum(e_acc.reshape(-1).astype(np.int64) - int(e_bias), 62)
+    uniq, rid = np.unique(sh, return_inverse=True)
+    tab = np.stack([shift_round_array(bias, int(u), rounding) for u in uniq]) if len(uniq) else np.zeros((1, 1))
+    return np.ascontiguousarray(rid.astype(np.int64)), np.ascontiguousarray(tab.astype(np.int64))
 
 
 def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
@@ -188,37 +217,33 @@ def gemm(
     a3 = np.broadcast_to(a, batch + (m_, k_)).reshape(-1, m_, k_)
     b3 = b.reshape(1, k_, n_) if b.ndim == 2 else np.broadcast_to(b, batch + (k_, n_)).reshape(-1, k_, n_)
     n_over = 0
+    rid, tab = _bias_table(bias, e_acc, e_bias, bias_rounding, a3.shape[0] * m_)
+    use_bias = bias is not None
+    acc = np.empty((a3.shape[0], m_, n_), np.int64)
     if bound < EXACT_F64:
         ft = np.float32 if bound < EXACT_F32 else np.float64  # exact: module docstring, step 1
-        acc = np.matmul(a.astype(ft), b.astype(ft)).astype(np.int64)
-        if acc.shape != out_shape:  # b carried batch axes that a did not
-            acc = np.broadcast_to(acc, out_shape)
-        acc = np.ascontiguousarray(acc).reshape(-1, m_, n_)
+        accf = np.matmul(a.astype(ft), b.astype(ft))
+        if accf.shape != out_shape:  # b carried batch axes that a did not
+            accf = np.broadcast_to(accf, out_shape)
+        accf = accf.reshape(-1, m_, n_)
+        skip, idx = None, None
         if bound > hi:  # step 2: find the outputs whose prefix sums might leave the range
             aa, ab = np.abs(a3).astype(np.float64), np.abs(b3).astype(np.float64)
             pb = np.minimum(
                 aa.max(axis=2)[:, :, None] * ab.sum(axis=1)[:, None, :],
                 aa.sum(axis=2)[:, :, None] * ab.max(axis=1)[:, None, :],
             )
-            idx = np.argwhere(np.broadcast_to(pb, acc.shape) > hi)
-            if len(idx):
-                a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
-                n_over += _gemm_seq_at(a3c, b3c, idx.astype(np.int64), lo, hi, wrap, acc_bits, acc)
+            skip = np.ascontiguousarray(np.broadcast_to(pb, acc.shape) > hi)
+            idx = np.argwhere(skip)
+            if not len(idx):
+                skip = None
+        n_over += _finish(accf, rid, tab, use_bias, skip, lo, hi, wrap, acc_bits, acc)
+        if skip is not None:
+            a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
+            n_over += _gemm_seq_at(a3c, b3c, idx.astype(np.int64), rid, tab, use_bias, lo, hi, wrap, acc_bits, acc)
     else:
-        acc = np.empty((a3.shape[0], m_, n_), np.int64)
-        n_over += _gemm_seq(np.ascontiguousarray(a3), np.ascontiguousarray(b3), lo, hi, wrap, acc_bits, acc)
-    if bias is not None:
-        n_over += _add_bias(
-            acc,
-            np.ascontiguousarray(e_acc.reshape(-1, m_)).astype(np.int64),
-            bias,
-            int(e_bias),
-            int(bias_rounding),
-            lo,
-            hi,
-            wrap,
-            acc_bits,
-        )
+        a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
+        n_over += _gemm_seq(a3c, b3c, rid, tab, use_bias, lo, hi, wrap, acc_bits, acc)
     return acc.reshape(out_shape), e_acc, int(n_over)
 
 
