@@ -1,27 +1,45 @@
 """Softmax over the last axis with an additive mask, in integer arithmetic.
 
-Input ``x`` (codes at exponent ``e_in``, ``in_bits`` wide) and ``mask_add`` (same
-exponent: 0 to keep, a large negative code to mask). Per row:
+Input ``x`` (signed ``in_bits`` codes at exponent ``e_in``) and ``mask_add`` (codes at the
+same exponent, broadcastable to ``x``: 0 to keep, a large negative code to mask; the
+lowering uses the in_bits type minimum). Per row of ``T`` elements:
 
-1. ``z = sat_in(x + mask_add)``                      (SAT to in_bits)
-2. ``d = z - max(z)``                                 (<= 0, in_bits + 1 bits)
-3. integer exp of ``d * 2**e_in`` in Q.``F`` (F = 16), two methods:
+1. ``z = sat_in(x + mask_add)``            SAT to signed in_bits (the add is exact in int64)
+2. ``d = z - max(z)``                       in ``[-(2**in_bits - 1), 0]``: in_bits + 1 bits
+3. ``E = exp_int(d)``: exp(d * 2**e_in) in Q.F, ``F = 22`` (:func:`exp_int`), two methods:
 
-   * poly: ``D = d << G`` with ``G = 23 + e_in`` guard bits (D is in units of 2**-23),
-     ``k = floor(-D / LN2_q)`` with ``LN2_q = round(ln2 * 2**23)``, ``r = D + k * LN2_q``
-     in ``(-LN2_q, 0]``; ``exp(r) ~= P(r) = (C2 * (r + C1)**2 >>RND S) + C0`` (a
-     2nd-order fit of the relative error on [-ln2, 0]: 0.34917 (r + 1.371)**2 + 0.34093,
-     max relative error 2.8e-3, I-BERT's constants give 3.1e-3; C2 has 12 bits so
-     C2 * (r + C1)**2 < 2**60), then ``E = P >> k`` (TRN; k beyond 62 gives 0).
-   * lut: :mod:`kernels.lut` table of exp on [-16, 0) with ``lut_addr_bits`` address bits
-     and linear interpolation, ``E = 2**F`` at d = 0, 0 below -16.
-4. ``sum = sum(E)`` in int64 (>= 2**F: the max element contributes exp(0))
-5. ``R = floor(2**(F + out_bits + 16) / sum)``         one reciprocal per row
-6. ``y = sat_u((E * R) >>RND (F + 16))``              unsigned out_bits at exponent -out_bits
-   (probability 1.0 saturates to 2**out_bits - 1).
+   * ``poly`` (I-BERT's shift + polynomial): ``D = d << G`` (``G = 23 + e_in``: D counts
+     units of 2**-23), ``k = floor(-D / LN2_q)`` with ``LN2_q = round(ln2 * 2**23)`` (a
+     division by a constant), ``r = D + k * LN2_q`` in ``(-LN2_q, 0]``,
+     ``t = (r + C1) >>RND 8`` (Q.15, 16 bits unsigned), ``P = (C2 * t*t) >>RND 30 + C0``
+     (Q.22)
+     (``exp(r) ~= A (r + B)**2 + C``), ``E = P >>RND k`` (k > 62 gives 0;
+     rounding, not truncation, keeps the row sum unbiased).
+     Constants: a refit of I-BERT's form. A probability depends only on the *ratios* of exp
+     values, and the row maximum always has r = 0, so the fit pins ``P(0) = 1`` and minimizes
+     the max relative error on [-ln2, 0]: ``A, B = 0.36118282, 1.34295297``, ``C = 1 - A B**2
+     = 0.34859859`` (+-2.21e-3 around exp(0)'s error of 0; I-BERT's ``0.3585, 1.353, 0.344``
+     span -3.10e-3..+2.46e-3 with exp(0) at +0.3e-3). ``C2 = round(A * 2**22)``,
+     ``C1 = round(B * 2**23)``, ``C0 = round(C * 2**22)``.
+   * ``lut`` (base-2 shift + table): ``v = ((-d) * L2E_q) >> SV`` (TRN) is ``-d * 2**e_in *
+     log2(e)`` in Q.``FV`` (``FV = lut_addr_bits + 12``, ``L2E_q = round(log2(e) * 2**30)``,
+     ``SV = 30 - e_in - FV``, a left shift if negative); ``k = v >> FV``; the fraction's top
+     ``lut_addr_bits`` address ``T[i] = round(2**(F - i / 2**lut_addr_bits))`` (``2**a + 1``
+     entries), its low 12 bits interpolate (RND): ``m = T[i] + ((T[i+1] - T[i]) * f) >>RND
+     12``; ``E = m >>RND k``
+     (k > 62 gives 0).
 
-A fully masked row is still well defined: every element is masked alike, so the row is
-uniform over its maxima. No division by zero can occur (step 4).
+4. ``S = sum(E)``                            declared ``sum_bits``-wide accumulator (default
+   32: rows up to 1023 elements); ``T * E_max < 2**sum_bits`` is checked (ValueError) so it
+   never overflows. F = 22 keeps the rounding of many small exp values out of the sum
+   (T/2 steps of 2**-22 at worst).
+   ``S >= E(0) > 0``: the row maximum contributes exp(0), so no division by zero exists.
+5. ``R = floor(2**(F + out_bits + 16) / S)``   one integer division per row (truncating)
+6. ``y = min((E * R) >>RND (F + 16), 2**out_bits - 1)``   unsigned ``out_bits`` at exponent
+   ``-out_bits``: probability 1.0 saturates to ``2**out_bits - 1``.
+
+A fully masked row (every element masked alike, so every ``z`` saturates to the type
+minimum) is uniform: ``1/T`` rounded. It never divides by zero.
 """
 
 from __future__ import annotations
@@ -33,106 +51,230 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from kernels.formats import int_range, require_int, saturate_ref, shift_round, shift_round_ref
-from kernels.lut import LutParams, make_lut
+from kernels.formats import int_range, require_int, shift_round, shift_round_ref
+from kernels.lut import interp, interp_ref
 
-F = 16
-EXP_UNIT = 23  # D = d << G carries 23 fraction bits
+F = 22  # fraction bits of exp values
+EXP_UNIT = 23  # poly: D = d << G counts units of 2**-23
+T_SHIFT = 8  # poly: t = (r + C1) >>RND 8 is Q.15
+P_SHIFT = 30  # poly: (C2 * t*t) >> 30 leaves Q.F
+L2E_BITS = 30  # lut: log2(e) multiplier fraction bits
+LUT_INTERP_BITS = 12  # lut: interpolation bits below the table address
 RECIP_EXTRA = 16
-RND = 2
-EXP_A, EXP_B, EXP_C = 0.34917, 1.371, 0.34093
+RND = 2  # Rounding.RND: half up
+EXP_A, EXP_B = 0.36118282, 1.34295297
+EXP_C = 1.0 - EXP_A * EXP_B**2  # P(0) = 1
+IBERT_EXP = (0.3585, 1.353, 0.344)
+METHODS = ("poly", "lut")
 
 
 @dataclass(frozen=True, eq=False)
 class SoftmaxParams:
+    """Integer parameters of :func:`softmax` (see the module docstring for each constant).
+
+    ``exp_table`` is the LUT method's table (int64; empty for ``poly``); ``e_max`` the
+    largest exp value (bounds the sum); ``max_len`` the longest row ``sum_bits`` allows.
+    """
+
     e_in: int
     in_bits: int
     out_bits: int
     e_out: int
     method: str
+    exp_frac: int
+    sum_bits: int
     guard: int
     ln2_q: int
+    c0: int
     c1: int
     c2: int
-    c2_shift: int
-    c0: int
-    lut: LutParams | None
+    l2e_q: int
+    sv: int
+    fv: int
+    lut_addr_bits: int
+    exp_table: np.ndarray
+    e_max: int
+    max_len: int
+    recip_shift: int
 
     def to_dict(self) -> dict[str, Any]:
-        d = {k: v for k, v in vars(self).items() if k != "lut"}
-        if self.lut is not None:
-            d["lut"] = self.lut.to_dict()
-        return d
+        """Flat JSON-able dict (``exp_table`` as a list: vector dumps write it as a file)."""
+        return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in vars(self).items()}
 
 
 def make_softmax_params(
-    e_in: int, in_bits: int = 16, out_bits: int = 8, method: str = "poly", lut_addr_bits: int = 8
+    e_in: int,
+    in_bits: int = 16,
+    out_bits: int = 8,
+    method: str = "poly",
+    lut_addr_bits: int = 8,
+    sum_bits: int = 32,
+    coeffs: tuple[float, float, float] = (EXP_A, EXP_B, EXP_C),
 ) -> SoftmaxParams:
-    """Integer constants (and the exp table for ``method='lut'``) for inputs at ``e_in``."""
-    if method not in ("poly", "lut"):
-        raise ValueError(f"softmax: method={method!r}, expected 'poly' or 'lut'")
-    if not 4 <= in_bits <= 24 or not 2 <= out_bits <= 16:
-        raise ValueError(f"softmax: in_bits={in_bits} (4..24), out_bits={out_bits} (2..16)")
+    """Lower softmax for inputs at exponent ``e_in`` (floats -> ints here only).
+
+    ``coeffs`` (A, B, C) of the poly exp default to bbct's refit; ``IBERT_EXP`` for I-BERT's.
+    """
+    if method not in METHODS:
+        raise ValueError(f"softmax: method={method!r}, expected one of {METHODS}")
+    if not 2 <= in_bits <= 24:
+        raise ValueError(f"softmax: in_bits={in_bits} must be in 2..24")
+    if not 2 <= out_bits <= 16:
+        raise ValueError(f"softmax: out_bits={out_bits} must be in 2..16")
+    if not 1 <= lut_addr_bits <= 12:
+        raise ValueError(f"softmax: lut_addr_bits={lut_addr_bits} must be in 1..12")
+    if not F + 2 <= sum_bits <= 62:
+        raise ValueError(f"softmax: sum_bits={sum_bits} must be in {F + 2}..62")
     guard = EXP_UNIT + e_in
     if guard < 0 or in_bits + 1 + guard > 62:
-        raise ValueError(f"softmax: e_in={e_in} must be in -23..{61 - EXP_UNIT - in_bits}")
-    scale = 2.0**EXP_UNIT  # units of D = d << guard
-    ln2_q = round(math.log(2) * scale)
-    c1 = round(EXP_B * scale)
-    # P = C2 * (r + c1)**2 >> S + C0 in Q.F: C2 = EXP_A * 2**(F + S) / scale**2 with 12 bits
-    s = 2 * EXP_UNIT - F + 12
-    c2 = round(EXP_A * 2.0 ** (F + s) / scale**2)
-    c0 = round(EXP_C * 2.0**F)
-    table = None
-    if method == "lut":
-        table = make_lut(np.exp, e_in, in_bits + 1, -16.0, 0.0, lut_addr_bits, F + 2, -F, below=0.0, above=1.0)
+        raise ValueError(f"softmax: e_in={e_in} must be in {-EXP_UNIT}..{61 - EXP_UNIT - in_bits}")
+    a, b, c = coeffs
+    ln2_q = round(math.log(2) * 2.0**EXP_UNIT)
+    c1 = round(b * 2.0**EXP_UNIT)
+    c2 = round(a * 2.0**F)
+    c0 = round(c * 2.0**F)
+    fv = lut_addr_bits + LUT_INTERP_BITS
+    l2e_q = round(math.log2(math.e) * 2.0**L2E_BITS)
+    sv = L2E_BITS - e_in - fv
+    if in_bits + 2 + max(0, -sv) + L2E_BITS > 62:
+        raise ValueError(f"softmax: e_in={e_in} is too coarse for the lut exp (v would exceed 62 bits)")
+    n = 1 << lut_addr_bits
+    table = np.round(2.0 ** (F - np.arange(n + 1) / n)).astype(np.int64) if method == "lut" else np.zeros(0, np.int64)
+    # largest exp value: at d = 0 (poly: P(0) = C2 * (C1 >> 8)**2 >> 30 + C0; lut: T[0] = 2**F)
+    t0 = shift_round_ref(c1, T_SHIFT, RND)
+    e_max = shift_round_ref(c2 * t0 * t0, P_SHIFT, RND) + c0 if method == "poly" else 1 << F
     return SoftmaxParams(
-        e_in=e_in,
+        e_in=int(e_in),
         in_bits=in_bits,
         out_bits=out_bits,
         e_out=-out_bits,
         method=method,
+        exp_frac=F,
+        sum_bits=sum_bits,
         guard=guard,
         ln2_q=ln2_q,
+        c0=c0,
         c1=c1,
         c2=c2,
-        c2_shift=s,
-        c0=c0,
-        lut=table,
+        l2e_q=l2e_q,
+        sv=sv,
+        fv=fv,
+        lut_addr_bits=lut_addr_bits,
+        exp_table=table,
+        e_max=int(e_max),
+        max_len=((1 << sum_bits) - 1) // int(e_max),
+        recip_shift=F + out_bits + RECIP_EXTRA,
     )
 
 
+# ---------------------------------------------------------------------------------------
+# Integer exp of d <= 0 (the Numba scalar and its reference twin).
+
+
 @nb.njit(cache=True, inline="always")
-def _exp_poly(d, g, ln2_q, c1, c2, s, c0):
+def _exp_poly(d, g, ln2_q, c1, c2, c0):
     dd = d << g
     k = (-dd) // ln2_q
     r = dd + k * ln2_q
-    t = r + c1
-    p = shift_round(c2 * (t * t), s, RND) + c0
+    t = shift_round(r + c1, T_SHIFT, RND)
+    p = shift_round(c2 * (t * t), P_SHIFT, RND) + c0
     if k > 62:
         return np.int64(0)
-    return p >> k
+    return shift_round(p, k, RND)
 
 
 @nb.njit(cache=True, inline="always")
-def _exp_lut(q, table, q_lo, q_hi, frac_bits, below, above):
-    if q < q_lo:
-        return below
-    if q >= q_hi:
-        return above
-    u = q - q_lo
-    k = u >> frac_bits
-    t0 = table[k]
-    return t0 + shift_round((table[k + 1] - t0) * (u & ((np.int64(1) << frac_bits) - 1)), frac_bits, RND)
+def _exp_lut(d, l2e_q, sv, fv, addr_bits, table):
+    v = shift_round(-d * l2e_q, sv, 0)  # TRN (floor); a left shift when sv < 0
+    k = v >> fv
+    f = v & ((np.int64(1) << fv) - 1)
+    ib = fv - addr_bits
+    m = interp(table, f >> ib, f & ((np.int64(1) << ib) - 1), ib)
+    if k > 62:
+        return np.int64(0)
+    return shift_round(m, k, RND)
+
+
+def _exp_ref(d: int, p: SoftmaxParams) -> int:
+    """One exp value, Python ints: the same steps as the Numba scalars."""
+    if p.method == "poly":
+        dd = d << p.guard
+        k = (-dd) // p.ln2_q
+        r = dd + k * p.ln2_q
+        t = shift_round_ref(r + p.c1, T_SHIFT, RND)
+        e = shift_round_ref(p.c2 * t * t, P_SHIFT, RND) + p.c0
+    else:
+        v = shift_round_ref(-d * p.l2e_q, p.sv, 0)
+        k = v >> p.fv
+        f = v & ((1 << p.fv) - 1)
+        ib = p.fv - p.lut_addr_bits
+        e = interp_ref(p.exp_table, f >> ib, f & ((1 << ib) - 1), ib)
+    return 0 if k > 62 else shift_round_ref(e, k, RND)
 
 
 @nb.njit(cache=True)
-def _softmax_rows(
-    x, m, lo_in, hi_in, use_lut, g, ln2_q, c1, c2, s, c0, table, q_lo, q_hi, frac_bits, below, above, out_bits, out
-):
+def _exp_flat(d, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv, addr_bits, table, out):
+    for i in range(d.size):
+        v = np.int64(d[i])
+        if poly:
+            out[i] = _exp_poly(v, g, ln2_q, c1, c2, c0)
+        else:
+            out[i] = _exp_lut(v, l2e_q, sv, fv, addr_bits, table)
+
+
+def _check_d(d: Any, p: SoftmaxParams) -> np.ndarray:
+    d = require_int("exp_int: d", d)
+    if d.size and (int(d.max()) > 0 or int(d.min()) < -(1 << p.in_bits)):
+        bad = int(d.max()) if int(d.max()) > 0 else int(d.min())
+        raise ValueError(f"exp_int: d={bad} must be in [-2**{p.in_bits}, 0]")
+    return d
+
+
+def exp_int(d: np.ndarray, p: SoftmaxParams) -> np.ndarray:
+    """Step 3 alone (Numba): exp(d * 2**p.e_in) for ``-2**in_bits <= d <= 0``, int64 in Q.22
+    (``p.method``: "poly" or "lut"; see the module docstring for every width and rounding)."""
+    d = _check_d(d, p)
+    out = np.empty(d.size, np.int64)
+    _exp_flat(
+        np.ascontiguousarray(d).ravel(),
+        p.method == "poly",
+        p.guard,
+        p.ln2_q,
+        p.c1,
+        p.c2,
+        p.c0,
+        p.l2e_q,
+        p.sv,
+        p.fv,
+        p.lut_addr_bits,
+        _table(p),
+        out,
+    )
+    return out.reshape(d.shape)
+
+
+def exp_int_ref(d: np.ndarray, p: SoftmaxParams) -> np.ndarray:
+    """Plain-Python twin of :func:`exp_int`."""
+    d = _check_d(d, p)
+    out = np.empty(d.shape, np.int64)
+    for idx in np.ndindex(*d.shape):
+        out[idx] = _exp_ref(int(d[idx]), p)
+    return out
+
+
+def _table(p: SoftmaxParams) -> np.ndarray:
+    return p.exp_table if p.exp_table.size else np.zeros(2, np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# Softmax rows.
+
+
+@nb.njit(cache=True)
+def _softmax_rows(x, m, lo_in, hi_in, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv, addr_bits, table, ob, out):
     rows, n = x.shape
     e = np.empty(n, np.int64)
-    hi_out = (np.int64(1) << out_bits) - 1
+    hi_out = (np.int64(1) << ob) - 1
     for r in range(rows):
         zmax = lo_in
         for j in range(n):
@@ -147,90 +289,98 @@ def _softmax_rows(
         total = np.int64(0)
         for j in range(n):
             d = e[j] - zmax
-            if use_lut:
-                v = _exp_lut(d, table, q_lo, q_hi, frac_bits, below, above)
+            if poly:
+                v = _exp_poly(d, g, ln2_q, c1, c2, c0)
             else:
-                v = _exp_poly(d, g, ln2_q, c1, c2, s, c0)
+                v = _exp_lut(d, l2e_q, sv, fv, addr_bits, table)
             e[j] = v
             total += v
-        recip = (np.int64(1) << (F + out_bits + RECIP_EXTRA)) // total
+        recip = (np.int64(1) << (F + ob + RECIP_EXTRA)) // total
         for j in range(n):
             y = shift_round(e[j] * recip, F + RECIP_EXTRA, RND)
             out[r, j] = y if y < hi_out else hi_out
 
 
-def _setup(x, mask_add, p):
-    x = require_int("softmax: x", x).astype(np.int64, copy=False)
-    m = require_int("softmax: mask_add", mask_add).astype(np.int64, copy=False)
+def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndarray]:
+    x = require_int("softmax: x", x)
+    m = require_int("softmax: mask_add", mask_add)
+    if x.ndim == 0:
+        raise ValueError("softmax: x must have at least one axis (the softmax axis is the last)")
+    lo, hi = int_range(p.in_bits, True)
+    if x.size and (int(x.min()) < lo or int(x.max()) > hi):
+        bad = int(x.min()) if int(x.min()) < lo else int(x.max())
+        raise ValueError(f"softmax: x={bad} is outside the signed {p.in_bits}-bit input range [{lo}, {hi}]")
+    if m.size and (int(m.min()) < -(1 << 62) or int(m.max()) > (1 << 62)):
+        raise ValueError("softmax: mask_add values must be within +-2**62")
     try:
         m = np.broadcast_to(m, x.shape)
     except ValueError:
-        raise ValueError(f"softmax: mask shape {m.shape} does not broadcast to {x.shape}") from None
+        raise ValueError(f"softmax: mask_add shape {m.shape} does not broadcast to x shape {x.shape}") from None
     n = x.shape[-1]
-    return np.ascontiguousarray(x).reshape(-1, n), np.ascontiguousarray(m).reshape(-1, n)
+    if n > p.max_len:
+        raise ValueError(
+            f"softmax: rows of {n} elements could overflow the {p.sum_bits}-bit sum (at most {p.max_len}); "
+            "raise sum_bits"
+        )
+    xr = np.ascontiguousarray(x, dtype=np.int64).reshape(-1, n)
+    mr = np.ascontiguousarray(m, dtype=np.int64).reshape(-1, n)
+    return xr, mr
+
+
+def _out_dtype(p: SoftmaxParams) -> type:
+    return np.uint8 if p.out_bits <= 8 else np.uint16
 
 
 def softmax(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray:
-    """Numba kernel; unsigned codes at exponent ``p.e_out`` (int64 array of x's shape)."""
+    """Softmax over the last axis (Numba).
+
+    ``x``: signed ``p.in_bits`` codes at ``p.e_in``; ``mask_add``: int codes at ``p.e_in``
+    broadcastable to ``x``. Returns unsigned ``p.out_bits`` codes (uint8/uint16) at
+    ``p.e_out = -out_bits``, x's shape. Steps, widths and roundings: module docstring.
+    """
     xr, mr = _setup(x, mask_add, p)
     lo_in, hi_in = int_range(p.in_bits, True)
     out = np.empty(xr.shape, np.int64)
-    t = p.lut
     _softmax_rows(
         xr,
         mr,
         lo_in,
         hi_in,
-        t is not None,
+        p.method == "poly",
         p.guard,
         p.ln2_q,
         p.c1,
         p.c2,
-        p.c2_shift,
         p.c0,
-        t.table if t else np.zeros(2, np.int64),
-        t.q_lo if t else 0,
-        t.q_hi if t else 0,
-        t.frac_bits if t else 0,
-        t.below if t else 0,
-        t.above if t else 0,
+        p.l2e_q,
+        p.sv,
+        p.fv,
+        p.lut_addr_bits,
+        _table(p),
         p.out_bits,
         out,
     )
-    return out.reshape(np.shape(x)).astype(np.uint16 if p.out_bits > 8 else np.uint8)
+    return out.reshape(np.shape(x)).astype(_out_dtype(p))
 
 
 def softmax_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray:
-    """Plain-Python twin of :func:`softmax`."""
+    """Plain-Python twin of :func:`softmax` (Python ints, one row at a time)."""
     xr, mr = _setup(x, mask_add, p)
     lo_in, hi_in = int_range(p.in_bits, True)
+    hi_out = (1 << p.out_bits) - 1
     out = np.empty(xr.shape, np.int64)
     for r in range(xr.shape[0]):
         z = [min(max(int(a) + int(b), lo_in), hi_in) for a, b in zip(xr[r], mr[r], strict=True)]
         zmax = max(z)
-        es = []
-        for v in z:
-            d = v - zmax
-            if p.lut is not None:
-                t = p.lut
-                if d < t.q_lo:
-                    ev = t.below
-                elif d >= t.q_hi:
-                    ev = t.above
-                else:
-                    u = d - t.q_lo
-                    k, f = u >> t.frac_bits, u & ((1 << t.frac_bits) - 1)
-                    ev = int(t.table[k]) + shift_round_ref(
-                        (int(t.table[k + 1]) - int(t.table[k])) * f, t.frac_bits, RND
-                    )
-            else:
-                dd = d << p.guard
-                k = (-dd) // p.ln2_q
-                rr = dd + k * p.ln2_q
-                pv = shift_round_ref(p.c2 * (rr + p.c1) ** 2, p.c2_shift, RND) + p.c0
-                ev = 0 if k > 62 else pv >> k
-            es.append(ev)
+        es = [_exp_ref(v - zmax, p) for v in z]
         recip = (1 << (F + p.out_bits + RECIP_EXTRA)) // sum(es)
         for j, ev in enumerate(es):
-            out[r, j] = saturate_ref(shift_round_ref(ev * recip, F + RECIP_EXTRA, RND), p.out_bits, False, 0)[0]
-    return out.reshape(np.shape(x)).astype(np.uint16 if p.out_bits > 8 else np.uint8)
+            out[r, j] = min(shift_round_ref(ev * recip, F + RECIP_EXTRA, RND), hi_out)
+    return out.reshape(np.shape(x)).astype(_out_dtype(p))
+
+
+def softmax_float(x: np.ndarray, mask_add: np.ndarray, e_in: int) -> np.ndarray:
+    """Float64 oracle: softmax of ``(x + mask_add) * 2**e_in`` over the last axis (no saturation)."""
+    v = (np.asarray(x, np.float64) + np.asarray(mask_add, np.float64)) * 2.0**e_in
+    v = np.exp(v - v.max(-1, keepdims=True))
+    return v / v.sum(-1, keepdims=True)
