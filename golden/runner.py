@@ -94,11 +94,18 @@ class GoldenRunner:
         return str(self.path) if self.path else "the model"
 
     def _vocab_size(self) -> int | None:
-        """Rows of the table gathered by input_ids, if the graph has one."""
+        """Rows of the word-embedding table gathered by input_ids; when the graph does not
+        gather an initializer with input_ids directly, the size of the tokenizer.json beside
+        the model; None when neither is there."""
         init = {i.name: i for i in self.model.graph.initializer}
         for n in self.model.graph.node:
             if n.op_type == "Gather" and len(n.input) == 2 and n.input[1] == "input_ids" and n.input[0] in init:
                 return int(init[n.input[0]].dims[0])
+        tok = self.path.with_name("tokenizer.json") if self.path else None
+        if tok is not None and tok.is_file():
+            from golden.tokenize import _load
+
+            return _load(str(tok)).get_vocab_size(with_added_tokens=True)
         return None
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:

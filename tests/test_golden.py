@@ -1,6 +1,7 @@
 """The float golden: complete and equal to a plain session; data split; CLI errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -74,6 +75,25 @@ def test_golden_input_errors_name_the_field_and_value(tiny_bert_onnx):
     bad["input_ids"][0, 1] = -1
     with pytest.raises(BbctError, match=r"input_ids\[0, 1\] = -1 is outside"):
         r.run_all(bad)
+
+
+def test_vocabulary_from_the_tokenizer_when_the_graph_hides_the_table(tiny_bert_onnx, tmp_path):
+    """input_ids reach the word table through an Identity: the tokenizer beside gives the size."""
+    m = onnx.load(str(tiny_bert_onnx))
+    for n in m.graph.node:
+        for i, x in enumerate(n.input):
+            if x == "input_ids":
+                n.input[i] = "ids_copy"
+    m.graph.node.insert(0, onnx.helper.make_node("Identity", ["input_ids"], ["ids_copy"], name="copy_ids"))
+    onnx.save(m, str(tmp_path / "model.onnx"))
+    assert GoldenRunner(tmp_path / "model.onnx").vocab_size is None
+    shutil.copy(tiny_bert_onnx.with_name("tokenizer.json"), tmp_path / "tokenizer.json")
+    r = GoldenRunner(tmp_path / "model.onnx")
+    assert r.vocab_size == 100
+    feeds = tiny_inputs()
+    feeds["input_ids"][2, 0] = 100
+    with pytest.raises(BbctError, match=r"input_ids\[2, 0\] = 100 is outside the vocabulary 0..99"):
+        r.run(feeds)
 
 
 def test_file_errors_name_the_file(tmp_path):
