@@ -29,6 +29,7 @@ from kernels.formats import (
     QTensor,
     Rounding,
     ScaleKind,
+    expand_blocks,
     sat_bounds,
     saturate,
     saturate_ref,
@@ -116,6 +117,44 @@ def block_exponents(x: np.ndarray, fmt: IntFormat) -> tuple[np.ndarray, np.ndarr
     exp = rows_restore(exp, moved, fmt.block_axis)
     mant = None if mant is None else rows_restore(mant, moved, fmt.block_axis)
     return np.ascontiguousarray(exp), None if mant is None else np.ascontiguousarray(mant)
+
+
+def mse_exponents(x: np.ndarray, fmt: IntFormat, search: int) -> np.ndarray:
+    """POW2 block exponents chosen for least squared error: the max-based exponent ``e`` or
+    one of ``e-1 .. e-search`` (a finer step that clips the block's largest values).
+
+    A weight-only choice made at lowering (no data involved); ties keep the larger exponent.
+    """
+    if fmt.scale != ScaleKind.POW2:
+        raise FormatError("mse_exponents: POW2 formats only")
+    x = _check_float(x)
+    exp, _ = block_exponents(x, fmt)
+    best = exp.copy()
+    if search <= 0:
+        return best
+    shape = x.shape
+
+    def err(e: np.ndarray) -> np.ndarray:
+        full = np.ldexp(1.0, expand_blocks(e.astype(np.int64), shape, fmt.block_axis, fmt.block_size))
+        q = np.clip(np.rint(x / full), fmt.qmin, fmt.qmax)
+        se = (q * full - x) ** 2
+        rows, _ = rows_view(se, fmt.block_axis)
+        n = rows.shape[1]
+        bs = effective_block(n, fmt.block_size)
+        nblk = -(-n // bs)
+        rows = np.concatenate([rows, np.zeros((rows.shape[0], nblk * bs - n))], axis=1)
+        per = rows.reshape(rows.shape[0], nblk, bs).sum(axis=2)
+        return rows_restore(per, tuple(np.moveaxis(np.empty(shape), fmt.block_axis % x.ndim, -1).shape), fmt.block_axis)
+
+    best_err = err(best)
+    zero = exp == EXP_ZERO
+    for k in range(1, search + 1):
+        cand = np.where(zero, exp, exp - k).astype(np.int32)
+        e2 = err(cand)
+        better = e2 < best_err
+        best = np.where(better, cand, best)
+        best_err = np.where(better, e2, best_err)
+    return np.ascontiguousarray(best.astype(np.int32))
 
 
 def round_float_ref(v: float, mode: Rounding | int) -> int:

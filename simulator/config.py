@@ -66,6 +66,7 @@ class OpSettings:
     weight_mant_bits: int = 8  # multiplier width for "mult" scales
     weight_exp_bits: int = 8  # bits to store one block exponent (counted in compression)
     weight_guard: int = 12  # extra low bits kept when weight blocks are aligned for the MAC
+    weight_clip_search: int = 0  # also try exponents 1..N below the max-based one; keep least MSE
     act_bits: int = 8  # 2..16, activation codes between ops
     act_block: int = 32  # elements per block along the hidden axis; 0 = whole axis
     act_guard: int = 4  # extra low bits kept when activation blocks are aligned
@@ -99,6 +100,7 @@ class OpSettings:
         _check_range("weight_mant_bits", self.weight_mant_bits, 1, 16)
         _check_range("weight_exp_bits", self.weight_exp_bits, 1, 16)
         _check_range("weight_guard", self.weight_guard, 0, 24)
+        _check_range("weight_clip_search", self.weight_clip_search, 0, 4)
         _check_range("act_guard", self.act_guard, 0, 16)
         _check_range("acc_bits", self.acc_bits, 8, 62)
         _check_range("bias_bits", self.bias_bits, 8, 62)
@@ -222,6 +224,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "weight_bits": 4,
             "weight_block": 128,
             "weight_exp_bits": 4,
+            "weight_clip_search": 2,
             "act_bits": 8,
             "act_block": 32,
             "scaling": "dynamic",

@@ -25,7 +25,7 @@ from kernels.align import align
 from kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
 from kernels.gelu import make_gelu_lut, make_gelu_poly
 from kernels.layernorm import make_layernorm_params
-from kernels.quantize import block_exponents, quantize
+from kernels.quantize import block_exponents, mse_exponents, quantize
 from kernels.requantize import quantize_multiplier
 from kernels.softmax import make_softmax_params
 from kernels.tanh import make_tanh_lut
@@ -115,7 +115,11 @@ class _Lowerer:
 
     def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str) -> QTensor:
         fmt = self.weight_fmt(s, axis)
-        q = quantize(np.asarray(w, dtype=np.float64), fmt)
+        w = np.asarray(w, dtype=np.float64)
+        exp = None
+        if s.weight_clip_search and fmt.scale == ScaleKind.POW2:
+            exp = mse_exponents(w, fmt, s.weight_clip_search)
+        q = quantize(w, fmt, exp)
         self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
         return q
 

