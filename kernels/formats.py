@@ -46,6 +46,7 @@ import numpy as np
 
 __all__ = [
     "EXP_ZERO",
+    "EXP_MIN",
     "Rounding",
     "Saturation",
     "ScaleKind",
@@ -72,6 +73,10 @@ __all__ = [
 # Exponent given to an all-zero block: far below any real exponent, so aligning to a
 # block maximum never picks it, yet sums of two stay well inside int32.
 EXP_ZERO = -1024
+# Smallest real block exponent. quantize flushes a block whose scale would fall below it to
+# zero (codes 0, EXP_ZERO): only magnitudes under ~2**-960 (float64 subnormals and their
+# neighbours), never met in a model, so a real exponent can never collide with EXP_ZERO.
+EXP_MIN = -960
 
 
 class FormatError(ValueError):

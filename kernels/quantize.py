@@ -4,7 +4,8 @@ Used by lowering (weights, tables, biases) and at the model's input boundary. Co
 
 * Block exponent (POW2): the smallest integer ``e`` with ``amax <= qmax * 2**e``, where
   ``amax`` is the block's max |x| and ``qmax = 2**(bits-1)-1`` (signed) or ``2**bits-1``;
-  so rounding never needs to saturate. An all-zero block gets ``EXP_ZERO``.
+  so rounding never needs to saturate. An all-zero block gets ``EXP_ZERO``; so does a block
+  whose exponent would be below ``EXP_MIN`` (-960): its values flush to zero (FTZ).
 * Block scale (MULT): ``mant * 2**e`` with ``mant`` in ``[2**(mant_bits-1), 2**mant_bits)``,
   the smallest such scale with ``amax <= qmax * mant * 2**e`` (mantissa rounded up).
 * Code: ``q = sat(round(v))`` with ``v = (x * 2**-e) / mant`` evaluated in IEEE float64
@@ -23,6 +24,7 @@ import numpy as np
 
 from kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
 from kernels.formats import (
+    EXP_MIN,
     EXP_ZERO,
     FormatError,
     IntFormat,
@@ -61,6 +63,7 @@ def _pow2_exps(amax: np.ndarray, qmax: int) -> np.ndarray:
         e = e + up
         down = nz & (np.ldexp(amax, 1 - e) <= qmax)
         e = e - down
+    nz = nz & (e >= EXP_MIN)  # flush to zero below the exponent floor
     return np.where(nz, e, EXP_ZERO).astype(np.int32)
 
 
@@ -88,6 +91,7 @@ def _mult_scales(amax: np.ndarray, qmax: int, mant_bits: int) -> tuple[np.ndarra
     top = m >= hi
     m = np.where(top, m // 2, m)
     e = e + top
+    nz = nz & (e >= EXP_MIN)  # flush to zero below the exponent floor
     return np.where(nz, e, EXP_ZERO).astype(np.int32), np.where(nz, m, lo).astype(np.int32)
 
 
@@ -155,6 +159,64 @@ def mse_exponents(x: np.ndarray, fmt: IntFormat, search: int) -> np.ndarray:
         best = np.where(better, cand, best)
         best_err = np.where(better, e2, best_err)
     return np.ascontiguousarray(best.astype(np.int32))
+
+
+def gptq(w: np.ndarray, fmt: IntFormat, hessian: np.ndarray, search: int = 0, damp: float = 0.01) -> QTensor:
+    """Weights ``w`` (K, N) -> QTensor in ``fmt`` (POW2, blocks along K = axis 0) by GPTQ
+    error feedback: a lowering-time choice of codes, not a kernel (Frantar et al., 2022).
+
+    Rows k = 0..K-1 (the inputs of ``x @ w``) are quantized in order; each row's rounding
+    error is spread over the rows not yet quantized through the Cholesky factor of the
+    inverse of ``hessian`` = sum of x x^T over calibration inputs (K, K), so that ``x @ q``
+    stays close to ``x @ w`` on data like it. ``damp`` * mean(diag) is added to the diagonal;
+    inputs never active (zero diagonal) get zero weights. A block's exponent is chosen when
+    the block starts, from the weights as updated so far (max-based, or least squared error
+    over ``search`` lower exponents, as :func:`mse_exponents`). Codes are RND_CONV of the
+    updated weight over ``2**e``, saturated to the format (``meta['overflow']`` counts the
+    clipped codes, as :func:`quantize` does). With a diagonal ``hessian``
+    nothing is fed forward: the result equals :func:`quantize` with the same exponents.
+    """
+    if fmt.scale != ScaleKind.POW2 or fmt.block_axis % 2 != 0 or np.ndim(w) != 2:
+        raise FormatError("gptq: 2-D weights with POW2 blocks along axis 0 only")
+    w = _check_float(w).copy()
+    k_, n_ = w.shape
+    h = np.array(hessian, dtype=np.float64)
+    if h.shape != (k_, k_) or not np.all(np.isfinite(h)):
+        raise FormatError(f"gptq: hessian must be a finite ({k_}, {k_}) matrix, got {h.shape}")
+    dead = np.diag(h) <= 0
+    h[dead, dead] = 1.0
+    w[dead] = 0.0
+    h[np.diag_indices(k_)] += damp * float(np.mean(np.diag(h)))
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(h) = u.T @ u
+    except np.linalg.LinAlgError:
+        raise FormatError("gptq: the damped hessian is not positive definite") from None
+    bs = effective_block(k_, fmt.block_size)
+    nblk = -(-k_ // bs) if k_ else 0
+    codes = np.zeros((k_, n_), np.int64)
+    exp = np.full((nblk, n_), EXP_ZERO, np.int32)
+    rule = Rounding(fmt.rounding)
+    n_over = 0
+    for b in range(nblk):
+        g0, g1 = b * bs, min((b + 1) * bs, k_)
+        sub = IntFormat.from_dict(fmt.to_dict() | {"block_size": 0})
+        e = mse_exponents(w[g0:g1], sub, search) if search else block_exponents(w[g0:g1], sub)[0]
+        exp[b] = e[0]
+        scale = np.ldexp(1.0, np.where(e[0] == EXP_ZERO, 0, e[0]).astype(np.int64))
+        err = np.zeros((g1 - g0, n_))
+        for k in range(g0, g1):
+            v = w[k] / scale
+            q = np.array([round_float_ref(float(x), rule) for x in v]) if rule != Rounding.RND_CONV else np.rint(v)
+            q[e[0] == EXP_ZERO] = 0
+            qc = np.clip(q, fmt.qmin, fmt.qmax)
+            n_over += int(np.count_nonzero(qc != q))
+            q = qc
+            codes[k] = q
+            d = (w[k] - q * scale) / u[k, k]
+            w[k + 1 : g1] -= np.outer(u[k, k + 1 : g1], d)
+            err[k - g0] = d
+        w[g1:] -= u[g0:g1, g1:].T @ err  # the block's errors, fed to the later rows at once
+    return QTensor(np.ascontiguousarray(codes.astype(fmt.dtype)), fmt, exp, None, {"overflow": n_over})
 
 
 def round_float_ref(v: float, mode: Rounding | int) -> int:
@@ -235,6 +297,9 @@ def _prepare(x: np.ndarray, fmt: IntFormat, exp, mant):
         if mant is not None:
             raise FormatError("quantize: mant given without exp")
         exp, mant = block_exponents(x, fmt)
+        flushed = exp == EXP_ZERO
+        if flushed.any():  # all-zero or below EXP_MIN: codes are 0
+            x = np.where(expand_blocks(flushed, x.shape, fmt.block_axis, fmt.block_size), 0.0, x)
     if (mant is None) != (fmt.scale == ScaleKind.POW2):
         raise FormatError(f"quantize: a {fmt.scale.name} format needs mant={'None' if mant is None else 'an array'}")
     bshape = blocks_shape(x.shape, fmt.block_axis, fmt.block_size)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from kernels.formats import EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
+from kernels.formats import EXP_MIN, EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
 from kernels.quantize import block_exponents, quantize, quantize_ref
 from kernels.testing import assert_qtensor_equal, float_arrays, int_formats, rounding_modes, shapes_and_blocks
 
@@ -61,12 +61,34 @@ def test_block_scales_are_the_smallest_that_fit(data, fmt, sb):
             if amax == 0:
                 assert e == EXP_ZERO
                 continue
+            if e == EXP_ZERO:  # flushed: its scale would be below EXP_MIN, and codes are 0
+                top = fmt.qmax * (2 * lo if mr is not None else 1)
+                assert amax < math.ldexp(top, EXP_MIN)
+                assert not rows_view(q.data, axis)[0][r, b * bs : (b + 1) * bs].any()
+                continue
             if mr is None:  # smallest e with amax <= qmax * 2**e
                 assert amax <= math.ldexp(fmt.qmax, e) and amax > math.ldexp(fmt.qmax, e - 1)
             else:
                 m = int(mr[r, b])
                 prev = math.ldexp(fmt.qmax * (m - 1), e) if m > lo else math.ldexp(fmt.qmax * (2 * lo - 1), e - 1)
                 assert lo <= m < 2 * lo and amax <= math.ldexp(fmt.qmax * m, e) and amax > prev
+
+
+@pytest.mark.parametrize("scale", [ScaleKind.POW2, ScaleKind.MULT])
+def test_blocks_below_the_exponent_floor_flush_to_zero(scale):
+    """A block's scale never goes below 2**EXP_MIN, so it cannot collide with EXP_ZERO:
+    subnormal and near-subnormal blocks become zero blocks; one step above the floor stays."""
+    fmt = IntFormat(8, True, block_axis=-1, block_size=2, scale=scale)
+    # the smallest block that keeps a real exponent: scale exactly 2**EXP_MIN (POW2) or
+    # mant * 2**EXP_MIN with mant = 2**(mant_bits-1) (MULT)
+    lo = 1 << (fmt.mant_bits - 1) if scale == ScaleKind.MULT else 1
+    keep = math.ldexp(fmt.qmax * lo, EXP_MIN)
+    x = np.array([[5e-324, -5e-324, 1e-300, 0.0, keep, -keep / 2, keep / 2.5, 0.0]])
+    for q in (quantize(x, fmt), quantize_ref(x, fmt)):
+        assert q.exp.tolist() == [[EXP_ZERO, EXP_ZERO, EXP_MIN, EXP_ZERO]]
+        assert q.data[0, :4].tolist() == [0, 0, 0, 0] and q.data[0, 6:].tolist() == [0, 0]
+        assert q.data[0, 4:6].tolist() == [127, -64] and q.meta["overflow"] == 0
+    assert_qtensor_equal(quantize(x, fmt), quantize_ref(x, fmt))
 
 
 @settings(max_examples=60, deadline=None)
@@ -93,7 +115,7 @@ def test_float_error_bound(data, fmt, sb):
     shape, axis, block = sb
     fmt = _fmt(IntFormat.from_dict(fmt.to_dict() | {"signed": True}), axis, block)
     x = data.draw(float_arrays(shape))
-    x[np.abs(x) < 2.0**-1000] = 0.0  # keep every scale 2**e a float64 (the test's own arithmetic)
+    x[np.abs(x) < 2.0**-900] = 0.0  # below EXP_MIN blocks flush to zero (tested above)
     q = quantize(x, fmt)
     step = q.scale_array()
     err = np.abs(q.dequantize() - x)
@@ -164,3 +186,115 @@ def test_quantize_matches_onnx_blocked_quantize_linear(block, axis):
 
         y = ReferenceEvaluator(model).run(None, {"x": x})[0]
     np.testing.assert_array_equal(q.data, y)
+
+
+@SETTINGS
+@given(st.data(), st.integers(2, 8), shapes_and_blocks(), st.integers(0, 3))
+def test_mse_exponents_pick_the_least_squared_error_per_block(data, bits, sb, search):
+    """Brute force per block: among the max-based exponent e and e-1 .. e-search, the pick
+    has the least squared error of round-to-nearest-even codes clipped to the format (ties
+    keep the larger exponent); all-zero blocks keep EXP_ZERO; search=0 is block_exponents."""
+    from kernels.blocks import rows_view
+    from kernels.quantize import mse_exponents
+
+    shape, axis, block = sb
+    fmt = IntFormat(bits, True, block_axis=axis, block_size=block, scale=ScaleKind.POW2)
+    x = data.draw(float_arrays(shape, max_abs=1e3))
+    x[np.abs(x) < 2.0**-900] = 0.0
+    best = mse_exponents(x, fmt, search)
+    base, _ = block_exponents(x, fmt)
+    if search == 0:
+        np.testing.assert_array_equal(best, base)
+    rows = rows_view(x, axis)[0]
+    bs = rows.shape[1] if block == 0 or block >= rows.shape[1] else block
+    er, br = rows_view(base, axis)[0], rows_view(best, axis)[0]
+    for r in range(rows.shape[0]):
+        for b in range(er.shape[1]):
+            v = rows[r, b * bs : (b + 1) * bs]
+            e0 = int(er[r, b])
+            if e0 == EXP_ZERO:
+                assert br[r, b] == EXP_ZERO
+                continue
+
+            def sse(e: int, v: np.ndarray = v) -> float:
+                q = np.clip(np.rint(np.ldexp(v, -e)), fmt.qmin, fmt.qmax)
+                return float(((np.ldexp(q, e) - v) ** 2).sum())
+
+            errs = [sse(e0 - k) for k in range(search + 1)]
+            k_best = min(range(search + 1), key=lambda k: (errs[k], k))  # first minimum: larger e
+            assert br[r, b] == e0 - k_best
+
+
+def test_mse_exponents_clip_an_outlier_when_it_pays():
+    """A lone large value among many small ones: clipping it (one exponent lower) halves
+    the step for the other 127 values and wins; a flat block keeps the max-based exponent.
+
+    Block of 128, 4-bit (qmax 7), values uniform in [-1, 1] and one 4.0, so e = 0 (4 <= 7).
+    Expected squared error: e = 0 (step 1) ~127/12 = 10.6; e = -1 (step 1/2, 4.0 clips to 3.5)
+    ~127/48 + 0.25 = 2.9; e = -2 (step 1/4, clips to 1.75, and the tails of [-1, 1] too) > 5.
+    """
+    from kernels.quantize import mse_exponents
+
+    fmt = IntFormat(4, True, block_axis=-1, block_size=128, scale=ScaleKind.POW2)
+    rng = np.random.default_rng(0)
+    spiky = rng.uniform(-1, 1, 128)
+    spiky[5] = 4.0
+    flat = np.full(128, 7.0)
+    x = np.stack([spiky, flat])
+    base, _ = block_exponents(x, fmt)
+    assert base.ravel().tolist() == [0, 0]
+    assert mse_exponents(x, fmt, 2).ravel().tolist() == [-1, 0]
+
+
+def _correlated(rng, n: int, k: int) -> np.ndarray:
+    return rng.normal(size=(n, k)) @ rng.normal(size=(k, k)) * 0.1
+
+
+def test_gptq_with_a_diagonal_hessian_is_plain_rounding():
+    """No cross terms, nothing to feed forward: GPTQ codes and exponents are quantize's, for
+    max-based and least-MSE exponents alike (a short last block included)."""
+    from kernels.quantize import gptq, mse_exponents
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(300, 24)) * 0.05
+    fmt = IntFormat(4, True, block_axis=0, block_size=128, scale=ScaleKind.POW2)
+    h = np.diag(rng.uniform(0.5, 2.0, 300))
+    assert_qtensor_equal(gptq(w, fmt, h), quantize(w, fmt))
+    assert_qtensor_equal(gptq(w, fmt, h, search=2), quantize(w, fmt, mse_exponents(w, fmt, 2)))
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    """Second oracle, in float: for inputs X whose second moments built the hessian, and for
+    held-out inputs from the same distribution, ||X (w - deq)||^2 is well below rounding to
+    nearest with the same exponent rule (measured: about half)."""
+    from kernels.quantize import gptq, mse_exponents
+
+    rng = np.random.default_rng(0)
+    k, n = 256, 64
+    w = rng.normal(size=(k, n)) * 0.05
+    mix = rng.normal(size=(k, k))
+    x, held = (rng.normal(size=(m, k)) @ mix * 0.1 for m in (4000, 1000))
+    fmt = IntFormat(4, True, block_axis=0, block_size=64, scale=ScaleKind.POW2)
+    q = gptq(w, fmt, x.T @ x, search=2)
+    rtn = quantize(w, fmt, mse_exponents(w, fmt, 2))
+    assert q.data.dtype == fmt.dtype and q.data.min() >= fmt.qmin and q.data.max() <= fmt.qmax
+    for data in (x, held):
+        e_gptq = np.sum((data @ (w - q.dequantize())) ** 2)
+        e_rtn = np.sum((data @ (w - rtn.dequantize())) ** 2)
+        assert e_gptq < 0.7 * e_rtn
+
+
+def test_gptq_dead_inputs_and_bad_arguments():
+    from kernels.quantize import gptq
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(8, 3))
+    fmt = IntFormat(4, True, block_axis=0, block_size=4, scale=ScaleKind.POW2)
+    x = rng.normal(size=(50, 8))
+    x[:, 5] = 0.0  # input 5 never active: its weights do not matter and become 0
+    q = gptq(w, fmt, x.T @ x)
+    assert not q.data[5].any()
+    with pytest.raises(FormatError, match=r"hessian must be a finite \(8, 8\)"):
+        gptq(w, fmt, np.eye(7))
+    with pytest.raises(FormatError, match="POW2 blocks along axis 0"):
+        gptq(w, IntFormat(4, True, block_axis=1, block_size=4, scale=ScaleKind.POW2), np.eye(8))
