@@ -84,3 +84,43 @@ def calibrate(
             calib.amax[point] = a if prev is None else np.maximum(prev, a)
         calib.sentences += int(mask.shape[0])
     return calib
+
+
+def linear_names(spec: S.BertSpec) -> dict[int, str]:
+    """``id(linear) -> `` the name lowering gives its accumulator node (``L0.q.acc``, ...)."""
+    names: dict[int, str] = {}
+    for i, layer in enumerate(spec.layers):
+        at, p = layer.attention, f"L{i}."
+        for role, lin in (("q", at.q), ("k", at.k), ("v", at.v), ("attn_out", at.out)):
+            names[id(lin)] = p + role + ".acc"
+        names[id(layer.intermediate)] = p + "ffn1.acc"
+        names[id(layer.output)] = p + "ffn2.acc"
+    if spec.pooler is not None:
+        names[id(spec.pooler)] = "pooler.acc"
+    if spec.classifier is not None:
+        names[id(spec.classifier)] = "classifier.acc"
+    return names
+
+
+def collect_hessians(spec: S.BertSpec, batches: Iterable[dict[str, np.ndarray]], calib: Calibration) -> Calibration:
+    """Add ``sum x x^T`` of every linear's float input over the real (not padding) tokens of
+    ``batches`` to ``calib.hessians`` (the float model of :mod:`simulator.float_model`)."""
+    from simulator.float_model import run_spec_float
+
+    names = linear_names(spec)
+    for inputs in batches:
+        mask = np.asarray(inputs.get("attention_mask", np.ones_like(inputs["input_ids"]))).astype(bool)
+
+        def tap(lin: S.Linear, x: np.ndarray, mask: np.ndarray = mask) -> None:
+            name = names.get(id(lin))
+            if name is None:
+                return
+            x = np.asarray(x, np.float64)
+            rows = x[mask] if x.ndim == 3 else x.reshape(-1, x.shape[-1])  # (B, S, K) or CLS rows
+            h = rows.T @ rows
+            calib.hessians[name] = h if name not in calib.hessians else calib.hessians[name] + h
+
+        run_spec_float(
+            spec, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("token_type_ids"), on_linear=tap
+        )
+    return calib

@@ -58,7 +58,7 @@ def _simulator(args: argparse.Namespace):
     from simulator.session import Simulator
 
     cfg = load_config(args.config)
-    calib = _calib_texts(args) if cfg.any_static else None
+    calib = _calib_texts(args) if cfg.needs_calibration else None
     return Simulator(_model(args), cfg, calib_texts=calib, max_length=args.max_length)
 
 
@@ -184,6 +184,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 qs = " ".join(f"{v:+.4f}" for v in q[i])
                 print(f"{t[:48]:<50} {fs:<26} {qs:<26} {int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
                 {

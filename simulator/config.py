@@ -54,6 +54,7 @@ GELU_METHODS = ("poly", "lut")
 SOFTMAX_METHODS = ("poly", "lut")
 TANH_METHODS = ("lut",)
 SCALINGS = ("static", "dynamic")
+WEIGHT_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class OpSettings:
     weight_exp_bits: int = 8  # bits to store one block exponent (counted in compression)
     weight_guard: int = 12  # extra low bits kept when weight blocks are aligned for the MAC
     weight_clip_search: int = 0  # also try exponents 1..N below the max-based one; keep least MSE
+    weight_method: str = "rtn"  # "rtn" (round each weight to nearest) or "gptq" (error feedback; needs calibration)
     act_bits: int = 8  # 2..16, activation codes between ops
     act_block: int = 32  # elements per block along the hidden axis; 0 = whole axis
     act_guard: int = 4  # extra low bits kept when activation blocks are aligned
@@ -113,6 +115,9 @@ class OpSettings:
         for k in ("gelu_lut_addr_bits", "softmax_lut_addr_bits", "tanh_lut_addr_bits"):
             _check_range(k, getattr(self, k), 2, 16)
         _check_choice("weight_scale", self.weight_scale, ("pow2", "mult"))
+        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        if self.weight_method == "gptq" and self.weight_scale != "pow2":
+            raise ConfigError("weight_method='gptq' needs weight_scale='pow2'")
         _check_choice("scaling", self.scaling, SCALINGS)
         _check_choice("rounding", self.rounding, tuple(m.name for m in Rounding))
         _check_choice("saturation", self.saturation, tuple(m.name for m in Saturation))
@@ -185,13 +190,25 @@ class Config:
         return d
 
     @property
+    def needs_calibration(self) -> bool:
+        """True when lowering needs calibration sentences: static scales or GPTQ weights."""
+        return self.any_static or self.uses_gptq
+
+    @property
+    def uses_gptq(self) -> bool:
+        return self._any("weight_method", "gptq")
+
+    def _any(self, key: str, value: Any) -> bool:
+        if getattr(self.default, key) == value:
+            return True
+        return any(dict(kv).get(key) == value for _, kv in self.by_class) or any(
+            dict(kv).get(key) == value for _, _, kv in self.by_layer
+        )
+
+    @property
     def any_static(self) -> bool:
         """True when some point uses calibrated (static) scales."""
-        if self.default.scaling == "static":
-            return True
-        return any(dict(kv).get("scaling") == "static" for _, kv in self.by_class) or any(
-            dict(kv).get("scaling") == "static" for _, _, kv in self.by_layer
-        )
+        return self._any("scaling", "static")
 
 
 def _apply(s: OpSettings, kv: dict[str, Any], where: str) -> OpSettings:
@@ -219,12 +236,15 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # BBCT-like: 4-bit weights in blocks of 128 along the reduction axis with 4-bit stored block
     # exponents (4.03 bits per weight: >= 7.9x smaller than fp32), 8-bit block activations.
+    # Matmul weights are rounded by GPTQ error feedback from calibration sentences, block
+    # exponents by least squared error (the word table: least squared error only).
     "w4a8": {
         "default": {
             "weight_bits": 4,
             "weight_block": 128,
             "weight_exp_bits": 4,
             "weight_clip_search": 2,
+            "weight_method": "gptq",
             "act_bits": 8,
             "act_block": 32,
             "scaling": "dynamic",

@@ -8,6 +8,7 @@ nodes is a bug and raises.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -217,8 +218,13 @@ def graph_inputs(graph: ir.Graph, inputs: dict[str, np.ndarray]) -> dict[str, QT
     }
 
 
-def run(graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False) -> Result:
-    """Execute ``graph`` on integer id inputs; ``trace`` keeps every intermediate tensor."""
+def run(
+    graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False, profile: dict[str, float] | None = None
+) -> Result:
+    """Execute ``graph`` on integer id inputs; ``trace`` keeps every intermediate tensor.
+
+    ``profile``, when given, accumulates wall seconds per IR op (nonlinear ones by kind).
+    """
     env: dict[str, QTensor] = graph_inputs(graph, inputs)
     uses: dict[str, int] = {}
     for n in graph.nodes:
@@ -229,7 +235,11 @@ def run(graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False) -> 
     tensors: dict[str, QTensor] = {}
     for n in graph.nodes:
         args = [env[i] for i in n.inputs]
+        t0 = time.perf_counter() if profile is not None else 0.0
         out, ov = HANDLERS[type(n)](n, *args)
+        if profile is not None:
+            key = getattr(n, "kind", n.op)  # nonlinear nodes by kind: gelu, softmax, ...
+            profile[key] = profile.get(key, 0.0) + time.perf_counter() - t0
         if out.data.dtype.kind not in "iu" or np.asarray(out.exp).dtype.kind not in "iu":
             raise ExecutionError(f"node {n.name} ({n.op}) produced a non-integer tensor {out.data.dtype}")
         env[n.name] = out

@@ -8,12 +8,17 @@ ONNX tensor name, so each can be compared with onnxruntime's value of the same n
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import numba as nb
 import numpy as np
 
 from simulator import spec as S
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+
+@nb.vectorize(["float64(float64)"], cache=True)
+def _erf(x: float) -> float:  # math.erf, element-wise at compiled speed
+    return math.erf(x)
 
 
 def gelu(x: np.ndarray, kind: str) -> np.ndarray:
@@ -43,6 +48,7 @@ def run_spec_float(
     attention_mask: np.ndarray | None = None,
     token_type_ids: np.ndarray | None = None,
     dtype: type = np.float64,
+    on_linear: Callable[[S.Linear, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Run the spec in float (float64 by default).
 
@@ -50,7 +56,8 @@ def run_spec_float(
     every named tensor of the spec by its ONNX name (Linear outputs after bias, LayerNorm
     outputs, the embedding sum, attention scores/probs/context in the ONNX layout
     ``(batch, heads, seq, seq)`` / ``(batch, seq, hidden)``, GELU outputs, pooler tanh).
-    A padded key's score is ``score + mask_value`` as in the graph.
+    A padded key's score is ``score + mask_value`` as in the graph. ``on_linear(layer, x)``,
+    when given, sees every Linear's input (calibration of GPTQ weights uses it).
     """
     ids = np.asarray(input_ids)
     b, s = ids.shape
@@ -65,6 +72,8 @@ def run_spec_float(
         return v
 
     def lin(x: np.ndarray, layer: S.Linear) -> np.ndarray:
+        if on_linear is not None:
+            on_linear(layer, x)
         return keep(layer, S.ROLE_OUT, linear(x, layer))
 
     def ln(x: np.ndarray, norm: S.LayerNorm) -> np.ndarray:

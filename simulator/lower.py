@@ -25,7 +25,7 @@ from kernels.align import align
 from kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
 from kernels.gelu import make_gelu_lut, make_gelu_poly
 from kernels.layernorm import make_layernorm_params
-from kernels.quantize import block_exponents, mse_exponents, quantize
+from kernels.quantize import block_exponents, gptq, mse_exponents, quantize
 from kernels.requantize import quantize_multiplier
 from kernels.softmax import make_softmax_params
 from kernels.tanh import make_tanh_lut
@@ -37,10 +37,12 @@ from simulator.errors import LoweringError
 
 @dataclass
 class Calibration:
-    """Per-channel max |x| (over calibration tokens) at each activation point, by point name."""
+    """Per-channel max |x| (over calibration tokens) at each activation point, by point name;
+    and, for GPTQ weights, each linear's input second moments ``sum x x^T`` by linear name."""
 
     amax: dict[str, np.ndarray] = field(default_factory=dict)
     sentences: int = 0
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def get(self, point: str) -> np.ndarray | None:
         return self.amax.get(point)
@@ -113,9 +115,19 @@ class _Lowerer:
             }
         )
 
-    def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str) -> QTensor:
+    def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str, gptq_ok: bool = False) -> QTensor:
         fmt = self.weight_fmt(s, axis)
         w = np.asarray(w, dtype=np.float64)
+        if s.weight_method == "gptq" and gptq_ok:
+            h = self.calib.hessians.get(what) if self.calib is not None else None
+            if h is None:
+                raise LoweringError(
+                    f"node {what}: weight_method='gptq' needs calibration data with input statistics "
+                    "(run with calibration sentences, or use weight_method='rtn')"
+                )
+            q = gptq(w, fmt, h, s.weight_clip_search)
+            self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
+            return q
         exp = None
         if s.weight_clip_search and fmt.scale == ScaleKind.POW2:
             exp = mse_exponents(w, fmt, s.weight_clip_search)
@@ -124,7 +136,7 @@ class _Lowerer:
         return q
 
     def linear(self, name: str, x: str, lin: S.Linear, s: OpSettings, onnx: str | None = None) -> str:
-        stored = self.quant_weight(lin.weight, s, axis=0, what=name)
+        stored = self.quant_weight(lin.weight, s, axis=0, what=name, gptq_ok=True)
         wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
         bias = None
         bias_exp = 0

