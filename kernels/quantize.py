@@ -161,20 +161,32 @@ def mse_exponents(x: np.ndarray, fmt: IntFormat, search: int) -> np.ndarray:
     return np.ascontiguousarray(best.astype(np.int32))
 
 
-def gptq(w: np.ndarray, fmt: IntFormat, hessian: np.ndarray, search: int = 0, damp: float = 0.01) -> QTensor:
+def gptq(
+    w: np.ndarray,
+    fmt: IntFormat,
+    hessian: np.ndarray,
+    search: int = 0,
+    damp: float = 0.01,
+    act_order: bool = False,
+) -> QTensor:
     """Weights ``w`` (K, N) -> QTensor in ``fmt`` (POW2, blocks along K = axis 0) by GPTQ
     error feedback: a lowering-time choice of codes, not a kernel (Frantar et al., 2022).
 
-    Rows k = 0..K-1 (the inputs of ``x @ w``) are quantized in order; each row's rounding
+    Rows k (the inputs of ``x @ w``) are quantized one after another; each row's rounding
     error is spread over the rows not yet quantized through the Cholesky factor of the
     inverse of ``hessian`` = sum of x x^T over calibration inputs (K, K), so that ``x @ q``
     stays close to ``x @ w`` on data like it. ``damp`` * mean(diag) is added to the diagonal;
-    inputs never active (zero diagonal) get zero weights. A block's exponent is chosen when
-    the block starts, from the weights as updated so far (max-based, or least squared error
-    over ``search`` lower exponents, as :func:`mse_exponents`). Codes are RND_CONV of the
-    updated weight over ``2**e``, saturated to the format (``meta['overflow']`` counts the
-    clipped codes, as :func:`quantize` does). With a diagonal ``hessian``
-    nothing is fed forward: the result equals :func:`quantize` with the same exponents.
+    inputs never active (zero diagonal) get zero weights.
+
+    Order and exponents: natural order (rows 0..K-1) chooses a block's exponent when the
+    block starts, from the weights as updated so far; ``act_order`` visits rows by
+    decreasing hessian diagonal (the most active inputs first) with exponents fixed up
+    front from the original weights. Either way exponents are max-based, or least squared
+    error over ``search`` lower ones (as :func:`mse_exponents`). Codes are RND_CONV (the
+    format's rounding) of the updated weight over ``2**e``, saturated to the format
+    (``meta['overflow']`` counts the clipped codes, as :func:`quantize` does). With a
+    diagonal ``hessian`` nothing is fed forward: the result equals :func:`quantize` with the
+    same exponents.
     """
     if fmt.scale != ScaleKind.POW2 or fmt.block_axis % 2 != 0 or np.ndim(w) != 2:
         raise FormatError("gptq: 2-D weights with POW2 blocks along axis 0 only")
@@ -187,35 +199,47 @@ def gptq(w: np.ndarray, fmt: IntFormat, hessian: np.ndarray, search: int = 0, da
     h[dead, dead] = 1.0
     w[dead] = 0.0
     h[np.diag_indices(k_)] += damp * float(np.mean(np.diag(h)))
+    bs = effective_block(k_, fmt.block_size)
+    nblk = -(-k_ // bs) if k_ else 0
+    sub = IntFormat.from_dict(fmt.to_dict() | {"block_size": 0})
+
+    def exps(x: np.ndarray, f: IntFormat) -> np.ndarray:
+        return mse_exponents(x, f, search) if search else block_exponents(x, f)[0]
+
+    if act_order:
+        perm = np.argsort(-np.diag(h), kind="stable")
+        exp = exps(w, fmt).astype(np.int32)
+    else:
+        perm = np.arange(k_)
+        exp = np.full((nblk, n_), EXP_ZERO, np.int32)
+    h = h[perm][:, perm]
+    w = w[perm]
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T  # upper: inv(h) = u.T @ u
     except np.linalg.LinAlgError:
         raise FormatError("gptq: the damped hessian is not positive definite") from None
-    bs = effective_block(k_, fmt.block_size)
-    nblk = -(-k_ // bs) if k_ else 0
     codes = np.zeros((k_, n_), np.int64)
-    exp = np.full((nblk, n_), EXP_ZERO, np.int32)
     rule = Rounding(fmt.rounding)
     n_over = 0
-    for b in range(nblk):
-        g0, g1 = b * bs, min((b + 1) * bs, k_)
-        sub = IntFormat.from_dict(fmt.to_dict() | {"block_size": 0})
-        e = mse_exponents(w[g0:g1], sub, search) if search else block_exponents(w[g0:g1], sub)[0]
-        exp[b] = e[0]
-        scale = np.ldexp(1.0, np.where(e[0] == EXP_ZERO, 0, e[0]).astype(np.int64))
-        err = np.zeros((g1 - g0, n_))
-        for k in range(g0, g1):
-            v = w[k] / scale
+    for c0 in range(0, k_, bs):  # chunks of the visiting order; natural order: the blocks
+        c1 = min(c0 + bs, k_)
+        if not act_order:
+            exp[c0 // bs] = exps(w[c0:c1], sub)[0]
+        err = np.zeros((c1 - c0, n_))
+        for i in range(c0, c1):
+            e = exp[perm[i] // bs]
+            zero = e == EXP_ZERO
+            scale = np.ldexp(1.0, np.where(zero, 0, e).astype(np.int64))
+            v = w[i] / scale
             q = np.array([round_float_ref(float(x), rule) for x in v]) if rule != Rounding.RND_CONV else np.rint(v)
-            q[e[0] == EXP_ZERO] = 0
+            q[zero] = 0
             qc = np.clip(q, fmt.qmin, fmt.qmax)
             n_over += int(np.count_nonzero(qc != q))
-            q = qc
-            codes[k] = q
-            d = (w[k] - q * scale) / u[k, k]
-            w[k + 1 : g1] -= np.outer(u[k, k + 1 : g1], d)
-            err[k - g0] = d
-        w[g1:] -= u[g0:g1, g1:].T @ err  # the block's errors, fed to the later rows at once
+            codes[perm[i]] = qc
+            d = (w[i] - qc * scale) / u[i, i]
+            w[i + 1 : c1] -= np.outer(u[i, i + 1 : c1], d)
+            err[i - c0] = d
+        w[c1:] -= u[c0:c1, c1:].T @ err  # the chunk's errors, fed to the later rows at once
     return QTensor(np.ascontiguousarray(codes.astype(fmt.dtype)), fmt, exp, None, {"overflow": n_over})
 
 

@@ -69,6 +69,7 @@ class OpSettings:
     weight_guard: int = 12  # extra low bits kept when weight blocks are aligned for the MAC
     weight_clip_search: int = 0  # also try exponents 1..N below the max-based one; keep least MSE
     weight_method: str = "rtn"  # "rtn" (round each weight to nearest) or "gptq" (error feedback; needs calibration)
+    weight_order: str = "natural"  # GPTQ visiting order: "natural" or "act" (most active inputs first)
     act_bits: int = 8  # 2..16, activation codes between ops
     act_block: int = 32  # elements per block along the hidden axis; 0 = whole axis
     act_guard: int = 4  # extra low bits kept when activation blocks are aligned
@@ -116,6 +117,7 @@ class OpSettings:
             _check_range(k, getattr(self, k), 2, 16)
         _check_choice("weight_scale", self.weight_scale, ("pow2", "mult"))
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        _check_choice("weight_order", self.weight_order, ("natural", "act"))
         if self.weight_method == "gptq" and self.weight_scale != "pow2":
             raise ConfigError("weight_method='gptq' needs weight_scale='pow2'")
         _check_choice("scaling", self.scaling, SCALINGS)

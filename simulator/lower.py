@@ -125,7 +125,7 @@ class _Lowerer:
                     f"node {what}: weight_method='gptq' needs calibration data with input statistics "
                     "(run with calibration sentences, or use weight_method='rtn')"
                 )
-            q = gptq(w, fmt, h, s.weight_clip_search)
+            q = gptq(w, fmt, h, s.weight_clip_search, act_order=s.weight_order == "act")
             self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
             return q
         exp = None
