@@ -78,11 +78,11 @@ def _shift_narrow(v, s, mode, lo, hi, wrap, bits):
     return y, y != q
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     rows, n = x.shape
     n_over = 0
-    for r in range(rows):
+    for r in nb.prange(rows):  # rows are independent: threads never share an output
         for j in range(n):
             s = np.int64(e_out[r, j // bs]) - np.int64(e_in[r, j])
             y, over = _shift_narrow(x[r, j], s, mode, lo, hi, wrap, bits)
@@ -92,12 +92,15 @@ def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     return n_over
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
+    """Returns the overflow count, or ``-1 - (r * nblk + b)`` for the first row r (and its
+    block b) whose input exponents differ inside an output block."""
     rows, n = x.shape
     nblk = e_out.shape[1]
+    bad = np.full(rows, -1, np.int64)
     n_over = 0
-    for r in range(rows):
+    for r in nb.prange(rows):  # rows are independent: threads never share an output
         for b in range(nblk):
             j0 = b * bs
             j1 = min(n, j0 + bs)
@@ -105,8 +108,8 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
             nmin = np.int64(0)
             e0 = e_in[r, j0]
             for j in range(j0, j1):
-                if e_in[r, j] != e0:
-                    return -1 - r * nblk - b  # caller reports the block
+                if e_in[r, j] != e0 and bad[r] < 0:
+                    bad[r] = b
                 v = x[r, j]
                 if v > pmax:
                     pmax = v
@@ -128,6 +131,9 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
                 if y != q:
                     n_over += 1
                 out[r, j] = y
+    for r in range(rows):
+        if bad[r] >= 0:
+            return -1 - r * nblk - bad[r]
     return n_over
 
 
@@ -136,8 +142,8 @@ def _setup(x, e_in, fmt):
     e_in = require_int("requantize: e_in", e_in)
     if fmt.scale != ScaleKind.POW2:
         raise FormatError("requantize produces POW2 formats; use requantize_mult for a multiplier rescale")
-    if x.size and int(np.max(np.abs(x))) >= _LIMIT:
-        raise ValueError(f"requantize: |x| must be < 2**62, got {int(np.max(np.abs(x)))}")
+    if x.size and max(int(x.max()), -int(x.min())) >= _LIMIT:
+        raise ValueError(f"requantize: |x| must be < 2**62, got {max(int(x.max()), -int(x.min()))}")
     try:
         e_full = np.broadcast_to(e_in, x.shape)
     except ValueError:
@@ -156,10 +162,16 @@ def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndar
     x, e_full = _setup(x, e_in, fmt)
     axis = fmt.block_axis
     rows, moved = rows_view(x, axis)
-    e_rows = rows_view(e_full.astype(np.int64), axis)[0]
+    e_arr = np.asarray(e_in)
+    if axis % x.ndim == x.ndim - 1 and e_arr.ndim == x.ndim and e_arr.shape[-1] == 1:
+        # one exponent per row (the usual case after a matmul): a stride-0 view, not a copy
+        per_row = np.ascontiguousarray(np.broadcast_to(e_arr, x.shape[:-1] + (1,))).reshape(-1, 1)
+        e_rows = np.broadcast_to(per_row, rows.shape)
+    else:
+        e_rows = rows_view(e_full, axis)[0]
     bs = effective_block(rows.shape[1], fmt.block_size)
     lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
-    out = np.empty(rows.shape, np.int64)
+    out = np.empty(rows.shape, fmt.dtype)  # codes fit fmt.dtype after saturation
     bshape = blocks_shape(x.shape, axis, fmt.block_size)
     if exp_out is not None:
         eo = block_rows(require_int("requantize: exp_out", exp_out), x.shape, axis, fmt.block_size)
@@ -178,7 +190,7 @@ def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndar
                 f"{k // nblk}; dynamic blocks need one input exponent per block"
             )
         exp = np.ascontiguousarray(rows_restore(eo, moved, axis).astype(np.int32))
-    data = rows_restore(out, moved, axis).astype(fmt.dtype)
+    data = rows_restore(out, moved, axis)
     return QTensor(np.ascontiguousarray(data), fmt, exp, None, {"overflow": int(n_over)})
 
 
@@ -229,10 +241,10 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
     return QTensor(out.astype(fmt.dtype), fmt, np.asarray(eo, np.int32).copy(), None, {"overflow": int(n_over)})
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, parallel=True)
 def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
     n_over = 0
-    for i in range(x.size):
+    for i in nb.prange(x.size):  # independent elements
         y, over = _shift_narrow(x[i] * m[i], s[i], mode, lo, hi, wrap, bits)
         if over:
             n_over += 1
