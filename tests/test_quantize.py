@@ -250,20 +250,23 @@ def _correlated(rng, n: int, k: int) -> np.ndarray:
     return rng.normal(size=(n, k)) @ rng.normal(size=(k, k)) * 0.1
 
 
-def test_gptq_with_a_diagonal_hessian_is_plain_rounding():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_with_a_diagonal_hessian_is_plain_rounding(act_order):
     """No cross terms, nothing to feed forward: GPTQ codes and exponents are quantize's, for
-    max-based and least-MSE exponents alike (a short last block included)."""
+    max-based and least-MSE exponents alike (a short last block included), in either order."""
     from kernels.quantize import gptq, mse_exponents
 
     rng = np.random.default_rng(1)
     w = rng.normal(size=(300, 24)) * 0.05
     fmt = IntFormat(4, True, block_axis=0, block_size=128, scale=ScaleKind.POW2)
     h = np.diag(rng.uniform(0.5, 2.0, 300))
-    assert_qtensor_equal(gptq(w, fmt, h), quantize(w, fmt))
-    assert_qtensor_equal(gptq(w, fmt, h, search=2), quantize(w, fmt, mse_exponents(w, fmt, 2)))
+    assert_qtensor_equal(gptq(w, fmt, h, act_order=act_order), quantize(w, fmt))
+    want = quantize(w, fmt, mse_exponents(w, fmt, 2))
+    assert_qtensor_equal(gptq(w, fmt, h, search=2, act_order=act_order), want)
 
 
-def test_gptq_lowers_the_output_error_on_correlated_inputs():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
     """Second oracle, in float: for inputs X whose second moments built the hessian, and for
     held-out inputs from the same distribution, ||X (w - deq)||^2 is well below rounding to
     nearest with the same exponent rule (measured: about half)."""
@@ -275,7 +278,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     mix = rng.normal(size=(k, k))
     x, held = (rng.normal(size=(m, k)) @ mix * 0.1 for m in (4000, 1000))
     fmt = IntFormat(4, True, block_axis=0, block_size=64, scale=ScaleKind.POW2)
-    q = gptq(w, fmt, x.T @ x, search=2)
+    q = gptq(w, fmt, x.T @ x, search=2, act_order=act_order)
     rtn = quantize(w, fmt, mse_exponents(w, fmt, 2))
     assert q.data.dtype == fmt.dtype and q.data.min() >= fmt.qmin and q.data.max() <= fmt.qmax
     for data in (x, held):

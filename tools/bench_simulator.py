@@ -99,9 +99,14 @@ def child(engine: str, model: Path, batch: int, seq: int, threads: int, repeats:
             return sess.run([out_name], f)[0]
 
     else:
+        from golden.data import read_split
+        from golden.paths import data_dir
+        from simulator.config import load_config
         from simulator.session import Simulator
 
-        sim = Simulator(model, engine.removeprefix("bbct-"), calib_texts=None, threads=threads)
+        cfg = load_config(engine.removeprefix("bbct-"))
+        calib = read_split(data_dir(), "calib")[0] if cfg.needs_calibration else None  # w4a8: GPTQ
+        sim = Simulator(model, cfg, calib_texts=calib, threads=threads)
 
         def once():
             r = sim.run(feeds)
