@@ -161,6 +161,20 @@ def mse_exponents(x: np.ndarray, fmt: IntFormat, search: int) -> np.ndarray:
     return np.ascontiguousarray(best.astype(np.int32))
 
 
+def exponent_window(exp: np.ndarray, exp_bits: int) -> np.ndarray:
+    """Raise block exponents into the window that ``exp_bits`` bits of storage can hold:
+    ``[emax - 2**exp_bits + 1, emax]``, ``emax`` the tensor's largest real exponent (stored
+    once per tensor as the window's base). ``EXP_ZERO`` blocks stay. Raising an exponent never
+    clips (the block's range only grows); it coarsens the step of the smallest blocks.
+    """
+    exp = np.asarray(exp)
+    real = exp != EXP_ZERO
+    if not real.any():
+        return exp.astype(np.int32)
+    lo = int(exp[real].max()) - (1 << exp_bits) + 1
+    return np.where(real, np.maximum(exp, lo), exp).astype(np.int32)
+
+
 def gptq(
     w: np.ndarray,
     fmt: IntFormat,
@@ -168,6 +182,7 @@ def gptq(
     search: int = 0,
     damp: float = 0.01,
     act_order: bool = False,
+    exp_bits: int | None = None,
 ) -> QTensor:
     """Weights ``w`` (K, N) -> QTensor in ``fmt`` (POW2, blocks along K = axis 0) by GPTQ
     error feedback: a lowering-time choice of codes, not a kernel (Frantar et al., 2022).
@@ -182,7 +197,9 @@ def gptq(
     block starts, from the weights as updated so far; ``act_order`` visits rows by
     decreasing hessian diagonal (the most active inputs first) with exponents fixed up
     front from the original weights. Either way exponents are max-based, or least squared
-    error over ``search`` lower ones (as :func:`mse_exponents`). Codes are RND_CONV (the
+    error over ``search`` lower ones (as :func:`mse_exponents`); with ``exp_bits`` they are
+    kept within ``2**exp_bits`` values below the original weights' largest block exponent
+    (:func:`exponent_window`; a block that outgrows the window saturates). Codes are RND_CONV (the
     format's rounding) of the updated weight over ``2**e``, saturated to the format
     (``meta['overflow']`` counts the clipped codes, as :func:`quantize` does). With a
     diagonal ``hessian`` nothing is fed forward: the result equals :func:`quantize` with the
@@ -203,8 +220,14 @@ def gptq(
     nblk = -(-k_ // bs) if k_ else 0
     sub = IntFormat.from_dict(fmt.to_dict() | {"block_size": 0})
 
+    top = int(block_exponents(w, fmt)[0].max()) if w.size else 0
+    bottom = top - (1 << exp_bits) + 1 if exp_bits is not None else EXP_MIN
+
     def exps(x: np.ndarray, f: IntFormat) -> np.ndarray:
-        return mse_exponents(x, f, search) if search else block_exponents(x, f)[0]
+        e = mse_exponents(x, f, search) if search else block_exponents(x, f)[0]
+        if exp_bits is None:
+            return e
+        return np.where(e == EXP_ZERO, e, np.clip(e, bottom, top)).astype(np.int32)
 
     if act_order:
         perm = np.argsort(-np.diag(h), kind="stable")

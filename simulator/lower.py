@@ -25,7 +25,7 @@ from kernels.align import align
 from kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
 from kernels.gelu import make_gelu_lut, make_gelu_poly
 from kernels.layernorm import make_layernorm_params
-from kernels.quantize import block_exponents, gptq, mse_exponents, quantize
+from kernels.quantize import block_exponents, exponent_window, gptq, mse_exponents, quantize
 from kernels.requantize import quantize_multiplier
 from kernels.softmax import make_softmax_params
 from kernels.tanh import make_tanh_lut
@@ -125,13 +125,15 @@ class _Lowerer:
                     f"node {what}: weight_method='gptq' needs calibration data with input statistics "
                     "(run with calibration sentences, or use weight_method='rtn')"
                 )
-            q = gptq(w, fmt, h, s.weight_clip_search, act_order=s.weight_order == "act")
+            q = gptq(w, fmt, h, s.weight_clip_search, act_order=s.weight_order == "act", exp_bits=s.weight_exp_bits)
             self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
             return q
-        exp = None
         if s.weight_clip_search and fmt.scale == ScaleKind.POW2:
-            exp = mse_exponents(w, fmt, s.weight_clip_search)
-        q = quantize(w, fmt, exp)
+            exp, mant = mse_exponents(w, fmt, s.weight_clip_search), None
+        else:
+            exp, mant = block_exponents(w, fmt)
+        # the stored exponents must fit weight_exp_bits (what compression counts)
+        q = quantize(w, fmt, exponent_window(exp, s.weight_exp_bits), mant)
         self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
         return q
 

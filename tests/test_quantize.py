@@ -301,3 +301,33 @@ def test_gptq_dead_inputs_and_bad_arguments():
         gptq(w, fmt, np.eye(7))
     with pytest.raises(FormatError, match="POW2 blocks along axis 0"):
         gptq(w, IntFormat(4, True, block_axis=1, block_size=4, scale=ScaleKind.POW2), np.eye(8))
+
+
+def test_exponent_window_raises_only_the_smallest_exponents():
+    from kernels.quantize import exponent_window
+
+    e = np.array([[3, -20, EXP_ZERO, -12, 0, -13]], np.int32)
+    # 4 bits: 16 values, window [3 - 15, 3] = [-12, 3]
+    assert exponent_window(e, 4).tolist() == [[3, -12, EXP_ZERO, -12, 0, -12]]
+    assert exponent_window(e, 8).tolist() == e.tolist()
+    assert exponent_window(np.full((2, 2), EXP_ZERO, np.int32), 1).tolist() == [[EXP_ZERO] * 2] * 2
+    # raising an exponent never clips: quantizing with the window saturates nothing
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(8, 64)) * np.exp2(rng.integers(-20, 4, size=(8, 1)))
+    fmt = IntFormat(4, True, block_axis=0, block_size=2, scale=ScaleKind.POW2)
+    q = quantize(w, fmt, exponent_window(block_exponents(w, fmt)[0], 2))
+    assert q.meta["overflow"] == 0 and np.ptp(q.exp[q.exp != EXP_ZERO]) <= 3
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_keeps_exponents_in_their_storage_window(act_order):
+    from kernels.quantize import gptq
+
+    rng = np.random.default_rng(4)
+    w = rng.normal(size=(64, 16)) * np.exp2(rng.integers(-12, 2, size=(64, 1)))
+    fmt = IntFormat(4, True, block_axis=0, block_size=8, scale=ScaleKind.POW2)
+    x = rng.normal(size=(500, 64))
+    top = int(block_exponents(w, fmt)[0].max())
+    q = gptq(w, fmt, x.T @ x, search=1, act_order=act_order, exp_bits=2)
+    real = q.exp[q.exp != EXP_ZERO]
+    assert real.min() >= top - 3 and real.max() <= top

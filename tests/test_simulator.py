@@ -15,6 +15,7 @@ from bert_exports import tiny_inputs
 
 from golden.runner import GoldenRunner
 from golden.vectors import dump_vectors
+from kernels.formats import EXP_ZERO
 from simulator import ir
 from simulator.calibrate import calibrate, collect_hessians
 from simulator.compare import compare, first_below, sqnr_db
@@ -183,3 +184,21 @@ def test_weight_compression_accounts_scales(spec):
     # 8-bit codes + one 8-bit exponent per block of 32: 8.25 bits
     assert c8["weight_bits_per_param"] == pytest.approx(8.25, abs=0.05)
     assert c8["weight_compression"] == pytest.approx(32 / 8.25, rel=0.01)
+
+
+@pytest.mark.parametrize("exp_bits", [1, 2, 8])
+def test_stored_weight_exponents_fit_the_bits_compression_counts(spec, exp_bits):
+    """Compression counts weight_exp_bits per block; lowering must keep every weight tensor's
+    block exponents within that many bits (above the tensor's base) so the claim is honest.
+    Even 1-bit exponents (every block at the top exponent or one below) still run."""
+    cfg = load_config({"preset": "w8a8", "default": {"weight_exp_bits": exp_bits}})
+    g = lower(spec, cfg)
+    stored = [n.stored for n in g.nodes if isinstance(n, ir.Linear)]
+    stored += [n.table for n in g.nodes if isinstance(n, ir.Embed)]
+    assert len(stored) >= 12
+    for q in stored:
+        e = np.asarray(q.exp)
+        real = e[e != EXP_ZERO]
+        assert real.max() - real.min() < 2**exp_bits
+    res = run(g, tiny_inputs())
+    assert np.isfinite(res.outputs["logits"].dequantize()).all()
