@@ -58,10 +58,10 @@ def _operands(a: QTensor, b: QTensor) -> list[np.ndarray]:
     return out
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True)
 def _sum_rows(a, ea, b, eb, bs, mode, out, e_out):
     rows, n = a.shape
-    for r in nb.prange(rows):  # independent rows
+    for r in range(rows):
         for j0 in range(0, n, bs):
             j1 = min(n, j0 + bs)
             emin = np.int64(1) << 40

@@ -47,9 +47,9 @@ def _e_ref(e: np.ndarray, reduce_axes: tuple[int, ...], guard: int) -> np.ndarra
     return (np.max(e, axis=axes, keepdims=True) - guard).astype(np.int32)
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True)
 def _align_flat(x, m, s, mode, out):
-    for i in nb.prange(x.size):  # independent elements
+    for i in range(x.size):
         v = np.int64(x[i])
         if m is not None:
             v = v * m[i]

@@ -78,11 +78,11 @@ def _shift_narrow(v, s, mode, lo, hi, wrap, bits):
     return y, y != q
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True)
 def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     rows, n = x.shape
     n_over = 0
-    for r in nb.prange(rows):  # rows are independent: threads never share an output
+    for r in range(rows):
         for j in range(n):
             s = np.int64(e_out[r, j // bs]) - np.int64(e_in[r, j])
             y, over = _shift_narrow(x[r, j], s, mode, lo, hi, wrap, bits)
@@ -92,7 +92,7 @@ def _static_rows(x, e_in, e_out, bs, mode, lo, hi, wrap, bits, out):
     return n_over
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True)
 def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
     """Returns the overflow count, or ``-1 - (r * nblk + b)`` for the first row r (and its
     block b) whose input exponents differ inside an output block."""
@@ -100,7 +100,7 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
     nblk = e_out.shape[1]
     bad = np.full(rows, -1, np.int64)
     n_over = 0
-    for r in nb.prange(rows):  # rows are independent: threads never share an output
+    for r in range(rows):
         for b in range(nblk):
             j0 = b * bs
             j1 = min(n, j0 + bs)
@@ -241,10 +241,10 @@ def requantize_ref(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.
     return QTensor(out.astype(fmt.dtype), fmt, np.asarray(eo, np.int32).copy(), None, {"overflow": int(n_over)})
 
 
-@nb.njit(cache=True, parallel=True)
+@nb.njit(cache=True)
 def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
     n_over = 0
-    for i in nb.prange(x.size):  # independent elements
+    for i in range(x.size):
         y, over = _shift_narrow(x[i] * m[i], s[i], mode, lo, hi, wrap, bits)
         if over:
             n_over += 1
