@@ -237,17 +237,7 @@ def exp_int(d: np.ndarray, p: SoftmaxParams) -> np.ndarray:
     out = np.empty(d.size, np.int64)
     _exp_flat(
         np.ascontiguousarray(d).ravel(),
-        p.method == "poly",
-        p.guard,
-        p.ln2_q,
-        p.c1,
-        p.c2,
-        p.c0,
-        p.l2e_q,
-        p.sv,
-        p.fv,
-        p.lut_addr_bits,
-        _table(p),
+        *_exp_consts(p),
         out,
     )
     return out.reshape(d.shape)
@@ -264,6 +254,11 @@ def exp_int_ref(d: np.ndarray, p: SoftmaxParams) -> np.ndarray:
 
 def _table(p: SoftmaxParams) -> np.ndarray:
     return p.exp_table if p.exp_table.size else np.zeros(2, np.int64)
+
+
+def _exp_consts(p: SoftmaxParams) -> tuple:
+    """The integer exp's constants in the order the Numba kernels take them."""
+    return (p.method == "poly", p.guard, p.ln2_q, p.c1, p.c2, p.c0, p.l2e_q, p.sv, p.fv, p.lut_addr_bits, _table(p))
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,17 +341,7 @@ def softmax(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray
         mr,
         lo_in,
         hi_in,
-        p.method == "poly",
-        p.guard,
-        p.ln2_q,
-        p.c1,
-        p.c2,
-        p.c0,
-        p.l2e_q,
-        p.sv,
-        p.fv,
-        p.lut_addr_bits,
-        _table(p),
+        *_exp_consts(p),
         p.out_bits,
         out,
     )
