@@ -220,8 +220,9 @@ def gptq(
     nblk = -(-k_ // bs) if k_ else 0
     sub = IntFormat.from_dict(fmt.to_dict() | {"block_size": 0})
 
-    top = int(block_exponents(w, fmt)[0].max()) if w.size else 0
-    bottom = top - (1 << exp_bits) + 1 if exp_bits is not None else EXP_MIN
+    if exp_bits is not None:  # the window below the original weights' largest exponent
+        top = int(block_exponents(w, fmt)[0].max()) if w.size else 0
+        bottom = top - (1 << exp_bits) + 1
 
     def exps(x: np.ndarray, f: IntFormat) -> np.ndarray:
         e = mse_exponents(x, f, search) if search else block_exponents(x, f)[0]

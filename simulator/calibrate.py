@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from simulator import spec as S
-from simulator.lower import Calibration
+from simulator.lower import Calibration, linear_names
 
 
 def _channel_amax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -84,22 +84,6 @@ def calibrate(
             calib.amax[point] = a if prev is None else np.maximum(prev, a)
         calib.sentences += int(mask.shape[0])
     return calib
-
-
-def linear_names(spec: S.BertSpec) -> dict[int, str]:
-    """``id(linear) -> `` the name lowering gives its accumulator node (``L0.q.acc``, ...)."""
-    names: dict[int, str] = {}
-    for i, layer in enumerate(spec.layers):
-        at, p = layer.attention, f"L{i}."
-        for role, lin in (("q", at.q), ("k", at.k), ("v", at.v), ("attn_out", at.out)):
-            names[id(lin)] = p + role + ".acc"
-        names[id(layer.intermediate)] = p + "ffn1.acc"
-        names[id(layer.output)] = p + "ffn2.acc"
-    if spec.pooler is not None:
-        names[id(spec.pooler)] = "pooler.acc"
-    if spec.classifier is not None:
-        names[id(spec.classifier)] = "classifier.acc"
-    return names
 
 
 def collect_hessians(spec: S.BertSpec, batches: Iterable[dict[str, np.ndarray]], calib: Calibration) -> Calibration:

@@ -48,6 +48,23 @@ class Calibration:
         return self.amax.get(point)
 
 
+def linear_names(spec: S.BertSpec) -> dict[int, str]:
+    """``id(linear) ->`` its key in :attr:`Calibration.hessians` (``L0.q.acc``, ...): the
+    calibration and the lowering of GPTQ weights both name a linear by this."""
+    names: dict[int, str] = {}
+    for i, layer in enumerate(spec.layers):
+        at, p = layer.attention, f"L{i}."
+        for role, lin in (("q", at.q), ("k", at.k), ("v", at.v), ("attn_out", at.out)):
+            names[id(lin)] = p + role + ".acc"
+        names[id(layer.intermediate)] = p + "ffn1.acc"
+        names[id(layer.output)] = p + "ffn2.acc"
+    if spec.pooler is not None:
+        names[id(spec.pooler)] = "pooler.acc"
+    if spec.classifier is not None:
+        names[id(spec.classifier)] = "classifier.acc"
+    return names
+
+
 def _fixed_fmt(bits: int, s: OpSettings, signed: bool = True) -> IntFormat:
     return IntFormat(bits=bits, signed=signed, block_size=0, rounding=s.rounding_mode, saturation=s.saturation_mode)
 
@@ -79,6 +96,7 @@ class _Lowerer:
         self.spec = spec
         self.cfg = config
         self.calib = calib
+        self.hessian_keys = linear_names(spec)
         self.nodes: list[ir.Node] = []
         self.storage: list[dict] = []  # one entry per stored parameter, for compression
         self.fallbacks: list[str] = []
@@ -115,11 +133,13 @@ class _Lowerer:
             }
         )
 
-    def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str, gptq_ok: bool = False) -> QTensor:
+    def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str, lin: S.Linear | None = None) -> QTensor:
+        """Weight codes; ``lin`` given (a matmul), GPTQ applies when the settings ask for it."""
         fmt = self.weight_fmt(s, axis)
         w = np.asarray(w, dtype=np.float64)
-        if s.weight_method == "gptq" and gptq_ok:
-            h = self.calib.hessians.get(what) if self.calib is not None else None
+        if s.weight_method == "gptq" and lin is not None:
+            key = self.hessian_keys.get(id(lin))
+            h = self.calib.hessians.get(key) if self.calib is not None and key else None
             if h is None:
                 raise LoweringError(
                     f"node {what}: weight_method='gptq' needs calibration data with input statistics "
@@ -138,7 +158,7 @@ class _Lowerer:
         return q
 
     def linear(self, name: str, x: str, lin: S.Linear, s: OpSettings, onnx: str | None = None) -> str:
-        stored = self.quant_weight(lin.weight, s, axis=0, what=name, gptq_ok=True)
+        stored = self.quant_weight(lin.weight, s, axis=0, what=name, lin=lin)
         wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
         bias = None
         bias_exp = 0
