@@ -210,9 +210,9 @@ def float_accuracy(
     preds = []
     rng = range(0, len(texts), batch)
     if progress:
-        from tqdm import tqdm
+        from golden.progress import progress as bar
 
-        rng = tqdm(rng, desc="float accuracy", unit="batch")
+        rng = bar(rng, desc="float accuracy", unit="batch")
     for i in rng:
         feeds = encode(tok, texts[i : i + batch], max_length=MAX_LEN)
         preds.append(np.argmax(run_float(r, feeds, batch=None)["logits"], axis=-1))
@@ -221,7 +221,7 @@ def float_accuracy(
 
 def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> dict[str, Any]:
     torch, transformers = _torch()
-    from tqdm import tqdm
+    from golden.progress import progress as progress_bar
 
     torch.manual_seed(0)
     np.random.seed(0)
@@ -240,7 +240,7 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
     rng = np.random.default_rng(0)
     model.train()
     t0 = time.time()
-    bar = tqdm(total=steps, desc="fine-tune", unit="step", disable=not progress)
+    bar = progress_bar(total=steps, desc="fine-tune", unit="step", disable=not progress)
     for _ in range(epochs):
         order = rng.permutation(len(texts))
         for i in range(0, len(order), bs):
@@ -253,7 +253,7 @@ def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> d
             sched.step()
             opt.zero_grad()
             bar.update(1)
-            bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)  # drawn at the bar's own pace
     bar.close()
     train_s = time.time() - t0
     onnx_path = dst / "model.onnx"

@@ -218,9 +218,8 @@ def add_run(sub: Any) -> None:
 
 # -- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from golden.data import read_split
+    from golden.progress import progress
     from simulator.tasks import get_task, metric, predictions, read_tsv
 
     task = get_task(args.task)
@@ -241,7 +240,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t_setup = time.time() - t0
     fl, il, ovf = [], [], 0
     t0 = time.time()
-    for i in tqdm(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
+    for i in progress(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
         from golden.tokenize import encode
 
         feeds = encode(

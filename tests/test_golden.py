@@ -200,3 +200,16 @@ def test_cli_eval_glue_folder(tiny_bert_onnx, tmp_path, task, rows):
 def test_cli_eval_glue_needs_data(tiny_bert_onnx, capsys):
     assert main(["eval", str(tiny_bert_onnx), "--task", "sst-2"]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+
+def test_progress_bars_write_a_line_now_and_then_to_a_log(capsys):
+    """Redirected to a file or CI pipe, a bar is drawn at start, end and every LOG_INTERVAL_S,
+    not every 0.1 s (a fine-tune log would otherwise hold thousands of redraws)."""
+    from golden.progress import LOG_INTERVAL_S, progress
+
+    bar = progress(range(5000), desc="steps")
+    for _ in bar:
+        bar.set_postfix(loss="0.5", refresh=False)
+    assert bar.mininterval == LOG_INTERVAL_S
+    err = capsys.readouterr().err
+    assert "steps: 100%" in err and err.count("steps:") <= 3
