@@ -16,4 +16,7 @@ def progress(iterable: Iterable | None = None, **kwargs: Any):
 
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        # tqdm's monitor thread redraws a bar idle for maxinterval (10 s), which repeats each
+        # line in a log; it should speak only when a step takes longer than the log interval
+        kwargs.setdefault("maxinterval", 2 * LOG_INTERVAL_S)
     return tqdm(iterable, **kwargs)
