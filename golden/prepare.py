@@ -30,6 +30,7 @@ import numpy as np
 from golden import data as D
 from golden.errors import BbctError
 from golden.paths import CLASSIFIER, ENCODER, TASK, bbct_home, data_dir, model_dir
+from golden.progress import progress as progress_bar
 from golden.tokenize import encode
 
 OPSET = 17
@@ -208,12 +209,7 @@ def float_accuracy(
     r = GoldenRunner(onnx_path)
     tok = onnx_path.with_name("tokenizer.json")
     preds = []
-    rng = range(0, len(texts), batch)
-    if progress:
-        from golden.progress import progress as bar
-
-        rng = bar(rng, desc="float accuracy", unit="batch")
-    for i in rng:
+    for i in progress_bar(range(0, len(texts), batch), desc="float accuracy", unit="batch", disable=not progress):
         feeds = encode(tok, texts[i : i + batch], max_length=MAX_LEN)
         preds.append(np.argmax(run_float(r, feeds, batch=None)["logits"], axis=-1))
     return float(np.mean(np.concatenate(preds) == labels))
@@ -221,8 +217,6 @@ def float_accuracy(
 
 def finetune_classifier(home: Path, epochs: int = 2, progress: bool = True) -> dict[str, Any]:
     torch, transformers = _torch()
-    from golden.progress import progress as progress_bar
-
     torch.manual_seed(0)
     np.random.seed(0)
     torch.set_num_threads(2)

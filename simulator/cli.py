@@ -220,6 +220,7 @@ def add_run(sub: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from golden.data import read_split
     from golden.progress import progress
+    from golden.tokenize import encode
     from simulator.tasks import get_task, metric, predictions, read_tsv
 
     task = get_task(args.task)
@@ -241,8 +242,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     fl, il, ovf = [], [], 0
     t0 = time.time()
     for i in progress(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
-        from golden.tokenize import encode
-
         feeds = encode(
             sim.tokenizer,
             texts[i : i + args.batch],

@@ -211,5 +211,6 @@ def test_progress_bars_write_a_line_now_and_then_to_a_log(capsys):
     for _ in bar:
         bar.set_postfix(loss="0.5", refresh=False)
     assert bar.mininterval == LOG_INTERVAL_S
+    assert bar.maxinterval > LOG_INTERVAL_S  # tqdm's monitor must not repeat a line in between
     err = capsys.readouterr().err
     assert "steps: 100%" in err and err.count("steps:") <= 3
