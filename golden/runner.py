@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from golden.errors import BbctError
+from bbct.golden.errors import BbctError
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
@@ -103,7 +103,7 @@ class GoldenRunner:
                 return int(init[n.input[0]].dims[0])
         tok = self.path.with_name("tokenizer.json") if self.path else None
         if tok is not None and tok.is_file():
-            from golden.tokenize import _load
+            from bbct.golden.tokenize import _load
 
             return _load(str(tok)).get_vocab_size(with_added_tokens=True)
         return None
@@ -185,7 +185,7 @@ def run_float(
     """The model's float outputs by name, ``batch`` rows at a time (None: all at once).
 
     ``inputs`` share their first (batch) axis, e.g. the output of
-    :func:`golden.tokenize.encode`; the per-batch outputs are concatenated along it.
+    :func:`bbct.golden.tokenize.encode`; the per-batch outputs are concatenated along it.
     """
     runner = model if isinstance(model, GoldenRunner) else GoldenRunner(model)
     n = len(next(iter(inputs.values())))

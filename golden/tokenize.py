@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
-from golden.errors import BbctError
+from bbct.golden.errors import BbctError
 
 
 @lru_cache(maxsize=8)

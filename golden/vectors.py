@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from golden.errors import BbctError
+from bbct.golden.errors import BbctError
 
 EXP_BITS = 16
 

@@ -14,7 +14,7 @@ Contract (what a block-floating-point residual adder implements):
   than 30 exponent steps below the largest, a right shift rounded with ``fmt.rounding``
   (shifts beyond 62 taken as 62). The sum ``s = va' + vb'`` is then exact in int64
   (``|s| < 2 * 2**31 * 2**30 = 2**62``). A block with no exponent left is all zero.
-* Output: :func:`kernels.requantize.requantize` of ``s`` at ``e`` (constant per output
+* Output: :func:`bbct.kernels.requantize.requantize` of ``s`` at ``e`` (constant per output
   block) to ``fmt``: static with ``exp_out``, else dynamic; ``meta['overflow']`` counts
   its saturations. Exact sums mean the result is the correctly rounded sum whenever
   ``|ea - eb| <= 30``.
@@ -25,8 +25,8 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from kernels.blocks import effective_block, rows_restore, rows_view
-from kernels.formats import (
+from bbct.kernels.blocks import effective_block, rows_restore, rows_view
+from bbct.kernels.formats import (
     EXP_ZERO,
     FormatError,
     IntFormat,
@@ -35,7 +35,7 @@ from kernels.formats import (
     shift_round,
     shift_round_ref,
 )
-from kernels.requantize import requantize, requantize_ref
+from bbct.kernels.requantize import requantize, requantize_ref
 
 __all__ = ["MAX_ALIGN", "add", "add_ref"]
 

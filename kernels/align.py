@@ -22,7 +22,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from kernels.formats import QTensor, Rounding, expand_blocks, shift_round, shift_round_ref
+from bbct.kernels.formats import QTensor, Rounding, expand_blocks, shift_round, shift_round_ref
 
 
 def _expand(q: QTensor, guard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.formats import FormatError, num_blocks
+from bbct.kernels.formats import FormatError, num_blocks
 
 
 def rows_view(x: np.ndarray, axis: int) -> tuple[np.ndarray, tuple[int, ...]]:

@@ -12,7 +12,7 @@ import dataclasses
 import numba as nb
 import numpy as np
 
-from kernels.formats import FormatError, QTensor, require_int
+from bbct.kernels.formats import FormatError, QTensor, require_int
 
 
 def _check(table: QTensor, ids: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ fraction bits for erf, every rounding RND = half up)::
 ``L`` is in [2**F - |A| c**2 * 2**F, 2**F] (>= 0.137 * 2**F), ``q * (2**F + E)`` needs
 ``in_bits + F + 2`` bits. GELU(x) <= max(x, 0) so ``e_out = e_in`` never saturates.
 
-LUT method (:func:`gelu_lut`): :mod:`kernels.lut` on a symmetric power-of-two range chosen at
+LUT method (:func:`gelu_lut`): :mod:`bbct.kernels.lut` on a symmetric power-of-two range chosen at
 lowering (minimizing tail + interpolation error), below it 0, above it the identity
 (``y = x`` re-expressed at ``e_out``, exact). Targets ``"gelu_erf"`` and ``"gelu_tanh"``.
 """
@@ -36,8 +36,8 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
-from kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
+from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
+from bbct.kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
 
 POLY_A = -0.2575083
 POLY_C = 1.8306205
@@ -218,7 +218,7 @@ def make_gelu_lut(
 
 
 def gelu_lut(x: np.ndarray, p: LutParams) -> np.ndarray:
-    """GELU by table (Numba): :func:`kernels.lut.lut` — address = top ``addr_bits`` of the
+    """GELU by table (Numba): :func:`bbct.kernels.lut.lut` — address = top ``addr_bits`` of the
     clipped input, linear interpolation (RND) if ``p.interp``; below the range 0, above it
     ``x`` itself; signed ``p.out_bits`` (SAT) at ``p.e_out``."""
     return lut(x, p)

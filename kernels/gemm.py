@@ -3,7 +3,7 @@
 Contract (what the RTL implements, one MAC per output):
 
 * ``a``: int64 ``(..., M, K)`` at exponent ``ea`` ``(..., M, 1)`` (one per row, from
-  :func:`kernels.align.align`); ``b``: int64 ``(..., K, N)`` or ``(K, N)`` at exponent
+  :func:`bbct.kernels.align.align`); ``b``: int64 ``(..., K, N)`` or ``(K, N)`` at exponent
   ``eb`` broadcastable to ``(..., 1, 1)``; leading batch axes (batch, heads) broadcast.
   ``max|a| * max|b| < 2**62`` (checked) so every product fits the int64 datapath.
 * Accumulation is sequential and narrowed after every add::
@@ -44,7 +44,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from kernels.formats import (
+from bbct.kernels.formats import (
     Rounding,
     Saturation,
     bit_length_ref,

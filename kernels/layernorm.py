@@ -1,7 +1,7 @@
 """LayerNorm in integer arithmetic, with a bit-exact integer square root.
 
 Input: rows ``x`` (int64, ``(..., H)``) with one exponent per row ``e_row`` (value
-``x * 2**e_row``, e.g. a residual sum aligned by :func:`kernels.align.align`). Per row
+``x * 2**e_row``, e.g. a residual sum aligned by :func:`bbct.kernels.align.align`). Per row
 (``>>RND`` rounds half up; every intermediate is int64, bounds below)::
 
     0. b  = bitlen(max|x_row|);  M = (59 - bitlen(H) - 2b) // 2      mean fraction bits (>= 0)
@@ -43,7 +43,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
+from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
 
 RB = 48
 RND = 2  # Rounding.RND: half up

@@ -37,7 +37,7 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
+from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
 
 RND = 2  # Rounding.RND: half up
 

@@ -10,7 +10,7 @@ Used by lowering (weights, tables, biases) and at the model's input boundary. Co
   the smallest such scale with ``amax <= qmax * mant * 2**e`` (mantissa rounded up).
 * Code: ``q = sat(round(v))`` with ``v = (x * 2**-e) / mant`` evaluated in IEEE float64
   (for POW2 ``v`` is exact), rounded with the format's mode exactly as the table in
-  :mod:`kernels.formats` says, and narrowed with the format's saturation.
+  :mod:`bbct.kernels.formats` says, and narrowed with the format's saturation.
   With given (static) exponents, values beyond the range saturate and are counted in
   ``meta['overflow']``.
 """
@@ -22,8 +22,8 @@ import math
 import numba as nb
 import numpy as np
 
-from kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
-from kernels.formats import (
+from bbct.kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
+from bbct.kernels.formats import (
     EXP_MIN,
     EXP_ZERO,
     FormatError,

@@ -24,7 +24,7 @@ with ``|x| < 2**62`` (checked); ``bits`` of the output format is 2..62.
   the static rule above.
 
 MULT output formats are not produced here (a FormatError says so): bbct stores MULT
-scales only for weights, which :func:`kernels.quantize.quantize` makes at lowering.
+scales only for weights, which :func:`bbct.kernels.quantize.quantize` makes at lowering.
 Saturation events are counted in ``meta['overflow']`` (``QTensor``) or returned.
 """
 
@@ -35,8 +35,8 @@ import math
 import numba as nb
 import numpy as np
 
-from kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
-from kernels.formats import (
+from bbct.kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
+from bbct.kernels.formats import (
     EXP_ZERO,
     FormatError,
     IntFormat,

@@ -51,8 +51,8 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from kernels.formats import int_range, require_int, shift_round, shift_round_ref
-from kernels.lut import interp, interp_ref
+from bbct.kernels.formats import int_range, require_int, shift_round, shift_round_ref
+from bbct.kernels.lut import interp, interp_ref
 
 F = 22  # fraction bits of exp values
 EXP_UNIT = 23  # poly: D = d << G counts units of 2**-23

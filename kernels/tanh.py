@@ -1,6 +1,6 @@
 """tanh (the pooler's activation) by table with linear interpolation.
 
-:mod:`kernels.lut` on a symmetric power-of-two input range chosen at lowering (the one
+:mod:`bbct.kernels.lut` on a symmetric power-of-two input range chosen at lowering (the one
 minimizing ``2 exp(-2R) + h**2/8 * 0.77``: the tail ``1 - tanh(R) < 2 exp(-2R)`` plus the
 interpolation error, ``max|tanh''| = 4/(3 sqrt 3) < 0.77``). Below the range: -1.0, above
 it: +1.0. Output: signed ``out_bits`` at exponent ``-(out_bits - 1)``, so -1.0 is exactly
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
+from bbct.kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
 
 
 def _tanh_tail(r: float) -> float:

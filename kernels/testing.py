@@ -3,7 +3,7 @@
 Typical use, proving a fast kernel equal to its reference to the bit::
 
     from hypothesis import given
-    from kernels.testing import int_formats, int_arrays, assert_bit_equal
+    from bbct.kernels.testing import int_formats, int_arrays, assert_bit_equal
 
     @given(int_formats(max_bits=12), int_arrays(shape=(4, 33), bits=20))
     def test_my_kernel(fmt, x):
@@ -24,7 +24,7 @@ import numpy as np
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation, ScaleKind, expand_blocks, int_range
+from bbct.kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation, ScaleKind, expand_blocks, int_range
 
 
 def rounding_modes() -> st.SearchStrategy[Rounding]:
@@ -116,7 +116,7 @@ def qtensors(
     """A QTensor in ``fmt`` with random codes (edge values mixed in) and per-block exponents;
     with ``zero_blocks`` some blocks are all zero with exponent ``EXP_ZERO``, as quantize
     and requantize produce them."""
-    from kernels.blocks import blocks_shape
+    from bbct.kernels.blocks import blocks_shape
 
     lo, hi = fmt.qmin, fmt.qmax
     edges = [v for v in edge_ints(fmt.bits, fmt.signed) if lo <= v <= hi]

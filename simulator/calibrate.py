@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from simulator import spec as S
-from simulator.lower import Calibration, linear_names
+from bbct.simulator import spec as S
+from bbct.simulator.lower import Calibration, linear_names
 
 
 def _channel_amax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -88,8 +88,8 @@ def calibrate(
 
 def collect_hessians(spec: S.BertSpec, batches: Iterable[dict[str, np.ndarray]], calib: Calibration) -> Calibration:
     """Add ``sum x x^T`` of every linear's float input over the real (not padding) tokens of
-    ``batches`` to ``calib.hessians`` (the float model of :mod:`simulator.float_model`)."""
-    from simulator.float_model import run_spec_float
+    ``batches`` to ``calib.hessians`` (the float model of :mod:`bbct.simulator.float_model`)."""
+    from bbct.simulator.float_model import run_spec_float
 
     names = linear_names(spec)
     for inputs in batches:

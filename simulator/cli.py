@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from golden.errors import BbctError
-from golden.paths import TASK, bbct_home, data_dir, default_model
+from bbct.golden.errors import BbctError
+from bbct.golden.paths import TASK, bbct_home, data_dir, default_model
 
 MAX_LEN = 64
 
@@ -41,8 +41,8 @@ def _model(args: argparse.Namespace) -> Path:
 
 def _calib_texts(args: argparse.Namespace) -> list[str]:
     """Calibration sentences: the prepared calibration split (drawn from train, never test)."""
-    from golden.data import read_split
-    from simulator.tasks import get_task, read_tsv
+    from bbct.golden.data import read_split
+    from bbct.simulator.tasks import get_task, read_tsv
 
     folder = Path(args.data) if getattr(args, "data", None) else data_dir()
     if (folder / "calib.tsv").exists():
@@ -54,8 +54,8 @@ def _calib_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _simulator(args: argparse.Namespace):
-    from simulator.config import load_config
-    from simulator.session import Simulator
+    from bbct.simulator.config import load_config
+    from bbct.simulator.session import Simulator
 
     cfg = load_config(args.config)
     calib = _calib_texts(args) if cfg.needs_calibration else None
@@ -74,7 +74,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
 
 # -- prepare ---------------------------------------------------------------------------------
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from golden.prepare import prepare
+    from bbct.golden.prepare import prepare
 
     t = time.time()
     path = prepare(args.home, force=args.force, finetune=not args.skip_finetune, epochs=args.epochs)
@@ -118,8 +118,8 @@ Re-running skips the steps that are complete. Needs the 'prepare' extra
 
 # -- golden ----------------------------------------------------------------------------------
 def cmd_golden(args: argparse.Namespace) -> int:
-    from golden.runner import GoldenRunner
-    from golden.tokenize import encode, find_tokenizer
+    from bbct.golden.runner import GoldenRunner
+    from bbct.golden.tokenize import encode, find_tokenizer
 
     model = _model(args)
     runner = GoldenRunner(model)
@@ -158,7 +158,7 @@ def add_golden(sub: Any) -> None:
 
 # -- run -------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from simulator.compare import compare, first_below, format_table
+    from bbct.simulator.compare import compare, first_below, format_table
 
     sim = _simulator(args)
     feeds = sim.encode(args.text)
@@ -218,10 +218,10 @@ def add_run(sub: Any) -> None:
 
 # -- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from golden.data import read_split
-    from golden.progress import progress
-    from golden.tokenize import encode
-    from simulator.tasks import get_task, metric, predictions, read_tsv
+    from bbct.golden.data import read_split
+    from bbct.golden.progress import progress
+    from bbct.golden.tokenize import encode
+    from bbct.simulator.tasks import get_task, metric, predictions, read_tsv
 
     task = get_task(args.task)
     if task.name == TASK and not args.data:
@@ -298,12 +298,12 @@ def add_eval(sub: Any) -> None:
 
 # -- vectors / ir ----------------------------------------------------------------------------
 def cmd_vectors(args: argparse.Namespace) -> int:
-    from golden.vectors import dump_vectors
+    from bbct.golden.vectors import dump_vectors
 
     sim = _simulator(args)
     feeds = sim.encode(args.text)
     res = sim.run(feeds, trace=True)
-    from simulator.execute import graph_inputs
+    from bbct.simulator.execute import graph_inputs
 
     tensors = {**graph_inputs(sim.graph, feeds), **res.tensors}
     path = dump_vectors(sim.graph, tensors, args.out, args.nodes, args.format)

@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from simulator import ir
-from simulator.execute import Result
+from bbct.simulator import ir
+from bbct.simulator.execute import Result
 
 
 @dataclass(frozen=True)

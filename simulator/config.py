@@ -33,8 +33,8 @@ from typing import Any
 
 import tomllib
 
-from kernels.formats import Rounding, Saturation, ScaleKind
-from simulator.errors import ConfigError
+from bbct.kernels.formats import Rounding, Saturation, ScaleKind
+from bbct.simulator.errors import ConfigError
 
 MATMUL_CLASSES = (
     "embedding",

@@ -1,6 +1,6 @@
 """Errors of the simulator; each message names the node, field or value at fault."""
 
-from golden.errors import BbctError
+from bbct.golden.errors import BbctError
 
 
 class ConfigError(BbctError):

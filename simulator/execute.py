@@ -14,18 +14,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.add import add
-from kernels.align import align
-from kernels.embedding import embedding
-from kernels.formats import IntFormat, QTensor, expand_blocks
-from kernels.gelu import gelu_lut, gelu_poly
-from kernels.gemm import gemm
-from kernels.layernorm import layernorm
-from kernels.requantize import requantize, requantize_mult
-from kernels.softmax import softmax
-from kernels.tanh import tanh_lut
-from simulator import ir
-from simulator.errors import ExecutionError
+from bbct.kernels.add import add
+from bbct.kernels.align import align
+from bbct.kernels.embedding import embedding
+from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
+from bbct.kernels.gelu import gelu_lut, gelu_poly
+from bbct.kernels.gemm import gemm
+from bbct.kernels.layernorm import layernorm
+from bbct.kernels.requantize import requantize, requantize_mult
+from bbct.kernels.softmax import softmax
+from bbct.kernels.tanh import tanh_lut
+from bbct.simulator import ir
+from bbct.simulator.errors import ExecutionError
 
 
 @dataclass

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numba as nb
 import numpy as np
 
-from simulator import spec as S
+from bbct.simulator import spec as S
 
 
 @nb.vectorize(["float64(float64)"], cache=True)

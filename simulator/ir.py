@@ -1,9 +1,9 @@
 """The pure-integer IR: typed, frozen nodes in topological order, validated when built.
 
-Every value that flows between nodes is a :class:`kernels.formats.QTensor` (integers, their
+Every value that flows between nodes is a :class:`bbct.kernels.formats.QTensor` (integers, their
 :class:`IntFormat` and their per-block exponents). Constants (weights, biases, LUTs,
 integer parameters of nonlinear kernels) live on the nodes; they were made integers once,
-by :mod:`simulator.lower`. ``Graph.dump()`` gives one readable line per node.
+by :mod:`bbct.simulator.lower`. ``Graph.dump()`` gives one readable line per node.
 
 Tensor names: the graph inputs are ``input_ids``, ``attention_mask``, ``token_type_ids``
 (integer id arrays); every node has one output named after the node.
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from kernels.formats import IntFormat, QTensor, Rounding, Saturation
-from simulator.errors import LoweringError
+from bbct.kernels.formats import IntFormat, QTensor, Rounding, Saturation
+from bbct.simulator.errors import LoweringError
 
 GRAPH_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 

@@ -21,18 +21,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels.align import align
-from kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
-from kernels.gelu import make_gelu_lut, make_gelu_poly
-from kernels.layernorm import make_layernorm_params
-from kernels.quantize import block_exponents, exponent_window, gptq, mse_exponents, quantize
-from kernels.requantize import quantize_multiplier
-from kernels.softmax import make_softmax_params
-from kernels.tanh import make_tanh_lut
-from simulator import ir
-from simulator import spec as S
-from simulator.config import Config, OpSettings
-from simulator.errors import LoweringError
+from bbct.kernels.align import align
+from bbct.kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
+from bbct.kernels.gelu import make_gelu_lut, make_gelu_poly
+from bbct.kernels.layernorm import make_layernorm_params
+from bbct.kernels.quantize import block_exponents, exponent_window, gptq, mse_exponents, quantize
+from bbct.kernels.requantize import quantize_multiplier
+from bbct.kernels.softmax import make_softmax_params
+from bbct.kernels.tanh import make_tanh_lut
+from bbct.simulator import ir
+from bbct.simulator import spec as S
+from bbct.simulator.config import Config, OpSettings
+from bbct.simulator.errors import LoweringError
 
 
 @dataclass

@@ -17,7 +17,7 @@ values, the pooler reads the [CLS] row of the last hidden state.
 
 Every op of the graph must be in :data:`OPS` (op type -> the patterns it may take part
 in); anything else, and any structure the patterns in :data:`PATTERNS` do not match, is an
-:class:`~simulator.errors.UnsupportedGraphError` naming the node and its op type and
+:class:`~bbct.simulator.errors.UnsupportedGraphError` naming the node and its op type and
 listing what is supported.
 
 Tested on TorchScript (``dynamo=False``) exports at opsets 14 and 17 and dynamo exports at
@@ -36,10 +36,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from golden.errors import BbctError
-from golden.runner import GoldenRunner, load_onnx
-from simulator import spec as S
-from simulator.errors import UnsupportedGraphError
+from bbct.golden.errors import BbctError
+from bbct.golden.runner import GoldenRunner, load_onnx
+from bbct.simulator import spec as S
+from bbct.simulator.errors import UnsupportedGraphError
 
 VIEW_OPS = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Cast", "Flatten")
 
@@ -593,7 +593,7 @@ class _Importer:
         xv, yv = g.probe_value(x), g.probe_value(out)
         if xv is None or yv is None or xv.shape != yv.shape:
             raise _err(g.prod.get(out), "activation input and output differ in shape")
-        from simulator.float_model import gelu
+        from bbct.simulator.float_model import gelu
 
         want = gelu(xv.astype(np.float64), kind)
         if np.abs(want - yv).max() > 1e-5 * (1 + np.abs(want).max()):
@@ -732,7 +732,7 @@ def load_bert(
     shape subgraphs; left None, the static sizes of ``input_ids`` or 1 x 8 are used (the
     spec does not depend on them). A missing file, a file that is not ONNX, a model that
     fails the ONNX checker or a graph that is not a supported BERT is a
-    :class:`~golden.errors.BbctError` naming the path and, for a graph, the node at fault.
+    :class:`~bbct.golden.errors.BbctError` naming the path and, for a graph, the node at fault.
     """
     batch, seq = _check_size("batch", batch), _check_size("seq", seq)
     if isinstance(path_or_model, onnx.ModelProto):

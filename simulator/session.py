@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
-from golden.errors import BbctError
-from golden.runner import GoldenRunner
-from golden.tokenize import encode, find_tokenizer
-from simulator import ir
-from simulator.calibrate import calibrate, collect_hessians
-from simulator.config import Config, load_config
-from simulator.execute import Result, run
-from simulator.lower import Calibration, compression, lower
-from simulator.onnx_import import load_bert
-from simulator.spec import BertSpec
+from bbct.golden.errors import BbctError
+from bbct.golden.runner import GoldenRunner
+from bbct.golden.tokenize import encode, find_tokenizer
+from bbct.simulator import ir
+from bbct.simulator.calibrate import calibrate, collect_hessians
+from bbct.simulator.config import Config, load_config
+from bbct.simulator.execute import Result, run
+from bbct.simulator.lower import Calibration, compression, lower
+from bbct.simulator.onnx_import import load_bert
+from bbct.simulator.spec import BertSpec
 
 
 def batches(texts: list[str], size: int) -> Iterator[list[str]]:

@@ -1,7 +1,7 @@
 """The BERT structure recognised in an ONNX graph, in float, before lowering to integers.
 
-The importer (:mod:`simulator.onnx_import`) fills these frozen records from any supported
-ONNX export; lowering (:mod:`simulator.lower`) turns them into the integer IR. Weights are
+The importer (:mod:`bbct.simulator.onnx_import`) fills these frozen records from any supported
+ONNX export; lowering (:mod:`bbct.simulator.lower`) turns them into the integer IR. Weights are
 float32 numpy arrays exactly as stored in the ONNX file (``Linear.weight`` is laid out
 ``(in_features, out_features)``, i.e. ``y = x @ weight + bias``).
 

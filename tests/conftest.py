@@ -28,8 +28,8 @@ def tiny_bert_onnx(export_dir) -> Path:
 def real_home(tmp_path_factory) -> Path:
     """A BBCT_HOME with the real RT data and MiniLM encoder: the user's cache when it is
     prepared, else prepared here (data + encoder export, ~15 s; no fine-tuning)."""
-    from golden.paths import bbct_home
-    from golden.prepare import is_prepared, prepare
+    from bbct.golden.paths import bbct_home
+    from bbct.golden.prepare import is_prepared, prepare
 
     if is_prepared(bbct_home(), ("data", "encoder")):
         return bbct_home()

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kernels.add import add, add_ref
-from kernels.formats import EXP_ZERO, FormatError, IntFormat, QTensor, ScaleKind
-from kernels.testing import assert_qtensor_equal, int_arrays, int_formats, qtensors, shapes
+from bbct.kernels.add import add, add_ref
+from bbct.kernels.formats import EXP_ZERO, FormatError, IntFormat, QTensor, ScaleKind
+from bbct.kernels.testing import assert_qtensor_equal, int_arrays, int_formats, qtensors, shapes
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

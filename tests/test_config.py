@@ -2,8 +2,8 @@
 
 import pytest
 
-from simulator.config import PRESETS, load_config
-from simulator.errors import ConfigError
+from bbct.simulator.config import PRESETS, load_config
+from bbct.simulator.errors import ConfigError
 
 
 def test_presets_load_and_resolve():

@@ -6,10 +6,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernels.embedding import embedding, embedding_ref
-from kernels.formats import IntFormat
-from kernels.quantize import quantize
-from kernels.testing import assert_qtensor_equal, int_formats, qtensors
+from bbct.kernels.embedding import embedding, embedding_ref
+from bbct.kernels.formats import IntFormat
+from bbct.kernels.quantize import quantize
+from bbct.kernels.testing import assert_qtensor_equal, int_formats, qtensors
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

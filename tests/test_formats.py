@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kernels.formats import (
+from bbct.kernels.formats import (
     EXP_ZERO,
     FormatError,
     IntFormat,

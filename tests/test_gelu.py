@@ -6,7 +6,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kernels.gelu import (
+from bbct.kernels.gelu import (
     IBERT_A,
     IBERT_C,
     gelu_float,
@@ -17,7 +17,7 @@ from kernels.gelu import (
     make_gelu_lut,
     make_gelu_poly,
 )
-from kernels.testing import assert_bit_equal, int_arrays
+from bbct.kernels.testing import assert_bit_equal, int_arrays
 
 INT16 = np.arange(-(1 << 15), 1 << 15, dtype=np.int64)  # the whole 16-bit input domain
 POLY_FIT_ERR = 1.4461e-2  # max |GELU error| of the refitted erf polynomial in float (kernels/gelu.py)

@@ -9,10 +9,10 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from kernels.align import align, align_ref
-from kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation
-from kernels.gemm import EXACT_F32, EXACT_F64, gemm, gemm_ref
-from kernels.testing import assert_bit_equal, int_arrays, int_formats, qtensors, rounding_modes, shapes
+from bbct.kernels.align import align, align_ref
+from bbct.kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation
+from bbct.kernels.gemm import EXACT_F32, EXACT_F64, gemm, gemm_ref
+from bbct.kernels.testing import assert_bit_equal, int_arrays, int_formats, qtensors, rounding_modes, shapes
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

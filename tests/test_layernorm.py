@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kernels.layernorm import isqrt, isqrt_ref, layernorm, layernorm_float, layernorm_ref, make_layernorm_params
-from kernels.testing import assert_bit_equal, int_arrays
+from bbct.kernels.layernorm import isqrt, isqrt_ref, layernorm, layernorm_float, layernorm_ref, make_layernorm_params
+from bbct.kernels.testing import assert_bit_equal, int_arrays
 
 
 def test_isqrt_exhaustive_and_random():

@@ -13,12 +13,12 @@ import onnx
 import pytest
 from bert_exports import export_tiny, minilm_encoder, tiny_inputs
 
-from golden.errors import BbctError
-from golden.runner import GoldenRunner
-from simulator import spec as S
-from simulator.errors import UnsupportedGraphError
-from simulator.float_model import run_spec_float
-from simulator.onnx_import import OPS, describe, load_bert
+from bbct.golden.errors import BbctError
+from bbct.golden.runner import GoldenRunner
+from bbct.simulator import spec as S
+from bbct.simulator.errors import UnsupportedGraphError
+from bbct.simulator.float_model import run_spec_float
+from bbct.simulator.onnx_import import OPS, describe, load_bert
 
 F32_MIN = float(np.finfo(np.float32).min)
 
@@ -247,7 +247,7 @@ def test_real_minilm_encoder(tmp_path_factory):
 
 
 def test_every_registered_pattern_has_its_matcher():
-    from simulator.onnx_import import PATTERNS, _Importer
+    from bbct.simulator.onnx_import import PATTERNS, _Importer
 
     assert all(callable(getattr(_Importer, p.matcher, None)) for p in PATTERNS.values())
 
@@ -258,14 +258,14 @@ def test_real_minilm_classifier(tmp_path):
     fine-tuned one when prepared; otherwise the same export of the real MiniLM weights before
     fine-tuning (head initialised with seed 0), so CI checks the same graph without minutes of
     training."""
-    from golden.paths import default_model
+    from bbct.golden.paths import default_model
 
     path = default_model()
     if not path.is_file():
         import torch
         import transformers
 
-        from golden.prepare import export_onnx, source_model_dir
+        from bbct.golden.prepare import export_onnx, source_model_dir
 
         torch.manual_seed(0)
         model = transformers.BertForSequenceClassification.from_pretrained(

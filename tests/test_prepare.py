@@ -9,12 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
-from golden import data as D
-from golden.errors import BbctError
-from golden.paths import ENCODER, data_dir, model_dir
-from golden.prepare import STEP_KEYS, _sha256, is_prepared, prepare, read_manifest
-from golden.runner import GoldenRunner
-from golden.tokenize import encode
+from bbct.golden import data as D
+from bbct.golden.errors import BbctError
+from bbct.golden.paths import ENCODER, data_dir, model_dir
+from bbct.golden.prepare import STEP_KEYS, _sha256, is_prepared, prepare, read_manifest
+from bbct.golden.runner import GoldenRunner
+from bbct.golden.tokenize import encode
 
 
 def _snippets(n_films=20, per_film=5):
@@ -46,7 +46,7 @@ def test_tsv_round_trip_and_errors(tmp_path):
 
 
 def test_simulating_does_not_import_torch():
-    code = "import sys, simulator.cli, golden.prepare, golden.runner; print('torch' in sys.modules)"
+    code = "import sys, bbct.simulator.cli, bbct.golden.prepare, bbct.golden.runner; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

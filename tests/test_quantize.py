@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from kernels.formats import EXP_MIN, EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
-from kernels.quantize import block_exponents, quantize, quantize_ref
-from kernels.testing import assert_qtensor_equal, float_arrays, int_formats, rounding_modes, shapes_and_blocks
+from bbct.kernels.formats import EXP_MIN, EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
+from bbct.kernels.quantize import block_exponents, quantize, quantize_ref
+from bbct.kernels.testing import assert_qtensor_equal, float_arrays, int_formats, rounding_modes, shapes_and_blocks
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -48,7 +48,7 @@ def test_block_scales_are_the_smallest_that_fit(data, fmt, sb):
         assert q.meta["overflow"] == 0  # dynamic scales fit by construction
     exp, mant = block_exponents(x, fmt)
     lo = 1 << (fmt.mant_bits - 1)
-    from kernels.blocks import rows_view
+    from bbct.kernels.blocks import rows_view
 
     rows, _ = rows_view(np.abs(x), axis)
     bs = rows.shape[1] if block == 0 or block >= rows.shape[1] else block
@@ -96,7 +96,7 @@ def test_blocks_below_the_exponent_floor_flush_to_zero(scale):
 @example(Rounding.RND_CONV, Saturation.SAT, 0)
 def test_every_midpoint_rounds_per_the_table(mode, sat, e):
     """k + 0.5 at exponent e for k in -9..8: the float path rounds like the integer shift."""
-    from kernels.formats import shift_round_ref
+    from bbct.kernels.formats import shift_round_ref
 
     ks = np.arange(-9, 9)
     x = np.ldexp(ks + 0.5, e)[None, :]
@@ -194,8 +194,8 @@ def test_mse_exponents_pick_the_least_squared_error_per_block(data, bits, sb, se
     """Brute force per block: among the max-based exponent e and e-1 .. e-search, the pick
     has the least squared error of round-to-nearest-even codes clipped to the format (ties
     keep the larger exponent); all-zero blocks keep EXP_ZERO; search=0 is block_exponents."""
-    from kernels.blocks import rows_view
-    from kernels.quantize import mse_exponents
+    from bbct.kernels.blocks import rows_view
+    from bbct.kernels.quantize import mse_exponents
 
     shape, axis, block = sb
     fmt = IntFormat(bits, True, block_axis=axis, block_size=block, scale=ScaleKind.POW2)
@@ -233,7 +233,7 @@ def test_mse_exponents_clip_an_outlier_when_it_pays():
     Expected squared error: e = 0 (step 1) ~127/12 = 10.6; e = -1 (step 1/2, 4.0 clips to 3.5)
     ~127/48 + 0.25 = 2.9; e = -2 (step 1/4, clips to 1.75, and the tails of [-1, 1] too) > 5.
     """
-    from kernels.quantize import mse_exponents
+    from bbct.kernels.quantize import mse_exponents
 
     fmt = IntFormat(4, True, block_axis=-1, block_size=128, scale=ScaleKind.POW2)
     rng = np.random.default_rng(0)
@@ -254,7 +254,7 @@ def _correlated(rng, n: int, k: int) -> np.ndarray:
 def test_gptq_with_a_diagonal_hessian_is_plain_rounding(act_order):
     """No cross terms, nothing to feed forward: GPTQ codes and exponents are quantize's, for
     max-based and least-MSE exponents alike (a short last block included), in either order."""
-    from kernels.quantize import gptq, mse_exponents
+    from bbct.kernels.quantize import gptq, mse_exponents
 
     rng = np.random.default_rng(1)
     w = rng.normal(size=(300, 24)) * 0.05
@@ -270,7 +270,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
     """Second oracle, in float: for inputs X whose second moments built the hessian, and for
     held-out inputs from the same distribution, ||X (w - deq)||^2 is well below rounding to
     nearest with the same exponent rule (measured: about half)."""
-    from kernels.quantize import gptq, mse_exponents
+    from bbct.kernels.quantize import gptq, mse_exponents
 
     rng = np.random.default_rng(0)
     k, n = 256, 64
@@ -288,7 +288,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(act_order):
 
 
 def test_gptq_dead_inputs_and_bad_arguments():
-    from kernels.quantize import gptq
+    from bbct.kernels.quantize import gptq
 
     rng = np.random.default_rng(2)
     w = rng.normal(size=(8, 3))
@@ -304,7 +304,7 @@ def test_gptq_dead_inputs_and_bad_arguments():
 
 
 def test_exponent_window_raises_only_the_smallest_exponents():
-    from kernels.quantize import exponent_window
+    from bbct.kernels.quantize import exponent_window
 
     e = np.array([[3, -20, EXP_ZERO, -12, 0, -13]], np.int32)
     # 4 bits: 16 values, window [3 - 15, 3] = [-12, 3]
@@ -321,7 +321,7 @@ def test_exponent_window_raises_only_the_smallest_exponents():
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_keeps_exponents_in_their_storage_window(act_order):
-    from kernels.quantize import gptq
+    from bbct.kernels.quantize import gptq
 
     rng = np.random.default_rng(4)
     w = rng.normal(size=(64, 16)) * np.exp2(rng.integers(-12, 2, size=(64, 1)))

@@ -4,15 +4,15 @@ real Rotten Tomatoes sentences: import, integer simulation, compression. Marked 
 import numpy as np
 import pytest
 
-from golden.data import read_split
-from golden.runner import GoldenRunner
-from golden.tokenize import encode
-from simulator.compare import compare, first_below, sqnr_db
-from simulator.config import load_config
-from simulator.execute import run
-from simulator.float_model import run_spec_float
-from simulator.lower import compression, lower
-from simulator.onnx_import import load_bert
+from bbct.golden.data import read_split
+from bbct.golden.runner import GoldenRunner
+from bbct.golden.tokenize import encode
+from bbct.simulator.compare import compare, first_below, sqnr_db
+from bbct.simulator.config import load_config
+from bbct.simulator.execute import run
+from bbct.simulator.float_model import run_spec_float
+from bbct.simulator.lower import compression, lower
+from bbct.simulator.onnx_import import load_bert
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,8 @@ def test_real_encoder_gptq_beats_plain_rounding_at_4_bits(real_home, encoder):
     """w4a8 on the real encoder: GPTQ weights (hessians from 64 calibration sentences of the
     train split) give a higher SQNR of the final hidden state (real tokens) on held-out test
     sentences than rounding each weight to nearest with the same block exponent rule."""
-    from simulator.calibrate import collect_hessians
-    from simulator.lower import Calibration
+    from bbct.simulator.calibrate import collect_hessians
+    from bbct.simulator.lower import Calibration
 
     path, spec, feeds = encoder
     calib_texts, _ = read_split(real_home / "data" / "rt-polarity", "calib")

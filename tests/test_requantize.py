@@ -8,15 +8,15 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from kernels.formats import EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
-from kernels.requantize import (
+from bbct.kernels.formats import EXP_ZERO, FormatError, IntFormat, Rounding, Saturation, ScaleKind
+from bbct.kernels.requantize import (
     quantize_multiplier,
     requantize,
     requantize_mult,
     requantize_mult_ref,
     requantize_ref,
 )
-from kernels.testing import (
+from bbct.kernels.testing import (
     assert_bit_equal,
     assert_qtensor_equal,
     int_arrays,

@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 from bert_exports import tiny_inputs
 
-from golden.runner import GoldenRunner
-from golden.vectors import dump_vectors
-from kernels.formats import EXP_ZERO
-from simulator import ir
-from simulator.calibrate import calibrate, collect_hessians
-from simulator.compare import compare, first_below, sqnr_db
-from simulator.config import load_config
-from simulator.errors import ExecutionError
-from simulator.execute import graph_inputs, run
-from simulator.lower import compression, lower
-from simulator.onnx_import import load_bert
+from bbct.golden.runner import GoldenRunner
+from bbct.golden.vectors import dump_vectors
+from bbct.kernels.formats import EXP_ZERO
+from bbct.simulator import ir
+from bbct.simulator.calibrate import calibrate, collect_hessians
+from bbct.simulator.compare import compare, first_below, sqnr_db
+from bbct.simulator.config import load_config
+from bbct.simulator.errors import ExecutionError
+from bbct.simulator.execute import graph_inputs, run
+from bbct.simulator.lower import compression, lower
+from bbct.simulator.onnx_import import load_bert
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,8 +84,8 @@ def test_integer_run_against_float_golden(preset, spec, golden):
 
 
 def test_no_float_can_flow_between_nodes(spec, monkeypatch):
-    from kernels.formats import IntFormat, QTensor
-    from simulator import execute
+    from bbct.kernels.formats import IntFormat, QTensor
+    from bbct.simulator import execute
 
     # a QTensor refuses float codes outright ...
     with pytest.raises(TypeError, match="integer array expected"):
@@ -117,10 +117,10 @@ DIGEST = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
 from bert_exports import tiny_inputs
-from simulator.onnx_import import load_bert
-from simulator.config import load_config
-from simulator.lower import lower
-from simulator.execute import run
+from bbct.simulator.onnx_import import load_bert
+from bbct.simulator.config import load_config
+from bbct.simulator.lower import lower
+from bbct.simulator.execute import run
 from test_simulator import _digest
 g = lower(load_bert({model!r}), load_config("w8a8"))
 print(_digest(run(g, tiny_inputs(), trace=True)))

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kernels.softmax import (
+from bbct.kernels.softmax import (
     IBERT_EXP,
     exp_int,
     exp_int_ref,
@@ -16,7 +16,7 @@ from kernels.softmax import (
     softmax_float,
     softmax_ref,
 )
-from kernels.testing import assert_bit_equal, int_arrays
+from bbct.kernels.testing import assert_bit_equal, int_arrays
 
 E_IN = -9
 D16 = np.arange(-(1 << 16), 1, dtype=np.int64)  # every difference z - max(z) of 16-bit scores

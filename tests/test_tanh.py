@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels.tanh import make_tanh_lut, tanh_lut, tanh_lut_ref
-from kernels.testing import assert_bit_equal, int_arrays
+from bbct.kernels.tanh import make_tanh_lut, tanh_lut, tanh_lut_ref
+from bbct.kernels.testing import assert_bit_equal, int_arrays
 
 INT16 = np.arange(-(1 << 15), 1 << 15, dtype=np.int64)
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from simulator.errors import BbctError
-from simulator.tasks import get_task, metric, predictions, read_tsv
+from bbct.simulator.errors import BbctError
+from bbct.simulator.tasks import get_task, metric, predictions, read_tsv
 
 
 def _write(p, rows):

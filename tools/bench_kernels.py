@@ -50,13 +50,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.add import add, add_ref  # noqa: E402
-from kernels.align import align, align_ref  # noqa: E402
-from kernels.embedding import embedding, embedding_ref  # noqa: E402
-from kernels.formats import IntFormat, QTensor, Rounding  # noqa: E402
-from kernels.gemm import gemm, gemm_ref  # noqa: E402
-from kernels.quantize import quantize, quantize_ref  # noqa: E402
-from kernels.requantize import requantize, requantize_mult, requantize_mult_ref, requantize_ref  # noqa: E402
+from bbct.kernels.add import add, add_ref  # noqa: E402
+from bbct.kernels.align import align, align_ref  # noqa: E402
+from bbct.kernels.embedding import embedding, embedding_ref  # noqa: E402
+from bbct.kernels.formats import IntFormat, QTensor, Rounding  # noqa: E402
+from bbct.kernels.gemm import gemm, gemm_ref  # noqa: E402
+from bbct.kernels.quantize import quantize, quantize_ref  # noqa: E402
+from bbct.kernels.requantize import requantize, requantize_mult, requantize_mult_ref, requantize_ref  # noqa: E402
 
 REF_BUDGET_S = 10.0
 TOKENS, HIDDEN, FFN, BLOCK = 2048, 384, 1536, 32
@@ -241,10 +241,10 @@ def cases() -> list[Case]:
 def nonlinear_cases() -> list[Case]:
     """GELU (both methods) at 2048x1536, softmax (both) over (32*12*64) rows of 64, LayerNorm
     at 2048x384, tanh at 2048x384: 16-bit inputs at the exponents the simulator picks."""
-    from kernels.gelu import gelu_lut, gelu_lut_ref, gelu_poly, gelu_poly_ref, make_gelu_lut, make_gelu_poly
-    from kernels.layernorm import layernorm, layernorm_ref, make_layernorm_params
-    from kernels.softmax import make_softmax_params, softmax, softmax_ref
-    from kernels.tanh import make_tanh_lut, tanh_lut, tanh_lut_ref
+    from bbct.kernels.gelu import gelu_lut, gelu_lut_ref, gelu_poly, gelu_poly_ref, make_gelu_lut, make_gelu_poly
+    from bbct.kernels.layernorm import layernorm, layernorm_ref, make_layernorm_params
+    from bbct.kernels.softmax import make_softmax_params, softmax, softmax_ref
+    from bbct.kernels.tanh import make_tanh_lut, tanh_lut, tanh_lut_ref
 
     gp, gl = make_gelu_poly(-11), make_gelu_lut(-11, 16, 8, 16)
     sp, sl = make_softmax_params(-9, 16, 8, "poly"), make_softmax_params(-9, 16, 8, "lut")

@@ -40,15 +40,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def _sentences(n: int) -> list[str]:
-    from golden.data import read_split
-    from golden.paths import data_dir
+    from bbct.golden.data import read_split
+    from bbct.golden.paths import data_dir
 
     texts, _ = read_split(data_dir(), "test")
     return list(texts[:n])
 
 
 def _feeds(model: Path, batch: int, seq: int) -> dict:
-    from golden.tokenize import encode, find_tokenizer
+    from bbct.golden.tokenize import encode, find_tokenizer
 
     tok = find_tokenizer(model)
     return encode(tok, _sentences(batch), max_length=seq, pad_to=seq)
@@ -99,10 +99,10 @@ def child(engine: str, model: Path, batch: int, seq: int, threads: int, repeats:
             return sess.run([out_name], f)[0]
 
     else:
-        from golden.data import read_split
-        from golden.paths import data_dir
-        from simulator.config import load_config
-        from simulator.session import Simulator
+        from bbct.golden.data import read_split
+        from bbct.golden.paths import data_dir
+        from bbct.simulator.config import load_config
+        from bbct.simulator.session import Simulator
 
         cfg = load_config(engine.removeprefix("bbct-"))
         calib = read_split(data_dir(), "calib")[0] if cfg.needs_calibration else None  # w4a8: GPTQ
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.model is None:
-        from golden.paths import default_model
+        from bbct.golden.paths import default_model
 
         args.model = default_model()
     if args.child:

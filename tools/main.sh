@@ -8,9 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 python3 -m pip install -q -e '.[prepare]'
-python3 -m simulator.cli prepare "$@"
-python3 -m simulator.cli run --config w4a8 --text "A gripping, beautifully acted drama." \
+python3 -m bbct prepare "$@"
+python3 -m bbct run --config w4a8 --text "A gripping, beautifully acted drama." \
     --json artifacts/run-w4a8.json
 for preset in w8a8 w4a8; do
-    python3 -m simulator.cli eval --config "$preset" --json "artifacts/eval-$preset.json"
+    python3 -m bbct eval --config "$preset" --json "artifacts/eval-$preset.json"
 done
