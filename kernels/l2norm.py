@@ -16,8 +16,9 @@ with ``p.rounding``; every intermediate is int64, bounds below)::
 ``isqrt`` is :func:`bbct.kernels.layernorm.isqrt`, the digit-by-digit (restoring, base 4)
 square root, ``floor(sqrt(n))`` exactly. Output: signed ``out_bits`` codes at the fixed
 exponent ``p.e_out = -(out_bits - 2)``: values in ``[-1, 1]``, 1.0 is ``2**(out_bits-2)``
-(a one-hot row gives it exactly) with one spare bit, so nothing saturates
-(``|y| <= 2**FO + 1``); the count is returned anyway.
+(a one-hot row gives it exactly in the RND modes; TRN gives ``2**FO - 1`` for +1.0 unless
+the code is a power of two) with one spare bit, so nothing saturates (``|y| <= 2**FO + 1``);
+the count is returned anyway.
 
 Scale invariance: ``x / ||x||`` does not depend on ``e_row``; the exponent only matters for
 eps. A nonzero row has ``||v|| >= 2**e_row`` (its codes are integers), so the eps floor can
