@@ -10,7 +10,7 @@ the sequence: ``e`` of shape ``(B, 1, H)`` (per element or per H-block), as
 of 0/1. Per batch row ``b``, with ``n = sum_s mask[b, s]`` (the token count) and for every
 ``h`` (every intermediate exact in int64)::
 
-    A = sum over s with mask[b, s] = 1 of x[b, s, h]     exact: |A| < S * 2**(in_bits-1)
+    A = sum over s with mask[b, s] = 1 of x[b, s, h]     exact: |A| <= S * 2**(in_bits-1)
     y = sat_out(round_r(A * 2**F / n))                    F = frac_bits; one integer division
     y = 0                      if n = 0                   (the float output is 0 there too:
                                                            the count is clamped at 1e-9, A = 0)
@@ -22,9 +22,9 @@ quotient is a tie exactly when ``2 rem == n`` (only possible for even ``n``). Ou
 value is one event), at exponent ``e[:, 0, :] - F`` (see :func:`mean_pool_exp`).
 
 Bounds (checked, ValueError): codes fit signed ``in_bits``, and ``in_bits + bitlen(S) + F <=
-62``, so ``|A * 2**F| < 2**(in_bits - 1 + bitlen(S) + F) <= 2**61``. ``|A / n| <= max|x|``,
-so with ``F <= out_bits - in_bits`` (the default) only the most negative input code under
-SAT_SYM can saturate.
+62``, so ``|A * 2**F| <= S * 2**(in_bits - 1 + F) < 2**(in_bits - 1 + bitlen(S) + F) <= 2**61``
+(``S < 2**bitlen(S)``). ``|A / n| <= max|x|``, so with ``F <= out_bits - in_bits`` (the
+default) only the most negative input code under SAT_SYM can saturate.
 
 RTL idiom: an ``in_bits + bitlen(S)`` accumulator per channel with the mask bit as its
 enable, a token counter, then one (sequential) divider per output with a round-to-nearest
