@@ -51,6 +51,7 @@ import numpy as np
 
 from bbct.kernels.formats import (
     Rounding,
+    _enum,
     bit_length,
     require_int,
     sat_bounds,
@@ -105,7 +106,7 @@ def make_l2norm_params(
         out_bits=int(out_bits),
         e_out=-(int(out_bits) - 2),
         e_min=int(e_min),
-        rounding=Rounding[rounding.upper()] if isinstance(rounding, str) else Rounding(rounding),
+        rounding=_enum(Rounding, rounding, "l2_normalize: rounding"),
     )
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from bbct.kernels.formats import (
     Rounding,
     Saturation,
+    _enum,
     div_round,
     div_round_ref,
     int_range,
@@ -108,8 +109,8 @@ def make_mean_pool_params(
         in_bits=int(in_bits),
         frac_bits=int(frac_bits),
         out_bits=int(out_bits),
-        rounding=Rounding[rounding.upper()] if isinstance(rounding, str) else Rounding(rounding),
-        saturation=Saturation[saturation.upper()] if isinstance(saturation, str) else Saturation(saturation),
+        rounding=_enum(Rounding, rounding, "mean_pool: rounding"),
+        saturation=_enum(Saturation, saturation, "mean_pool: saturation"),
     )
 
 

@@ -119,6 +119,9 @@ def test_l2_normalize_eps_and_errors():
         l2_normalize(np.zeros((2, 4), np.int64), np.zeros((3, 1), np.int64), p)
     with pytest.raises(ValueError, match="out_bits=2 must be"):
         make_l2norm_params(1e-12, 2)
+    with pytest.raises(ValueError, match="l2_normalize: rounding='HALF' is not one of"):
+        make_l2norm_params(1e-12, 16, "HALF")
+    assert make_l2norm_params(1e-12, 16, "rnd").rounding == Rounding.RND
     with pytest.raises(ValueError, match="eps=-1"):
         make_l2norm_params(-1.0)
     assert p.to_dict() == {"out_bits": 16, "e_out": -14, "e_min": -39, "rounding": "RND_CONV"}

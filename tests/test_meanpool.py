@@ -167,6 +167,10 @@ def test_mean_pool_errors():
         mean_pool(np.zeros((1, 8, 1), np.int64), np.ones((1, 8), np.int64), big)
     with pytest.raises(ValueError, match="one exponent shared along S"):
         mean_pool_exp(np.zeros((2, 3, 4), np.int64), p)
+    with pytest.raises(ValueError, match="mean_pool: rounding='NEAREST' is not one of TRN"):
+        make_mean_pool_params(8, rounding="NEAREST")
+    with pytest.raises(ValueError, match="mean_pool: saturation='CLIP'"):
+        make_mean_pool_params(8, saturation="CLIP")
     with pytest.raises(ValueError, match="frac_bits=-1"):
         make_mean_pool_params(8, 16, -1)
     assert p.to_dict() == {"in_bits": 8, "frac_bits": 8, "out_bits": 16, "rounding": "RND_CONV", "saturation": "SAT"}
