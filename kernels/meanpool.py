@@ -40,6 +40,7 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.formats import (
+    EXP_ZERO,
     Rounding,
     Saturation,
     _enum,
@@ -116,14 +117,16 @@ def make_mean_pool_params(
 
 def mean_pool_exp(e: np.ndarray, p: MeanPoolParams) -> np.ndarray:
     """Output exponents of :func:`mean_pool`: ``e[:, 0, :] - F`` as int32 of shape ``(B, H)``
-    (or whatever ``e``'s leading and trailing axes broadcast to).
+    (or whatever ``e``'s leading and trailing axes broadcast to); ``EXP_ZERO`` (a channel
+    whose tokens are all zero blocks, so its mean is 0) stays ``EXP_ZERO``.
 
     ``e`` must have size 1 on the sequence axis (one exponent shared by every token).
     """
     e = require_int("mean_pool: e", e)
     if e.ndim != 3 or e.shape[1] != 1:
         raise ValueError(f"mean_pool: exponent shape {e.shape} must be (B, 1, H): one exponent shared along S")
-    return (e[:, 0, :].astype(np.int64) - p.frac_bits).astype(np.int32)
+    e2 = e[:, 0, :].astype(np.int64)
+    return np.where(e2 == EXP_ZERO, EXP_ZERO, e2 - p.frac_bits).astype(np.int32)
 
 
 def _setup(x: Any, mask: Any, p: MeanPoolParams) -> tuple[np.ndarray, np.ndarray]:

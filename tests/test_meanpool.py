@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from bbct.kernels.align import align
-from bbct.kernels.formats import IntFormat, Rounding, Saturation
+from bbct.kernels.formats import EXP_ZERO, IntFormat, Rounding, Saturation
 from bbct.kernels.meanpool import make_mean_pool_params, mean_pool, mean_pool_exp, mean_pool_float, mean_pool_ref
 from bbct.kernels.quantize import quantize
 from bbct.kernels.testing import assert_bit_equal, int_arrays
@@ -35,6 +35,7 @@ def test_mean_pool_hand_golden():
     y, n_sat = mean_pool(GOLDEN_X, GOLDEN_MASK, p)
     assert y.tolist() == [[4, -4, 127], [11, 1, -5], [0, 0, 0]] and n_sat == 1
     assert mean_pool_exp(np.full((3, 1, 3), -6), p).tolist() == [[-7] * 3] * 3  # e - F
+    assert mean_pool_exp(np.array([[[-6, EXP_ZERO]]]), p).tolist() == [[-7, EXP_ZERO]]  # a zero channel stays
     # the ties of row 0 under the other modes: 4.5 and -4.5
     ties = {
         Rounding.TRN: [4, -5],
