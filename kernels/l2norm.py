@@ -9,8 +9,8 @@ with ``p.rounding``; every intermediate is int64, bounds below)::
     1. V = sum(x * x)                                exact: V < H * 2**(2b) <= 2**62, b = bitlen(max|x|)
        V = 0 (an all-zero row): y = 0, done
     2. t = max(0, (61 - bitlen(V)) // 2)             normalize V to 60..62 bits (a leading-zero count)
-       sigma = isqrt(V << 2t)                        sigma = floor(||x|| * 2**t), 2**29.5 <= sigma < 2**31
-    3. R = floor(2**RB / sigma)  (RB = 60)           one reciprocal per row (2**29 < R <= 2**30.5)
+       sigma = isqrt(V << 2t)                        sigma = floor(||x|| * 2**t), 2**29 < sigma < 2**31
+    3. R = floor(2**RB / sigma)  (RB = 60)           one reciprocal per row, 2**29 < R < 2**31
     4. y = sat_out((x * R) >>r (RB - t - FO))        FO = out_bits - 2: y = x / ||x|| in Q.FO
 
 ``isqrt`` is :func:`bbct.kernels.layernorm.isqrt`, the digit-by-digit (restoring, base 4)
