@@ -26,6 +26,8 @@ Rounding modes (hardware vocabulary, after ap_fixed), shown on a value exactly h
     RND_CONV    2      2      -2      -2       half to even (convergent)
 
 Non-midpoint values round to nearest in every RND* mode.
+The same modes round an integer division (:func:`div_round`): ``x / n`` with floor
+quotient ``q`` and remainder ``r`` (``0 <= r < n``) is a midpoint exactly when ``2 r == n``.
 
 Saturation modes: SAT clips to [min, max] of the width; SAT_SYM clips a signed value to
 [-max, max] (the most negative code is never produced); WRAP keeps the low ``bits`` bits
@@ -56,8 +58,10 @@ __all__ = [
     "require_int",
     "int_range",
     "shift_round_ref",
+    "div_round_ref",
     "saturate_ref",
     "shift_round",
+    "div_round",
     "saturate",
     "shift_round_array",
     "saturate_array",
@@ -333,6 +337,37 @@ def shift_round_ref(x: int, s: int, mode: Rounding | int) -> int:
     raise FormatError(f"unknown rounding mode {mode}")
 
 
+def div_round_ref(x: int, n: int, mode: Rounding | int) -> int:
+    """Round ``x / n`` to an integer with ``mode`` (``n > 0``): an integer divider's quotient.
+
+    ``q = floor(x / n)`` and the remainder ``r = x - q n`` (``0 <= r < n``); the quotient is
+    exactly halfway between ``q`` and ``q + 1`` when ``2 r == n``, above it when ``2 r > n``.
+    Midpoints follow the table in the module docstring (``div_round_ref(x, 2**s, mode) ==
+    shift_round_ref(x, s, mode)``). Exact for any Python ints.
+    """
+    x, n, mode = int(x), int(n), int(mode)
+    if n <= 0:
+        raise ValueError(f"div_round: divisor n={n} must be > 0")
+    q, r = divmod(x, n)  # floor quotient, 0 <= r < n
+    if mode == Rounding.TRN:
+        return q
+    if mode == Rounding.TRN_ZERO:
+        return q + 1 if (x < 0 and r != 0) else q
+    if 2 * r < n:
+        return q
+    if 2 * r > n:
+        return q + 1
+    if mode == Rounding.RND:
+        return q + 1
+    if mode == Rounding.RND_ZERO:
+        return q + 1 if x < 0 else q
+    if mode == Rounding.RND_INF:
+        return q if x < 0 else q + 1
+    if mode == Rounding.RND_CONV:
+        return q + (q & 1)
+    raise FormatError(f"unknown rounding mode {mode}")
+
+
 def saturate_ref(x: int, bits: int, signed: bool, mode: Saturation | int) -> tuple[int, bool]:
     """Narrow ``x`` to ``bits``; returns (value, overflowed).
 
@@ -378,6 +413,36 @@ def shift_round(x: np.int64, s: np.int64, mode: np.int64) -> np.int64:
     if r < half:
         return q
     if r > half:
+        return q + 1
+    if mode == 2:  # RND
+        return q + 1
+    if mode == 3:  # RND_ZERO
+        return q + 1 if x < 0 else q
+    if mode == 4:  # RND_INF
+        return q if x < 0 else q + 1
+    return q + (q & 1)  # RND_CONV
+
+
+@nb.njit(cache=True, inline="always")
+def div_round(x: np.int64, n: np.int64, mode: np.int64) -> np.int64:
+    """Numba twin of :func:`div_round_ref` for int64 with |x| < 2**62 and 0 < n < 2**61.
+
+    One truncating hardware division gives ``q`` and ``r``; the floor quotient is
+    ``q - 1``, ``r + n`` when the remainder is negative. The tie test ``2 r == n`` is one
+    comparison of the remainder shifted left by one with the divisor.
+    """
+    q = x // n  # Numba follows Python: floor division for integers
+    r = x - q * n  # 0 <= r < n
+    if mode == 0:  # TRN
+        return q
+    if mode == 1:  # TRN_ZERO
+        if x < 0 and r != 0:
+            return q + 1
+        return q
+    r2 = r << 1
+    if r2 < n:
+        return q
+    if r2 > n:
         return q + 1
     if mode == 2:  # RND
         return q + 1

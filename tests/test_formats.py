@@ -1,6 +1,8 @@
 """Number formats and the rounding/saturation primitives: reference vs Numba, every midpoint."""
 
 import itertools
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ from bbct.kernels.formats import (
     ScaleKind,
     bit_length,
     bit_length_ref,
+    div_round,
+    div_round_ref,
     sat_bounds,
     saturate,
     saturate_array,
@@ -190,3 +194,47 @@ def test_format_properties_and_errors():
         QTensor(np.zeros(3, np.int8), IntFormat(scale="MULT"), np.zeros(1, np.int32))
     for d in (IntFormat().to_dict(), IntFormat(bits=3, signed=False, scale="MULT", block_axis=0).to_dict()):
         assert IntFormat.from_dict(d).to_dict() == d
+
+
+def _round_fraction(f: Fraction, mode: Rounding) -> int:
+    """Independent oracle: the rounding table applied to an exact rational."""
+    sign = -1 if f < 0 else 1
+    return {
+        Rounding.TRN: lambda: math.floor(f),
+        Rounding.TRN_ZERO: lambda: math.trunc(f),
+        Rounding.RND: lambda: math.floor(f + Fraction(1, 2)),
+        Rounding.RND_ZERO: lambda: sign * math.ceil(abs(f) - Fraction(1, 2)),
+        Rounding.RND_INF: lambda: sign * math.floor(abs(f) + Fraction(1, 2)),
+        Rounding.RND_CONV: lambda: round(f),  # Fraction.__round__ is half to even
+    }[mode]()
+
+
+def test_div_round_exhaustive_small_domain():
+    """Every x in -300..300 over every divisor 1..24, every mode: reference and Numba equal the
+    exact rational rounded by the table (ties 2r == n for every even n); powers of two agree
+    with shift_round."""
+    n_checked = 0
+    for mode, n in itertools.product(Rounding, range(1, 25)):
+        for x in range(-300, 301):
+            want = _round_fraction(Fraction(x, n), mode)
+            assert div_round_ref(x, n, mode) == want == int(div_round(x, n, int(mode))), (x, n, mode)
+            n_checked += 1
+        if n & (n - 1) == 0:
+            s = n.bit_length() - 1
+            assert all(div_round_ref(x, n, mode) == shift_round_ref(x, s, mode) for x in range(-300, 301))
+    assert n_checked == 6 * 24 * 601
+    # the table's midpoints as divisions: 5/2, 3/2, -3/2, -5/2
+    for mode, want in MIDPOINTS.items():
+        assert tuple(div_round_ref(x, 2, mode) for x in (5, 3, -3, -5)) == want
+    with pytest.raises(ValueError, match="divisor n=0"):
+        div_round_ref(1, 0, Rounding.RND)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(-(1 << 62) + 1, (1 << 62) - 1), st.integers(1, (1 << 61) - 1), st.sampled_from(list(Rounding)))
+@example((1 << 62) - 1, (1 << 61) - 1, Rounding.RND_CONV)
+@example(-(1 << 62) + 1, 2, Rounding.RND_INF)
+@example(-3 * ((1 << 60) - 1), (1 << 61) - 2, Rounding.RND)  # -1.5 with the largest even divisor: a tie
+@example(-7, 14, Rounding.RND_ZERO)
+def test_div_round_twins(x, n, mode):
+    assert int(div_round(x, n, int(mode))) == div_round_ref(x, n, mode) == _round_fraction(Fraction(x, n), mode)
