@@ -37,8 +37,9 @@ def encode(
 ) -> dict[str, np.ndarray]:
     """int64 ``input_ids``, ``attention_mask``, ``token_type_ids`` for a batch.
 
-    Sequences are truncated to ``max_length`` tokens and padded to the longest in the batch,
-    or to ``pad_to`` when given.
+    ``texts`` are strings or (text, pair) tuples. Sequences are truncated to ``max_length``
+    tokens (:func:`count_truncated` says how many would be) and padded to the longest in the
+    batch, or to ``pad_to`` when given.
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -46,16 +47,29 @@ def encode(
         raise BbctError("no text to encode")
     tok = _load(str(tokenizer))
     tok.enable_truncation(max_length=max_length)
-    pad_id = tok.token_to_id("[PAD]")
-    if pad_id is None:
-        pad_id = 0
+    pad_token = next((t for t in ("[PAD]", "<pad>") if tok.token_to_id(t) is not None), "[PAD]")
+    pad_id = tok.token_to_id(pad_token) or 0
     if pad_to is not None:
-        tok.enable_padding(pad_id=pad_id, pad_token="[PAD]", length=pad_to)
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token, length=pad_to)
     else:
-        tok.enable_padding(pad_id=pad_id, pad_token="[PAD]")
-    batch = tok.encode_batch(list(zip(texts, text_pairs, strict=True)) if text_pairs else list(texts))
+        tok.enable_padding(pad_id=pad_id, pad_token=pad_token)
+    if text_pairs:
+        items = list(zip(texts, text_pairs, strict=True))
+    else:
+        items = [t if isinstance(t, str) else tuple(t) for t in texts]
+    batch = tok.encode_batch(items)
     return {
         "input_ids": np.array([e.ids for e in batch], dtype=np.int64),
         "attention_mask": np.array([e.attention_mask for e in batch], dtype=np.int64),
         "token_type_ids": np.array([e.type_ids for e in batch], dtype=np.int64),
     }
+
+
+def count_truncated(tokenizer: str | Path, texts: list, max_length: int) -> int:
+    """How many of ``texts`` (strings or (text, pair) tuples) are longer than ``max_length`` tokens."""
+    tok = _load(str(tokenizer))
+    tok.no_truncation()
+    tok.no_padding()
+    items = [t if isinstance(t, str) else tuple(t) for t in texts]
+    n = sum(len(e.ids) > max_length for e in tok.encode_batch(items))
+    return int(n)

@@ -1,110 +1,76 @@
-"""Calibration of static activation exponents from the float golden.
+"""Calibration of static activation exponents and GPTQ statistics, from the float graph.
 
-The golden (onnxruntime, every intermediate exposed) runs on calibration sentences; for each
-activation point of the integer graph we keep the per-channel max |x| over the real (not
-padding) tokens. Lowering turns those into per-block exponents, so block size and width can
-change without calibrating again. Points the ONNX graph does not name are derived from named
-ones (a residual sum is the sum of its two named operands) or from the embedding tables.
+The float interpreter (:mod:`bbct.simulator.frontend.interp`, equal to onnxruntime on every
+tensor) runs on calibration sentences; for each activation tensor we keep the per-channel
+max |x| over the real (not padding) tokens, keyed by the float graph's tensor name. Lowering
+turns those into per-block exponents, so block size and width can change without
+calibrating again. The partial sums of an embedding sum are kept as ``<name>#partial<k>``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
-from bbct.simulator import spec as S
-from bbct.simulator.lower import Calibration, linear_names
+from bbct.simulator.frontend import fgraph as F
+from bbct.simulator.frontend.interp import run_float
+from bbct.simulator.lower import Calibration
 
 
 def _channel_amax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Max |x| per last-axis channel over the tokens where mask (B, S) is 1."""
+    """Max |x| per last-axis channel over the tokens where mask (B, S) is 1 (rows of a
+    (B, H) tensor count when their sentence has a real token)."""
     x = np.asarray(x, np.float64)
-    x = x.reshape(mask.shape + (-1,)) if x.ndim != 3 else x
     valid = mask.astype(bool)
-    if not valid.any():
+    if x.ndim == 2:
+        rows = x[valid.any(1)]
+    else:
+        x = x.reshape(mask.shape + (-1,)) if x.ndim != 3 else x
+        rows = x[valid]
+    if not rows.size:
         return np.zeros(x.shape[-1])
-    return np.max(np.abs(x[valid]), axis=0)
+    return np.max(np.abs(rows), axis=0)
 
 
-def float_points(
-    spec: S.BertSpec, inputs: dict[str, np.ndarray], golden: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Float value at every activation point the lowering may calibrate, by point name."""
-    e = spec.embeddings
-    ids = np.asarray(inputs["input_ids"])
-    b, s = ids.shape
-    pos = np.arange(e.position_offset, e.position_offset + s)
-    out: dict[str, np.ndarray] = {}
-    wp = e.word[ids].astype(np.float64) + e.position[pos][None].astype(np.float64)
-    out["emb.sum_wp"] = wp
-    if e.token_type is not None:
-        tt = np.asarray(inputs.get("token_type_ids", np.zeros_like(ids)))
-        out["emb.sum"] = wp + e.token_type[tt]
-
-    def named(point: str, name: str | None) -> np.ndarray | None:
-        if name and name in golden:
-            out[point] = np.asarray(golden[name], np.float64).reshape(b, s, -1)
-            return out[point]
-        return None
-
-    x = named("emb.ln", e.layer_norm.names.get(S.ROLE_OUT))
-    for i, layer in enumerate(spec.layers):
-        p = f"L{i}."
-        at = layer.attention
-        for role, lin in (("q", at.q), ("k", at.k), ("v", at.v)):
-            named(p + role, lin.names.get(S.ROLE_OUT))
-        named(p + "context", at.names.get(S.ROLE_CONTEXT))
-        a = named(p + "attn_out", at.out.names.get(S.ROLE_OUT))
-        if x is not None and a is not None:
-            out[p + "res1"] = x + a
-        h = named(p + "ln1", layer.attention_norm.names.get(S.ROLE_OUT))
-        named(p + "ffn1", layer.intermediate.names.get(S.ROLE_OUT))
-        named(p + "gelu", layer.names.get(S.ROLE_OUT))
-        f = named(p + "ffn2", layer.output.names.get(S.ROLE_OUT))
-        if h is not None and f is not None:
-            out[p + "res2"] = h + f
-        x = named(p + "ln2", layer.output_norm.names.get(S.ROLE_OUT))
+def _points(fg: F.FGraph, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every activation the lowering may calibrate: the outputs of nodes that are not
+    per-head or scores tensors, and the embedding sums' partial sums."""
+    out = {}
+    for n in fg.nodes:
+        if isinstance(n, (F.SplitHeads, F.Scores, F.Softmax, F.MatMul)):
+            continue
+        out[n.name] = env[n.name]
+        if isinstance(n, F.EmbeddingSum):
+            x = n.tables[0][env[n.inputs[0]]].astype(np.float64)
+            for k, (t, i) in enumerate(zip(n.tables[1:], n.inputs[1:], strict=True), start=1):
+                x = x + t[env[i]]
+                if k < len(n.tables) - 1:
+                    out[f"{n.name}#partial{k}"] = x
     return out
 
 
 def calibrate(
-    spec: S.BertSpec,
-    batches: Iterable[dict[str, np.ndarray]],
-    golden_fn: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]],
+    fg: F.FGraph, batches: Iterable[dict[str, np.ndarray]], gptq: bool = False, source: str = ""
 ) -> Calibration:
-    """Run ``golden_fn`` (inputs -> every golden tensor by name) over ``batches``; keep maxima."""
-    calib = Calibration()
+    """Per-channel maxima of every activation (and, with ``gptq``, each linear's input
+    second moments ``sum x x^T`` over real tokens) over ``batches`` of encoded inputs."""
+    calib = Calibration(source=source)
     for inputs in batches:
-        golden = golden_fn(inputs)
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(inputs["input_ids"])))
-        for point, x in float_points(spec, inputs, golden).items():
+        valid = mask.astype(bool)
+
+        def tap(lin: F.Linear, x: np.ndarray, valid: np.ndarray = valid) -> None:
+            x = np.asarray(x, np.float64)
+            rows = x[valid] if x.ndim == 3 else x.reshape(-1, x.shape[-1])  # (B, S, K) or pooled rows
+            h = rows.T @ rows
+            prev = calib.hessians.get(lin.name)
+            calib.hessians[lin.name] = h if prev is None else prev + h
+
+        env = run_float(fg, inputs, on_linear=tap if gptq else None)
+        for point, x in _points(fg, env).items():
             a = _channel_amax(x, mask)
             prev = calib.amax.get(point)
             calib.amax[point] = a if prev is None else np.maximum(prev, a)
         calib.sentences += int(mask.shape[0])
-    return calib
-
-
-def collect_hessians(spec: S.BertSpec, batches: Iterable[dict[str, np.ndarray]], calib: Calibration) -> Calibration:
-    """Add ``sum x x^T`` of every linear's float input over the real (not padding) tokens of
-    ``batches`` to ``calib.hessians`` (the float model of :mod:`bbct.simulator.float_model`)."""
-    from bbct.simulator.float_model import run_spec_float
-
-    names = linear_names(spec)
-    for inputs in batches:
-        mask = np.asarray(inputs.get("attention_mask", np.ones_like(inputs["input_ids"]))).astype(bool)
-
-        def tap(lin: S.Linear, x: np.ndarray, mask: np.ndarray = mask) -> None:
-            name = names.get(id(lin))
-            if name is None:
-                return
-            x = np.asarray(x, np.float64)
-            rows = x[mask] if x.ndim == 3 else x.reshape(-1, x.shape[-1])  # (B, S, K) or CLS rows
-            h = rows.T @ rows
-            calib.hessians[name] = h if name not in calib.hessians else calib.hessians[name] + h
-
-        run_spec_float(
-            spec, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("token_type_ids"), on_linear=tap
-        )
     return calib

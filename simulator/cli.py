@@ -39,18 +39,51 @@ def _model(args: argparse.Namespace) -> Path:
     return m
 
 
-def _calib_texts(args: argparse.Namespace) -> list[str]:
-    """Calibration sentences: the prepared calibration split (drawn from train, never test)."""
+def read_calib_file(path: Path) -> list:
+    """Calibration texts from a file: one text per line, or a TSV with a header whose
+    ``sentence``/``text`` column (and ``sentence2``/``text_b``/``question`` for pairs) is read."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BbctError(f"{path}: cannot read calibration texts: {e}") from None
+    lines = [ln for ln in lines if ln.strip()]
+    if lines and "\t" in lines[0]:
+        head = lines[0].split("\t")
+        a = next((head.index(c) for c in ("sentence", "text", "sentence1", "question1", "text_a") if c in head), None)
+        b = next((head.index(c) for c in ("sentence2", "question2", "text_b", "question") if c in head), None)
+        if a is None:
+            raise BbctError(f"{path}: a TSV needs a 'sentence' or 'text' column, header is {head}")
+        rows = [ln.split("\t") for ln in lines[1:]]
+        texts: list = [(r[a], r[b]) if b is not None and b != a else r[a] for r in rows if len(r) > max(a, b or 0)]
+    else:
+        texts = lines
+    if not texts:
+        raise BbctError(f"{path}: no calibration text in it")
+    return texts
+
+
+def _calib_texts(args: argparse.Namespace) -> tuple[list, str]:
+    """Calibration texts and where they came from: ``--calib FILE``, else the first
+    ``--calib N`` sentences of the prepared calibration split (drawn from train, never test)."""
     from bbct.golden.data import read_split
     from bbct.simulator.tasks import get_task, read_tsv
 
+    spec = str(args.calib)
+    if not spec.isdigit():
+        path = Path(spec)
+        if not path.is_file():
+            raise BbctError(f"--calib {spec}: neither a count nor a file")
+        return read_calib_file(path), str(path)
+    n = int(spec)
+    if n < 1:
+        raise BbctError(f"--calib {spec}: the number of calibration sentences must be >= 1")
     folder = Path(args.data) if getattr(args, "data", None) else data_dir()
     if (folder / "calib.tsv").exists():
-        return read_split(folder, "calib")[0][: args.calib]
+        return read_split(folder, "calib")[0][:n], f"{folder / 'calib.tsv'} (first {n})"
     if (folder / "train.tsv").exists():
         task = get_task(getattr(args, "task", "sst-2"))
-        return [e.text_a for e in read_tsv(task, folder / "train.tsv")][: args.calib]
-    raise BbctError(f"no calib.tsv or train.tsv in {folder} for calibration (static configs need one)")
+        return [e.text_a for e in read_tsv(task, folder / "train.tsv")][:n], f"{folder / 'train.tsv'} (first {n})"
+    raise BbctError(f"no calib.tsv or train.tsv in {folder} for calibration: give --calib FILE")
 
 
 def _simulator(args: argparse.Namespace):
@@ -58,8 +91,21 @@ def _simulator(args: argparse.Namespace):
     from bbct.simulator.session import Simulator
 
     cfg = load_config(args.config)
-    calib = _calib_texts(args) if cfg.needs_calibration else None
-    return Simulator(_model(args), cfg, calib_texts=calib, max_length=args.max_length)
+    calib, source = _calib_texts(args) if cfg.needs_calibration else (None, "")
+    return Simulator(_model(args), cfg, calib_texts=calib, max_length=args.max_length, calib_source=source)
+
+
+def _warn_truncated(sim: Any, texts: list) -> int:
+    from bbct.golden.tokenize import count_truncated
+
+    n = count_truncated(sim.tokenizer, texts, sim.max_length)
+    if n:
+        print(
+            f"bbct: warning: {n} of {len(texts)} inputs are longer than --max-length {sim.max_length} tokens "
+            "and were truncated",
+            file=sys.stderr,
+        )
+    return n
 
 
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
@@ -67,7 +113,12 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
         p.add_argument(
             "--config", default="w8a8", help="preset (w8a8, w4a8, mx-int8, w8a8-static) or a TOML file (default w8a8)"
         )
-        p.add_argument("--calib", type=int, default=256, help="calibration sentences for static configs")
+        p.add_argument(
+            "--calib",
+            default="256",
+            help="calibration texts for static scales and GPTQ: a count N (the first N of the prepared "
+            "calibration split) or a FILE (one text per line, or a TSV with a sentence column)",
+        )
         p.add_argument("--data", default=None, help="folder with calib.tsv/train.tsv (default: prepared RT data)")
     p.add_argument("--max-length", type=int, default=MAX_LEN, help="truncate sentences to this many tokens")
 
@@ -161,11 +212,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bbct.simulator.compare import compare, first_below, format_table
 
     sim = _simulator(args)
-    feeds = sim.encode(args.text)
+    if args.pair and len(args.pair) != len(args.text):
+        raise BbctError(f"--pair given {len(args.pair)} times for {len(args.text)} --text: give one per text")
+    texts = list(zip(args.text, args.pair, strict=True)) if args.pair else list(args.text)
+    truncated = _warn_truncated(sim, texts)
+    feeds = sim.encode(texts)
     res = sim.run(feeds, trace=True)
     golden = sim.golden.run_all(feeds).values
-    rows = compare(sim.graph, res, golden)
+    mask_name = sim.fgraph.role_input("attention_mask")
+    mask = feeds.get(mask_name) if mask_name else None
+    rows = compare(sim.graph, res, golden, mask=mask)
     print(format_table(rows))
+    print("(SQNR, cosine and max|err| over real tokens; padding positions are left out)")
     first = first_below(rows, args.threshold)
     print(
         f"\nfirst tensor below {args.threshold} dB SQNR: "
@@ -173,16 +231,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     print(f"overflow/saturation events: {res.overflow_count}")
     outputs = {}
-    for name, role in sim.spec.outputs.items():
+    for role, name in sim.graph.info["onnx_outputs"].items():
         f = np.asarray(golden[name], np.float64)
         q = res.outputs[role].dequantize()
         outputs[role] = {"float": f.tolist(), "int": q.tolist()}
         if role == "logits":
-            print(f"\n{'text':<50} {'float logits':<26} {'integer logits':<26} float/int class")
+            single = f.shape[-1] == 1
+            what = "float/int score" if single else "float/int class"
+            print(f"\n{'text':<50} {'float logits':<26} {'integer logits':<26} {what}")
             for i, t in enumerate(args.text):
                 fs = " ".join(f"{v:+.4f}" for v in f[i])
                 qs = " ".join(f"{v:+.4f}" for v in q[i])
-                print(f"{t[:48]:<50} {fs:<26} {qs:<26} {int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}")
+                tail = f"{f[i, 0]:+.4f}/{q[i, 0]:+.4f}" if single else f"{int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}"
+                print(f"{t[:48]:<50} {fs:<26} {qs:<26} {tail}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
@@ -191,6 +252,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "model": str(sim.model_path),
                     "config": sim.config.to_dict(),
                     "texts": args.text,
+                    "pairs": args.pair,
+                    "truncated_inputs": truncated,
+                    "calibration": sim.calibration.source if sim.calibration is not None else None,
+                    "compared_over": "real tokens (attention mask)",
                     "layers": [r.to_dict() for r in rows],
                     "first_below": first.node if first else None,
                     "threshold_db": args.threshold,
@@ -210,6 +275,9 @@ def add_run(sub: Any) -> None:
     p = sub.add_parser("run", help="simulate sentences in integers and compare layer by layer with the float golden")
     _model_arg(p)
     p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
+    p.add_argument(
+        "--pair", action="append", default=None, help="second text of a pair, one per --text (cross-encoders, NLI)"
+    )
     p.add_argument("--threshold", type=float, default=20.0, help="report the first tensor below this SQNR (dB)")
     p.add_argument("--json", default=None, help="also write the table and outputs as JSON")
     _common(p)
@@ -220,7 +288,6 @@ def add_run(sub: Any) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from bbct.golden.data import read_split
     from bbct.golden.progress import progress
-    from bbct.golden.tokenize import encode
     from bbct.simulator.tasks import get_task, metric, predictions, read_tsv
 
     task = get_task(args.task)
@@ -239,15 +306,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     sim = _simulator(args)
     t_setup = time.time() - t0
+    if "logits" not in sim.graph.outputs:
+        raise BbctError(
+            f"{sim.model_path}: eval needs a classifier with a logits output; "
+            f"the model gives {sorted(sim.graph.outputs)}"
+        )
+    truncated = _warn_truncated(sim, list(zip(texts, pairs, strict=True)) if pairs else list(texts))
     fl, il, ovf = [], [], 0
     t0 = time.time()
     for i in progress(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
-        feeds = encode(
-            sim.tokenizer,
-            texts[i : i + args.batch],
-            max_length=args.max_length,
-            text_pairs=pairs[i : i + args.batch] if pairs else None,
-        )
+        chunk = texts[i : i + args.batch]
+        feeds = sim.encode(list(zip(chunk, pairs[i : i + args.batch], strict=True)) if pairs else chunk)
         f = sim.float_outputs(feeds)["logits"]
         r = sim.run(feeds)
         fl.append(f)
@@ -270,6 +339,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res["drop_points"] = 100.0 * (res[f"float_{main}"] - res[f"int_{main}"])
     res["agreement"] = float(np.mean(f_pred == i_pred)) if not task.is_regression else None
     res["overflow_count"] = int(ovf)
+    res["truncated_inputs"] = truncated
+    res["calibration"] = sim.calibration.source if sim.calibration is not None else None
     res.update(sim.compression())
     res["seconds"] = {"setup": round(t_setup, 1), "run": round(t_run, 1)}
     res["config_settings"] = sim.config.to_dict()
@@ -323,19 +394,66 @@ def add_vectors(sub: Any) -> None:
 
 
 def cmd_ir(args: argparse.Namespace) -> int:
+    if args.after in ("import", "roles"):
+        from bbct.simulator.frontend.onnx_in import load_graph
+        from bbct.simulator.lower import assign_roles
+
+        fg = load_graph(_model(args))
+        if args.after == "import":
+            print(fg.dump())
+            return 0
+        roles = assign_roles(fg)
+        for n in fg.nodes:
+            r = roles[n.name]
+            layer = "-" if r.layer is None else r.layer
+            print(f"{r.short:<18} {r.op_class:<17} layer {layer!s:<3} {n.line()}")
+        return 0
     sim = _simulator(args)
     print(sim.graph.dump())
     return 0
 
 
 def add_ir(sub: Any) -> None:
-    p = sub.add_parser("ir", help="print the lowered integer IR, one line per node")
+    from bbct.simulator.lower import PASSES
+
+    p = sub.add_parser("ir", help="print the graph after a lowering pass (default: the integer IR)")
     _model_arg(p)
+    p.add_argument(
+        "--after",
+        default="emit",
+        choices=PASSES,
+        help="import: the typed float graph after the pattern passes; roles: each float node's config op class, "
+        "layer and name; emit: the integer IR (default)",
+    )
     _common(p)
     p.set_defaults(func=cmd_ir)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir]
+def cmd_ops(args: argparse.Namespace) -> int:
+    from bbct.simulator.frontend.fgraph import NODE_TYPES
+    from bbct.simulator.frontend.onnx_in import supported_ops
+    from bbct.simulator.frontend.patterns import describe_patterns
+    from bbct.simulator.lower import RULES
+
+    print("ONNX ops accepted on the activation path (index subgraphs: positions, masks, shapes take any standard op):")
+    for op, what in supported_ops().items():
+        print(f"  {op:<20} {what}")
+    print("\npatterns (applied in this order):")
+    for name, what in describe_patterns().items():
+        print(f"  {name:<14} {what}")
+    print("\nfloat graph nodes with an integer lowering:")
+    for op, cls in NODE_TYPES.items():
+        if cls in RULES:
+            print(f"  {op:<14} {cls.describes}")
+    return 0
+
+
+def add_ops(sub: Any) -> None:
+    p = sub.add_parser("ops", help="list the supported ONNX ops and patterns (from the registries)")
+    p.set_defaults(func=cmd_ops)
+
+
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,8 +49,29 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (na * nb_))
 
 
-def compare(graph: ir.Graph, result: Result, golden: dict[str, np.ndarray]) -> list[Row]:
-    """Rows for every traced node that names a golden tensor present in ``golden``."""
+def real_tokens(g: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
+    """Boolean selector of ``g``'s elements that belong to real tokens: rows (B, S, ...) where
+    the attention mask is 1; for (B, heads, S, S) attention tensors, real query rows and real
+    key columns. None when ``g`` has no sequence axis to select on."""
+    if mask is None:
+        return None
+    m = np.asarray(mask).astype(bool)
+    if g.ndim >= 2 and g.shape[:2] == m.shape:
+        return np.broadcast_to(m.reshape(m.shape + (1,) * (g.ndim - 2)), g.shape)
+    if g.ndim == 4 and g.shape[0] == m.shape[0] and g.shape[2] == m.shape[1]:
+        rows = m[:, None, :, None]
+        cols = m[:, None, None, :] if g.shape[3] == m.shape[1] else True
+        return np.broadcast_to(rows & cols, g.shape)
+    return None
+
+
+def compare(
+    graph: ir.Graph, result: Result, golden: dict[str, np.ndarray], mask: np.ndarray | None = None
+) -> list[Row]:
+    """Rows for every traced node that names a golden tensor present in ``golden``.
+
+    With the attention ``mask`` (B, S), every measure is taken over real tokens only: padding
+    positions compute values no output reads, and would drown the real error."""
     rows: list[Row] = []
     pending = 0
     for n in graph.nodes:
@@ -64,11 +85,15 @@ def compare(graph: ir.Graph, result: Result, golden: dict[str, np.ndarray]) -> l
             if x.size != g.size:
                 continue
             x = x.reshape(g.shape)
+        shape = tuple(g.shape)
+        sel = real_tokens(g, mask)
+        if sel is not None:
+            g, x = g[sel], x[sel]
         rows.append(
             Row(
                 node=n.name,
                 onnx_name=n.onnx_name,
-                shape=tuple(g.shape),
+                shape=shape,
                 fmt=q.fmt.short(),
                 sqnr_db=sqnr_db(g, x),
                 cosine=cosine(g, x),

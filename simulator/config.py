@@ -182,6 +182,12 @@ class Config:
                     s = _apply(s, dict(kv), f"layer.{li}.{cls}")
         return s
 
+    def check_layers(self, num_layers: int) -> None:
+        """A ``[layer.N.*]`` override for a layer the model does not have is an error."""
+        for li, cls, _ in self.by_layer:
+            if not 0 <= li < num_layers:
+                raise ConfigError(f"[layer.{li}.{cls}]: the model has {num_layers} layers (0..{num_layers - 1})")
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "default": dataclasses.asdict(self.default)}
         d["op"] = {cls: dict(kv) for cls, kv in self.by_class}

@@ -20,7 +20,10 @@ from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
 from bbct.kernels.gelu import gelu_lut, gelu_poly
 from bbct.kernels.gemm import gemm
+from bbct.kernels.l2norm import l2_normalize
 from bbct.kernels.layernorm import layernorm
+from bbct.kernels.meanpool import mean_pool, mean_pool_exp
+from bbct.kernels.relu import relu
 from bbct.kernels.requantize import requantize, requantize_mult
 from bbct.kernels.softmax import softmax
 from bbct.kernels.tanh import tanh_lut
@@ -136,31 +139,62 @@ def _merge(n: ir.MergeHeads, x: QTensor) -> tuple[QTensor, int]:
     return QTensor(data, fmt, np.ascontiguousarray(e[..., 0])), 0
 
 
-def _mask(n: ir.Mask, m: QTensor) -> tuple[QTensor, int]:
-    keep = m.data != 0
-    add_ = np.where(keep, 0, n.value).astype(np.int32)[:, None, None, :]
-    return _fixed(add_, IntFormat(bits=n.bits, block_size=0), n.e_out), 0
+def _mask(n: ir.Mask, m: QTensor | np.ndarray) -> tuple[QTensor, int]:
+    # a float mask (0 / one large negative) from the index subgraph is read as a set of
+    # discrete values, never computed with: it becomes integer codes here
+    v = m.data if isinstance(m, QTensor) else np.asarray(m)
+    if n.kind == "add":  # the float mask holds 0 or the one masking value the lowering saw
+        masked = v == n.float_value
+        bad = ~masked & (v != 0)
+        if bad.any():
+            raise ExecutionError(f"node {n.name}: mask value {v[bad].ravel()[0]!r} is neither 0 nor {n.float_value!r}")
+    else:
+        masked = v.astype(bool) if n.kind == "where_true" else ~v.astype(bool)
+    codes = np.where(masked, n.value, 0).astype(np.int32)
+    return _fixed(codes, IntFormat(bits=n.bits, block_size=0), n.e_out), 0
 
 
-def _nonlinear(n: ir.Nonlinear, x: QTensor, *rest: QTensor) -> tuple[QTensor, int]:
-    p = n.params
-    if n.kind == "softmax":
-        y = softmax(x.data, rest[0].data, p)
-    elif n.kind == "gelu":
-        y = gelu_poly(x.data, p) if n.method == "poly" else gelu_lut(x.data, p)
-    elif n.kind == "tanh":
-        y = tanh_lut(x.data, p)
-    else:  # layernorm: scale-invariant, the row exponent only places eps
-        y = layernorm(x.data, np.asarray(x.exp), p)
-        if isinstance(y, tuple):
-            y = y[0]
+def _softmax(n: ir.Softmax, x: QTensor, mask: QTensor | None = None) -> tuple[QTensor, int]:
+    m = np.zeros((1,) * x.data.ndim, np.int32) if mask is None else mask.data
+    return _fixed(np.asarray(softmax(x.data, m, n.params)), n.out_fmt, n.e_out), 0
+
+
+def _gelu(n: ir.Gelu, x: QTensor) -> tuple[QTensor, int]:
+    y = gelu_poly(x.data, n.params) if n.method == "poly" else gelu_lut(x.data, n.params)
     return _fixed(np.asarray(y), n.out_fmt, n.e_out), 0
 
 
-def _take_cls(n: ir.TakeCls, x: QTensor) -> tuple[QTensor, int]:
+def _tanh(n: ir.Tanh, x: QTensor) -> tuple[QTensor, int]:
+    return _fixed(np.asarray(tanh_lut(x.data, n.params)), n.out_fmt, n.e_out), 0
+
+
+def _layernorm(n: ir.LayerNorm, x: QTensor) -> tuple[QTensor, int]:
+    y = layernorm(x.data, np.asarray(x.exp), n.params)  # scale-invariant: the row exponent only places eps
+    if isinstance(y, tuple):
+        y = y[0]
+    return _fixed(np.asarray(y), n.out_fmt, n.e_out), 0
+
+
+def _relu(n: ir.Relu, x: QTensor) -> tuple[QTensor, int]:
+    y, sat = relu(x.data, n.params)
+    return QTensor(y.astype(x.data.dtype, copy=False), x.fmt, x.exp, x.mant), int(sat)
+
+
+def _mean_pool(n: ir.MeanPool, x: QTensor, m: QTensor) -> tuple[QTensor, int]:
+    y, sat = mean_pool(x.data, m.data, n.params)
+    e = mean_pool_exp(np.asarray(x.exp), n.params)
+    return _wide(y, e, 62), int(sat)
+
+
+def _l2(n: ir.L2Normalize, x: QTensor) -> tuple[QTensor, int]:
+    y, sat = l2_normalize(x.data, np.asarray(x.exp), n.params)
+    return _fixed(np.asarray(y), n.out_fmt, n.e_out), int(sat)
+
+
+def _take_row(n: ir.TakeRow, x: QTensor) -> tuple[QTensor, int]:
     e = np.asarray(x.exp)
-    e2 = e[:, 0] if e.shape[1] > 1 else e[:, 0]
-    return QTensor(np.ascontiguousarray(x.data[:, 0]), x.fmt, np.ascontiguousarray(e2), x.mant), 0
+    e2 = e[:, n.index] if e.shape[1] > 1 else e[:, 0]
+    return QTensor(np.ascontiguousarray(x.data[:, n.index]), x.fmt, np.ascontiguousarray(e2), x.mant), 0
 
 
 HANDLERS: dict[type, Callable[..., tuple[QTensor, int]]] = {
@@ -174,19 +208,32 @@ HANDLERS: dict[type, Callable[..., tuple[QTensor, int]]] = {
     ir.SplitHeads: _split,
     ir.MergeHeads: _merge,
     ir.Mask: _mask,
-    ir.Nonlinear: _nonlinear,
-    ir.TakeCls: _take_cls,
+    ir.Softmax: _softmax,
+    ir.Gelu: _gelu,
+    ir.Tanh: _tanh,
+    ir.LayerNorm: _layernorm,
+    ir.Relu: _relu,
+    ir.MeanPool: _mean_pool,
+    ir.L2Normalize: _l2,
+    ir.TakeRow: _take_row,
 }
 
 
 def graph_inputs(graph: ir.Graph, inputs: dict[str, np.ndarray]) -> dict[str, QTensor]:
-    """Validate the id inputs and wrap them as integer tensors (exponent 0)."""
-    ids = inputs.get("input_ids")
+    """Validate the id inputs (by role or by the model's input names), run the index subgraph
+    (positions, masks) and wrap every integer input as a tensor (exponent 0)."""
+    by_role = {role: name for name, role in graph.inputs.items()}
+    ids_name = by_role.get("input_ids", "input_ids")
+    ids = inputs.get(ids_name, inputs.get("input_ids"))
     if ids is None:
         raise ExecutionError("input 'input_ids' is required")
     ids = np.asarray(ids)
     if ids.dtype.kind not in "iu" or ids.ndim != 2:
         raise ExecutionError(f"input_ids must be a 2-D integer array, got {ids.dtype} {ids.shape}")
+    known = set(graph.inputs) | set(graph.inputs.values())
+    extra = sorted(set(inputs) - known)
+    if extra:
+        raise ExecutionError(f"unknown inputs {extra}; the model takes {sorted(set(graph.inputs.values()))}")
     b, s = ids.shape
     info = graph.info
     vocab = info.get("vocab_size")
@@ -195,27 +242,76 @@ def graph_inputs(graph: ir.Graph, inputs: dict[str, np.ndarray]) -> dict[str, QT
         raise ExecutionError(
             f"input_ids[{bad[0]}, {bad[1]}] = {int(ids[tuple(bad)])} is outside the vocabulary 0..{vocab - 1}"
         )
-    max_pos = info.get("max_positions")
-    off = int(info.get("position_offset", 0))
-    if max_pos is not None and s + off > max_pos:
-        raise ExecutionError(f"sequence length {s} exceeds the model's {max_pos} positions")
-    out = {"input_ids": ids}
-    mask = inputs.get("attention_mask")
-    out["attention_mask"] = np.ones((b, s), np.int64) if mask is None else np.asarray(mask)
-    tt = inputs.get("token_type_ids")
-    tt = np.zeros((b, s), np.int64) if tt is None else np.asarray(tt)
-    ntt = info.get("type_vocab_size") or 0
-    if ntt and tt.size and (tt.min() < 0 or tt.max() >= ntt):
-        raise ExecutionError(f"token_type_ids values must be in 0..{ntt - 1}, got {int(tt.min())}..{int(tt.max())}")
-    out["token_type_ids"] = tt
-    out["position_ids"] = np.broadcast_to(np.arange(off, off + s, dtype=np.int64), (b, s))
-    for k, v in out.items():
+    feeds: dict[str, np.ndarray] = {}
+    for name, role in graph.inputs.items():
+        v = inputs.get(name, inputs.get(role))
+        if v is None:
+            v = {
+                "input_ids": ids,
+                "attention_mask": np.ones((b, s), np.int64),
+                "token_type_ids": np.zeros((b, s), np.int64),
+                "position_ids": np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)),
+            }[role]
+        v = np.asarray(v)
         if v.shape != (b, s):
-            raise ExecutionError(f"input {k} has shape {v.shape}, expected {(b, s)} like input_ids")
+            raise ExecutionError(f"input {name} has shape {v.shape}, expected {(b, s)} like input_ids")
+        if v.dtype.kind not in "iub":
+            raise ExecutionError(f"input {name} must be integers, got {v.dtype}")
+        if role == "attention_mask" and v.size and not np.isin(v, (0, 1)).all():
+            raise ExecutionError(f"input {name} must hold 0 and 1 only")
+        ntt = info.get("type_vocab_size") or 0
+        if role == "token_type_ids" and ntt and v.size and (v.min() < 0 or v.max() >= ntt):
+            raise ExecutionError(f"token_type_ids values must be in 0..{ntt - 1}, got {int(v.min())}..{int(v.max())}")
+        feeds[name] = v
+    index = graph.index.run(feeds) if graph.index is not None else {}
+    _check_lookups(graph, feeds, index)
     fmt = IntFormat(bits=32, block_size=0)
-    return {
-        k: QTensor(np.ascontiguousarray(v).astype(np.int64), fmt, np.zeros((1, 1), np.int32)) for k, v in out.items()
+    out: dict[str, QTensor] = {}
+    for k, v in {**feeds, **index}.items():
+        data = np.ascontiguousarray(v)
+        if data.ndim == 2 and data.shape == (1, s) and b != 1:  # one row of ids (positions) for every sentence
+            data = np.ascontiguousarray(np.broadcast_to(data, (b, s)))
+        if data.dtype.kind == "f":  # a float mask: only a Mask node reads it
+            out[k] = data  # type: ignore[assignment]
+            continue
+        out[k] = QTensor(data.astype(np.int64), fmt, np.zeros((1,) * max(data.ndim, 1), np.int32))
+    for name, role in graph.inputs.items():
+        out.setdefault(role, out[name])
+    return out
+
+
+def _fits(graph: ir.Graph, feeds: dict[str, np.ndarray], seq: int) -> bool:
+    """Every table lookup of one all-real sentence of ``seq`` tokens stays inside its table."""
+    probe = {
+        k: np.zeros((1, seq), v.dtype) + (1 if graph.inputs[k] == "attention_mask" else 0) for k, v in feeds.items()
     }
+    index = graph.index.run(probe) if graph.index is not None else {}
+    return all(
+        np.shape(index[n.inputs[0]])[-1] == seq and int(np.max(index[n.inputs[0]], initial=0)) < n.table.shape[0]
+        for n in graph.nodes
+        if isinstance(n, ir.Embed) and n.inputs[0] in index
+    )
+
+
+def _check_lookups(graph: ir.Graph, feeds: dict[str, np.ndarray], index: dict[str, np.ndarray]) -> None:
+    """Computed indices (positions) must cover the sequence and stay inside their tables (a
+    position table sliced to its length gives fewer positions than tokens); a too-long input
+    is an error that says the longest sequence the model takes, found on the index subgraph."""
+    seq = next(iter(feeds.values())).shape[1]
+    for n in graph.nodes:
+        if not isinstance(n, ir.Embed) or n.inputs[0] not in index:
+            continue
+        v, rows = np.asarray(index[n.inputs[0]]), n.table.shape[0]
+        if v.shape[-1] != seq or v.size and (v.min() < 0 or v.max() >= rows):
+            lo, hi = 1, seq  # the longest length that fits: lookups grow with the length
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if _fits(graph, feeds, mid) else (lo, mid - 1)
+            raise ExecutionError(
+                f"sequence length {seq} exceeds the model's {lo} positions "
+                f"({n.inputs[0]} has shape {v.shape}, values up to {int(v.max(initial=0))}; "
+                f"the {n.name} table has {rows} rows)"
+            )
 
 
 def run(
@@ -238,7 +334,7 @@ def run(
         t0 = time.perf_counter() if profile is not None else 0.0
         out, ov = HANDLERS[type(n)](n, *args)
         if profile is not None:
-            key = getattr(n, "kind", n.op)  # nonlinear nodes by kind: gelu, softmax, ...
+            key = n.op
             profile[key] = profile.get(key, 0.0) + time.perf_counter() - t0
         if out.data.dtype.kind not in "iu" or np.asarray(out.exp).dtype.kind not in "iu":
             raise ExecutionError(f"node {n.name} ({n.op}) produced a non-integer tensor {out.data.dtype}")

@@ -5,8 +5,9 @@ Every value that flows between nodes is a :class:`bbct.kernels.formats.QTensor` 
 integer parameters of nonlinear kernels) live on the nodes; they were made integers once,
 by :mod:`bbct.simulator.lower`. ``Graph.dump()`` gives one readable line per node.
 
-Tensor names: the graph inputs are ``input_ids``, ``attention_mask``, ``token_type_ids``
-(integer id arrays); every node has one output named after the node.
+Tensor names: the graph inputs (integer id arrays: ``input_ids``, ``attention_mask``,
+``token_type_ids`` by role, and under their ONNX names) and the index tensors the model's
+index subgraph computes (positions, masks); every node has one output named after the node.
 """
 
 from __future__ import annotations
@@ -200,46 +201,109 @@ class MatMul(Node):
 
 @dataclass(frozen=True, eq=False)
 class Mask(Node):
-    """attention_mask (B, S) of 0/1 -> additive integer mask (B, 1, 1, S): 0 or ``value``."""
+    """An index mask tensor -> additive integer mask codes at exponent ``e_out``: 0 to keep,
+    ``value`` (the softmax input type's minimum) to mask. ``kind`` says which elements mask:
+    ``add``: the float mask's value ``float_value`` (any other value but 0 is an error at run
+    time), ``where_true`` / ``where_false``: the True / False elements of a boolean."""
 
+    kind: str = "add"
+    float_value: float = 0.0
     value: int = 0
     e_out: int = 0
     bits: int = 16
     op: ClassVar[str] = "mask"
 
+    def validate(self) -> None:
+        _req(self.kind in ("add", "where_true", "where_false"), self, f"kind={self.kind!r}")
+
     def attrs(self) -> str:
-        return f"masked={self.value}@2^{self.e_out}"
+        return f"{self.kind} masked={self.value}@2^{self.e_out}"
 
 
 @dataclass(frozen=True, eq=False)
-class Nonlinear(Node):
-    """A fixed-point nonlinearity (softmax, gelu, layernorm, tanh) with integer ``params``."""
+class _Fixed(Node):
+    """Base of the nonlinear kernels: integer ``params`` made at lowering, input at exponent
+    ``e_in`` (where the kernel needs one), output codes of ``out_fmt`` at exponent ``e_out``."""
 
-    kind: str = ""
     method: str = ""
     params: Any = None
     e_in: int = 0
     e_out: int = 0
     out_fmt: IntFormat = IntFormat(bits=16)
-    op: ClassVar[str] = "nonlinear"
 
     def validate(self) -> None:
-        _req(self.kind in ("softmax", "gelu", "layernorm", "tanh"), self, f"kind={self.kind!r}")
         _req(self.params is not None, self, "params missing")
 
-    @property
-    def arity(self) -> int:  # type: ignore[override]
-        return 2 if self.kind == "softmax" else 1
-
     def attrs(self) -> str:
-        return f"{self.kind}[{self.method}] in@2^{self.e_in} -> {self.out_fmt.short()} @2^{self.e_out}"
+        m = f"[{self.method}]" if self.method else ""
+        return f"{m} in@2^{self.e_in} -> {self.out_fmt.short()} @2^{self.e_out}"
 
 
 @dataclass(frozen=True, eq=False)
-class TakeCls(Node):
-    """(B, S, H) -> (B, H): the first token."""
+class Softmax(_Fixed):
+    """Softmax over the last axis of fixed-point scores, plus an optional additive mask."""
 
-    op: ClassVar[str] = "take_cls"
+    op: ClassVar[str] = "softmax"
+
+    @property
+    def arity(self) -> int:  # type: ignore[override]
+        return len(self.inputs) if len(self.inputs) in (1, 2) else 2
+
+
+@dataclass(frozen=True, eq=False)
+class Gelu(_Fixed):
+    """GELU of fixed-point codes by polynomial (``poly``) or table (``lut``)."""
+
+    op: ClassVar[str] = "gelu"
+
+
+@dataclass(frozen=True, eq=False)
+class Tanh(_Fixed):
+    """tanh of fixed-point codes by table."""
+
+    op: ClassVar[str] = "tanh"
+
+
+@dataclass(frozen=True, eq=False)
+class LayerNorm(_Fixed):
+    """LayerNorm of rows aligned to one exponent per row (integer mean, variance, isqrt)."""
+
+    op: ClassVar[str] = "layernorm"
+
+
+@dataclass(frozen=True, eq=False)
+class Relu(Node):
+    """max(x, 0) on the codes; the block exponents pass through."""
+
+    params: Any = None
+    op: ClassVar[str] = "relu"
+
+
+@dataclass(frozen=True, eq=False)
+class MeanPool(Node):
+    """Mean over the unmasked tokens of (B, S, H) aligned along the sequence: (x, mask)."""
+
+    params: Any = None
+    op: ClassVar[str] = "mean_pool"
+    arity: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, eq=False)
+class L2Normalize(_Fixed):
+    """x / ||x|| of rows aligned to one exponent per row; output at the fixed ``e_out``."""
+
+    op: ClassVar[str] = "l2_normalize"
+
+
+@dataclass(frozen=True, eq=False)
+class TakeRow(Node):
+    """(B, S, H) -> (B, H): the token at ``index`` (0: [CLS] / <s>)."""
+
+    index: int = 0
+    op: ClassVar[str] = "take_row"
+
+    def attrs(self) -> str:
+        return f"index={self.index}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -250,9 +314,13 @@ class Graph:
     outputs: dict[str, str]
     config_name: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=lambda: {r: r for r in GRAPH_INPUTS})
+    index: Any = None  # the model's IndexGraph: positions, masks (frontend.fgraph.IndexGraph)
 
     def __post_init__(self) -> None:
-        seen = set(GRAPH_INPUTS)
+        seen = set(self.inputs) | set(self.inputs.values())
+        if self.index is not None:
+            seen |= set(self.index.outputs)
         for n in self.nodes:
             for i in n.inputs:
                 if i not in seen:

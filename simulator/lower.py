@@ -1,14 +1,20 @@
-"""Lowering: a float :class:`BertSpec` + a :class:`Config` -> the integer :class:`Graph`.
+"""Lowering: a typed float graph + a :class:`Config` -> the integer :class:`Graph`.
 
 This is the one place where floats become integers: weights are quantized to their block
 formats and aligned for the MAC array, biases get an exponent, nonlinear kernels get their
-integer constants and tables, static activation exponents come from calibration statistics.
+integer constants and tables, static activation exponents come from calibration statistics
+(keyed by the float graph's tensor names).
 
-The integer dataflow of one encoder layer (``act`` = block-scaled activation format)::
+Lowering is a named pipeline of passes (:data:`PASSES`; ``bbct ir --after PASS`` prints the
+graph after one): ``import`` (ONNX -> float graph, with the pattern passes), ``roles`` (which
+config op class and layer each node belongs to), ``quantize`` (weights, shared weights once),
+``emit`` (one rule per float node type, :data:`RULES`, writes the integer nodes).
+
+The integer dataflow of one post-LayerNorm encoder layer (``act`` = block-scaled format)::
 
     x(act) -align-> linear(Wq|Wk|Wv) -requant-> q,k,v(act)
     q -align(row)-> heads ; k,v -align(sequence)-> heads
-    Q K^T -rescale(1/sqrt d)-> s16 ; + mask ; softmax -> u8 P
+    Q K^T -rescale(scale)-> s18 @2^-9 ; + mask ; softmax -> u8 P
     P V -merge heads-requant-> context(act) -align-> linear(Wo) -requant-> (act)
     x + attn -> residual(s16 blocks) -align-> layernorm -requant-> h(act)
     h -align-> linear(W1) -requant(fixed)-> gelu -requant-> (act) -align-> linear(W2) -> (act)
@@ -17,6 +23,8 @@ The integer dataflow of one encoder layer (``act`` = block-scaled activation for
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,47 +32,172 @@ import numpy as np
 from bbct.kernels.align import align
 from bbct.kernels.formats import IntFormat, QTensor, Rounding, Saturation, ScaleKind
 from bbct.kernels.gelu import make_gelu_lut, make_gelu_poly
+from bbct.kernels.l2norm import make_l2norm_params
 from bbct.kernels.layernorm import make_layernorm_params
+from bbct.kernels.meanpool import make_mean_pool_params
 from bbct.kernels.quantize import block_exponents, exponent_window, gptq, mse_exponents, quantize
+from bbct.kernels.relu import make_relu_params
 from bbct.kernels.requantize import quantize_multiplier
 from bbct.kernels.softmax import make_softmax_params
 from bbct.kernels.tanh import make_tanh_lut
 from bbct.simulator import ir
-from bbct.simulator import spec as S
 from bbct.simulator.config import Config, OpSettings
 from bbct.simulator.errors import LoweringError
+from bbct.simulator.frontend import fgraph as F
+
+SCORES_EXP = -9  # attention scores at a fixed 2**-9 resolution; softmax_in_bits sets the range
 
 
 @dataclass
 class Calibration:
-    """Per-channel max |x| (over calibration tokens) at each activation point, by point name;
-    and, for GPTQ weights, each linear's input second moments ``sum x x^T`` by linear name."""
+    """Per-channel max |x| over calibration tokens, by float-graph tensor name; and, for GPTQ,
+    each linear's input second moments ``sum x x^T`` by the linear's tensor name."""
 
     amax: dict[str, np.ndarray] = field(default_factory=dict)
     sentences: int = 0
     hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
 
     def get(self, point: str) -> np.ndarray | None:
         return self.amax.get(point)
 
 
-def linear_names(spec: S.BertSpec) -> dict[int, str]:
-    """``id(linear) ->`` its key in :attr:`Calibration.hessians` (``L0.q.acc``, ...): the
-    calibration and the lowering of GPTQ weights both name a linear by this."""
-    names: dict[int, str] = {}
-    for i, layer in enumerate(spec.layers):
-        at, p = layer.attention, f"L{i}."
-        for role, lin in (("q", at.q), ("k", at.k), ("v", at.v), ("attn_out", at.out)):
-            names[id(lin)] = p + role + ".acc"
-        names[id(layer.intermediate)] = p + "ffn1.acc"
-        names[id(layer.output)] = p + "ffn2.acc"
-    if spec.pooler is not None:
-        names[id(spec.pooler)] = "pooler.acc"
-    if spec.classifier is not None:
-        names[id(spec.classifier)] = "classifier.acc"
-    return names
+@dataclass(frozen=True)
+class Role:
+    """Where a float node sits: config op class, layer (None outside the encoder layers) and
+    the short name its integer nodes take (``L0.q``, ``emb.ln``, ``classifier``...)."""
+
+    op_class: str
+    layer: int | None
+    short: str
 
 
+# -- roles ------------------------------------------------------------------------------------------
+def assign_roles(fg: F.FGraph) -> dict[str, Role]:
+    """Op class, layer and short name of every float node, from the attention structure.
+
+    Layer ``i`` is the ``i``-th softmax; Q, K, V, the output projection, the residual sums,
+    LayerNorms and the feed-forward block around it follow from the dataflow. Nodes before
+    the first layer's input are the embedding stage; nodes after the last layer's output
+    (CLS row, pooling, heads) the head. Classes are the config's op classes."""
+    prod = fg.producers()
+    cons = fg.consumers()
+    roles: dict[str, Role] = {}
+
+    def put(n: F.FNode | None, op_class: str, layer: int | None, short: str) -> None:
+        if n is not None and n.name not in roles:
+            roles[n.name] = Role(op_class, layer, short)
+
+    def only(t: str, cls: type | tuple[type, ...]) -> F.FNode | None:
+        c = [u for u in cons.get(t, []) if isinstance(u, cls)]
+        return c[0] if len(c) == 1 else None
+
+    layer_out: list[str] = []
+    softmaxes = [n for n in fg.nodes if isinstance(n, F.Softmax)]
+    for i, sm in enumerate(softmaxes):
+        p = f"L{i}."
+        sc = prod.get(sm.inputs[0])
+        if not isinstance(sc, F.Scores):
+            raise LoweringError(f"softmax {sm.name!r} does not read attention scores")
+        qh, kh = prod[sc.inputs[0]], prod[sc.inputs[1]]
+        pv = only(sm.name, F.MatMul)
+        vh = prod.get(pv.inputs[1]) if pv is not None else None
+        merge = only(pv.name, F.MergeHeads) if pv is not None else None
+        o = only(merge.name, F.Linear) if merge is not None else None
+        if vh is None or o is None:
+            raise LoweringError(f"softmax {sm.name!r}: no P V product, head merge and output projection after it")
+        lq, lk, lv = (prod.get(h.inputs[0]) for h in (qh, kh, vh))
+        for lin, cls, short in ((lq, "query", "q"), (lk, "key", "k"), (lv, "value", "v")):
+            if not isinstance(lin, F.Linear):
+                raise LoweringError(f"attention {i}: the {cls} is not a linear layer")
+            put(lin, cls, i, p + short)
+        put(qh, "scores", i, p + "q.heads")
+        put(kh, "scores", i, p + "k.heads")
+        put(vh, "context", i, p + "v.heads")
+        put(sc, "scores", i, p + "scores")
+        put(sm, "softmax", i, p + "probs")
+        put(pv, "context", i, p + "context.acc")
+        put(merge, "context", i, p + "context")
+        put(o, "attention_output", i, p + "attn_out")
+        x_in = lq.inputs[0]
+        res1 = only(o.name, F.Add)
+        ln1 = only(res1.name, F.LayerNorm) if res1 is not None else None
+        if ln1 is None:
+            raise LoweringError(f"attention {i}: no residual sum and LayerNorm after the output projection")
+        put(res1, "residual", i, p + "res1")
+        put(ln1, "layernorm", i, p + "ln1")
+        f1 = next((u for u in cons.get(ln1.name, []) if isinstance(u, F.Linear)), None)
+        act = next((u for u in cons.get(f1.name, []) if isinstance(u, (F.Gelu, F.Relu))), None) if f1 else None
+        f2 = only(act.name, F.Linear) if act is not None else None
+        res2 = only(f2.name, F.Add) if f2 is not None else None
+        ln2 = only(res2.name, F.LayerNorm) if res2 is not None else None
+        if ln2 is None:
+            raise LoweringError(f"layer {i}: no feed-forward block (linear, GELU/ReLU, linear, residual, LayerNorm)")
+        put(f1, "intermediate", i, p + "ffn1")
+        put(act, "gelu", i, p + "gelu")
+        put(f2, "output", i, p + "ffn2")
+        put(res2, "residual", i, p + "res2")
+        put(ln2, "layernorm", i, p + "ln2")
+        layer_out.append(ln2.name)
+        if i == 0:
+            _embedding_roles(fg, x_in, prod, put)
+    if not softmaxes:
+        raise LoweringError("no attention in the graph: not an encoder")
+    _head_roles(fg, layer_out[-1], cons, put)
+    for n in fg.nodes:
+        if n.name not in roles:
+            raise LoweringError(f"node {n.sources[0] if n.sources else n.name!r} ({n.op}): outside every known role")
+    return roles
+
+
+def _embedding_roles(fg: F.FGraph, x0: str, prod: dict, put: Callable) -> None:
+    n = prod.get(x0)
+    if isinstance(n, F.Linear):  # embedding projection (ELECTRA, ALBERT)
+        put(n, "embedding", None, "emb.proj")
+        n = prod.get(n.inputs[0])
+    if not isinstance(n, F.LayerNorm):
+        raise LoweringError("no LayerNorm after the embedding lookups")
+    put(n, "layernorm", None, "emb.ln")
+    e = prod.get(n.inputs[0])
+    if not isinstance(e, (F.EmbeddingSum, F.Embedding)):
+        raise LoweringError("the embedding LayerNorm does not read embedding lookups")
+    put(e, "embedding", None, "emb.sum")
+
+
+def _head_roles(fg: F.FGraph, last: str, cons: dict, put: Callable) -> None:
+    stack, linears = [last], []
+    seen: set[str] = set()
+    while stack:
+        t = stack.pop()
+        for u in cons.get(t, []):
+            if u.name in seen:
+                continue
+            seen.add(u.name)
+            if isinstance(u, F.TakeRow):
+                put(u, "pooler", None, "pooler.cls")
+            elif isinstance(u, F.MeanPool):
+                put(u, "pooler", None, "pooler.mean")
+            elif isinstance(u, F.L2Normalize):
+                put(u, "pooler", None, "pooler.l2")
+            elif isinstance(u, F.Linear):
+                linears.append(u)
+            elif isinstance(u, F.Tanh):
+                put(u, "tanh", None, "pooler")
+            elif isinstance(u, (F.Gelu, F.Relu)):
+                put(u, "gelu", None, f"head.{u.op}")
+            stack.append(u.name)
+    outs = set(fg.outputs)
+    for k, lin in enumerate(linears):
+        final = lin.name in outs
+        put(
+            lin,
+            "classifier" if final else "pooler",
+            None,
+            "classifier" if final else ("pooler.dense" if k == 0 else f"head.dense{k}"),
+        )
+
+
+# -- formats ------------------------------------------------------------------------------------------
 def _fixed_fmt(bits: int, s: OpSettings, signed: bool = True) -> IntFormat:
     return IntFormat(bits=bits, signed=signed, block_size=0, rounding=s.rounding_mode, saturation=s.saturation_mode)
 
@@ -91,21 +224,69 @@ def _fixed_exp_for_range(bits: int, max_abs: float) -> int:
     return e
 
 
-class _Lowerer:
-    def __init__(self, spec: S.BertSpec, config: Config, calib: Calibration | None) -> None:
-        self.spec = spec
+# -- the emit pass ----------------------------------------------------------------------------------
+RULES: dict[type, Callable[[_Emitter, F.FNode], str]] = {}
+
+
+def rule(*types: type) -> Callable:
+    """Register the lowering of float node types to integer nodes."""
+
+    def deco(fn: Callable) -> Callable:
+        for t in types:
+            RULES[t] = fn
+        return fn
+
+    return deco
+
+
+class _Emitter:
+    def __init__(self, fg: F.FGraph, config: Config, calib: Calibration | None, roles: dict[str, Role]) -> None:
+        self.fg = fg
         self.cfg = config
         self.calib = calib
-        self.hessian_keys = linear_names(spec)
+        self.roles = roles
+        self.prod = fg.producers()
+        self.cons = fg.consumers()
         self.nodes: list[ir.Node] = []
-        self.storage: list[dict] = []  # one entry per stored parameter, for compression
+        self.names: set[str] = set()
+        self.storage: list[dict] = []
         self.fallbacks: list[str] = []
+        self.value: dict[str, str] = {}  # float tensor -> integer tensor holding its value
+        self.aligned: dict[tuple, str] = {}
+        self.masks: dict[tuple, str] = {}
+        self.weights: dict[tuple, tuple[QTensor, np.ndarray, int]] = {}
+        self.weight_keys: dict[str, str] = {}  # linear -> digest of its float weight
+        for name in fg.inputs:
+            self.value[name] = name
+        if fg.index is not None:
+            for t in fg.index.outputs:
+                self.value[t] = t
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def role(self, n: F.FNode) -> Role:
+        return self.roles[n.name]
+
+    def settings(self, n: F.FNode, op_class: str | None = None) -> OpSettings:
+        r = self.role(n)
+        return self.cfg.settings(op_class or r.op_class, r.layer)
 
     def add(self, node: ir.Node) -> str:
+        if node.name in self.names:
+            raise LoweringError(f"integer node name {node.name!r} used twice")
+        self.names.add(node.name)
         self.nodes.append(node)
         return node.name
 
-    # -- parameters -------------------------------------------------------------------
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.names:
+            k += 1
+            name = f"{base}#{k}"
+        return name
+
+    def users(self, n: F.FNode) -> list[F.FNode]:
+        return self.cons.get(n.name, [])
+
     def weight_fmt(self, s: OpSettings, axis: int) -> IntFormat:
         return IntFormat(
             bits=s.weight_bits,
@@ -133,13 +314,18 @@ class _Lowerer:
             }
         )
 
-    def quant_weight(self, w: np.ndarray, s: OpSettings, axis: int, what: str, lin: S.Linear | None = None) -> QTensor:
-        """Weight codes; ``lin`` given (a matmul), GPTQ applies when the settings ask for it."""
+    def quant_weight(
+        self, w: np.ndarray, s: OpSettings, axis: int, what: str, hessian_keys: tuple[str, ...] = ()
+    ) -> QTensor:
+        """Weight codes; ``hessian_keys`` given (the linears that use this weight), GPTQ applies
+        when the settings ask for it, with the sum of their input statistics."""
         fmt = self.weight_fmt(s, axis)
         w = np.asarray(w, dtype=np.float64)
-        if s.weight_method == "gptq" and lin is not None:
-            key = self.hessian_keys.get(id(lin))
-            h = self.calib.hessians.get(key) if self.calib is not None and key else None
+        if not np.all(np.isfinite(w)):
+            raise LoweringError(f"node {what}: weight of {hessian_keys[0] if hessian_keys else what!r} is not finite")
+        if s.weight_method == "gptq" and hessian_keys:
+            hs = [self.calib.hessians.get(k) for k in hessian_keys] if self.calib is not None else [None]
+            h = None if any(x is None for x in hs) else sum(hs[1:], hs[0])
             if h is None:
                 raise LoweringError(
                     f"node {what}: weight_method='gptq' needs calibration data with input statistics "
@@ -152,54 +338,19 @@ class _Lowerer:
             exp, mant = mse_exponents(w, fmt, s.weight_clip_search), None
         else:
             exp, mant = block_exponents(w, fmt)
-        # the stored exponents must fit weight_exp_bits (what compression counts)
-        q = quantize(w, fmt, exponent_window(exp, s.weight_exp_bits), mant)
+        q = quantize(w, fmt, exponent_window(exp, s.weight_exp_bits), mant)  # exponents fit weight_exp_bits
         self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
         return q
 
-    def linear(self, name: str, x: str, lin: S.Linear, s: OpSettings, onnx: str | None = None) -> str:
-        stored = self.quant_weight(lin.weight, s, axis=0, what=name, lin=lin)
-        wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
-        bias = None
-        bias_exp = 0
-        if lin.bias is not None:
-            b = np.asarray(lin.bias, dtype=np.float64)
-            amax = float(np.max(np.abs(b)))
-            bias_exp = _fixed_exp_for_range(s.bias_bits, amax) if amax > 0 else 0
-            bq = quantize(
-                b.reshape(1, -1),
-                IntFormat(bits=s.bias_bits, block_size=0, rounding=Rounding.RND_CONV),
-                exp=np.array([[bias_exp]], dtype=np.int32),
-            )
-            bias = bq.data.reshape(-1).astype(np.int64)
-            self.count(name + ".bias", b.size, s.bias_bits, 0, None)
-        return self.add(
-            ir.Linear(
-                name=name,
-                inputs=(x,),
-                onnx_name=onnx,
-                weight=np.ascontiguousarray(wide.astype(np.int64)),
-                w_exp=int(np.asarray(ew).ravel()[0]),
-                stored=stored,
-                bias=bias,
-                bias_exp=bias_exp,
-                bias_bits=s.bias_bits,
-                acc_bits=s.acc_bits,
-                acc_saturation=s.acc_saturation_mode,
-                bias_rounding=s.rounding_mode,
-            )
-        )
-
-    # -- activations ------------------------------------------------------------------
     def static_exp(self, point: str, fmt: IntFormat, s: OpSettings, ndim: int) -> np.ndarray | None:
-        """Calibrated block exponents for ``point`` or None (dynamic) with the reason recorded."""
+        """Calibrated block exponents for float tensor ``point``, or None (dynamic)."""
         if s.scaling != "static":
             return None
         amax = self.calib.get(point) if self.calib is not None else None
         if amax is None:
             if self.calib is None:
                 raise LoweringError(
-                    f"point {point}: scaling='static' needs calibration data (run with calibration "
+                    f"tensor {point}: scaling='static' needs calibration data (run with calibration "
                     "sentences, or use scaling='dynamic')"
                 )
             self.fallbacks.append(point)
@@ -208,296 +359,490 @@ class _Lowerer:
         exp, _ = block_exponents(a, IntFormat(bits=fmt.bits, block_axis=-1, block_size=fmt.block_size))
         return np.asarray(exp, dtype=np.int32)
 
-    def requant(
-        self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None, bits: int | None = None
-    ) -> str:
-        fmt = _act_fmt(s, bits)
+    def requant(self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None) -> str:
+        fmt = _act_fmt(s)
         return self.add(
             ir.Requant(name=name, inputs=(x,), onnx_name=onnx, fmt=fmt, exp=self.static_exp(point, fmt, s, ndim))
         )
 
     def align(self, name: str, x: str, s: OpSettings, axes: tuple[int, ...] = (-1,), guard: int | None = None) -> str:
         g = s.act_guard if guard is None else guard
-        return self.add(ir.Align(name=name, inputs=(x,), reduce_axes=axes, guard=g, rounding=s.rounding_mode))
+        key = (x, axes, g, s.rounding_mode)
+        if key not in self.aligned:
+            self.aligned[key] = self.add(
+                ir.Align(name=self.unique(name), inputs=(x,), reduce_axes=axes, guard=g, rounding=s.rounding_mode)
+            )
+        return self.aligned[key]
 
-    def layernorm(self, name: str, x: str, ln: S.LayerNorm, layer: int | None, point: str) -> str:
-        s = self.cfg.settings("layernorm", layer)
-        xa = self.align(name + ".in", x, s)
-        p = make_layernorm_params(
-            np.asarray(ln.gamma, np.float64),
-            np.asarray(ln.beta, np.float64),
-            float(ln.eps),
-            out_bits=s.layernorm_out_bits,
-        )
-        self.count(name + ".gamma", ln.gamma.size, 16, 0, None)
-        self.count(name + ".beta", ln.beta.size, 16, 0, None)
-        y = self.add(
-            ir.Nonlinear(
-                name=name + ".y",
-                inputs=(xa,),
-                kind="layernorm",
-                method="isqrt",
-                params=p,
-                e_in=0,
-                e_out=int(p.e_out),
-                out_fmt=_fixed_fmt(s.layernorm_out_bits, s),
-            )
-        )
-        return self.requant(name, y, s, point, 3, ln.names.get(S.ROLE_OUT))
+    def is_fixed(self, t: str) -> bool:
+        """The integer tensor is one fixed-point value per tensor (a nonlinear output)."""
+        n = next((m for m in reversed(self.nodes) if m.name == t), None)
+        return isinstance(n, (ir.Tanh, ir.L2Normalize, ir.Gelu, ir.Softmax, ir.LayerNorm))
 
-    def residual(self, name: str, a: str, b: str, layer: int | None, point: str, onnx: str | None = None) -> str:
-        s = self.cfg.settings("residual", layer)
-        fmt = _act_fmt(s, s.residual_bits)
-        return self.add(
-            ir.Add(name=name, inputs=(a, b), onnx_name=onnx, fmt=fmt, exp=self.static_exp(point, fmt, s, 3))
-        )
-
-    # -- model --------------------------------------------------------------------------
-    def embeddings(self) -> str:
-        e = self.spec.embeddings
-        s = self.cfg.settings("embedding")
-        word = self.add(
-            ir.Embed(
-                name="emb.word", inputs=("input_ids",), table=self.quant_weight(e.word, s, axis=-1, what="emb.word")
-            )
-        )
-        pos = self.add(
-            ir.Embed(
-                name="emb.position",
-                inputs=("position_ids",),
-                table=self.quant_weight(e.position, s, axis=-1, what="emb.position"),
-            )
-        )
-        total = self.residual("emb.sum_wp", word, pos, None, "emb.sum_wp")
-        if e.token_type is not None:
-            tt = self.add(
-                ir.Embed(
-                    name="emb.token_type",
-                    inputs=("token_type_ids",),
-                    table=self.quant_weight(e.token_type, s, axis=-1, what="emb.token_type"),
-                )
-            )
-            total = self.residual("emb.sum", total, tt, None, "emb.sum", e.names.get(S.ROLE_OUT))
-        return self.layernorm("emb.ln", total, e.layer_norm, None, "emb.ln")
-
-    def attention(self, i: int, x: str, at: S.Attention) -> str:
-        p = f"L{i}."
-        cfg = self.cfg
-        hidden = at.q.out_features
-        if hidden % at.num_heads:
-            raise LoweringError(f"layer {i}: hidden {hidden} not divisible by {at.num_heads} heads")
-        sq, sk, sv = (cfg.settings(c, i) for c in ("query", "key", "value"))
-        xa = self.align(p + "x.aligned", x, sq)
-        outs = {}
-        for role, lin, s in (("q", at.q, sq), ("k", at.k, sk), ("v", at.v, sv)):
-            acc = self.linear(p + role + ".acc", xa, lin, s)
-            outs[role] = self.requant(p + role, acc, s, p + role, 3, lin.names.get(S.ROLE_OUT))
-        s_sc = cfg.settings("scores", i)
-        qa = self.align(p + "q.aligned", outs["q"], s_sc, axes=(-1,))
-        ka = self.align(p + "k.aligned", outs["k"], s_sc, axes=(1, 2))
-        va = self.align(p + "v.aligned", outs["v"], cfg.settings("context", i), axes=(1, 2))
-        qh = self.add(ir.SplitHeads(name=p + "q.heads", inputs=(qa,), num_heads=at.num_heads))
-        kh = self.add(ir.SplitHeads(name=p + "k.heads", inputs=(ka,), num_heads=at.num_heads, transpose=True))
-        vh = self.add(ir.SplitHeads(name=p + "v.heads", inputs=(va,), num_heads=at.num_heads))
-        s_acc = self.add(
-            ir.MatMul(
-                name=p + "scores.acc", inputs=(qh, kh), acc_bits=s_sc.acc_bits, acc_saturation=s_sc.acc_saturation_mode
-            )
-        )
-        ssm = cfg.settings("softmax", i)
-        # scores at a fixed 2**-9 resolution; in_bits sets the range (18 bits: [-256, 256))
-        e_sm = -9
-        mult, shift = quantize_multiplier(float(at.scale))
-        scores = self.add(
-            ir.Rescale(
-                name=p + "scores",
-                inputs=(s_acc,),
-                multiplier=mult,
-                shift=shift,
-                e_out=e_sm,
-                fmt=_fixed_fmt(ssm.softmax_in_bits, ssm),
-            )
-        )
-        if not any(isinstance(n, ir.Mask) for n in self.nodes):
-            lo = -(1 << (ssm.softmax_in_bits - 1))
-            mv = max(lo, int(np.round(float(at.mask_value) / 2.0**e_sm))) if np.isfinite(at.mask_value) else lo
-            self.add(ir.Mask(name="mask", inputs=("attention_mask",), value=mv, e_out=e_sm, bits=ssm.softmax_in_bits))
-        sp = make_softmax_params(
-            e_in=e_sm,
-            in_bits=ssm.softmax_in_bits,
-            out_bits=ssm.softmax_out_bits,
-            method=ssm.softmax_method,
-            lut_addr_bits=ssm.softmax_lut_addr_bits,
-        )
-        probs = self.add(
-            ir.Nonlinear(
-                name=p + "probs",
-                inputs=(scores, "mask"),
-                onnx_name=at.names.get(S.ROLE_PROBS),
-                kind="softmax",
-                method=ssm.softmax_method,
-                params=sp,
-                e_in=e_sm,
-                e_out=int(sp.e_out),
-                out_fmt=_fixed_fmt(ssm.softmax_out_bits, ssm, signed=False),
-            )
-        )
-        sc = cfg.settings("context", i)
-        c_acc = self.add(
-            ir.MatMul(
-                name=p + "context.acc", inputs=(probs, vh), acc_bits=sc.acc_bits, acc_saturation=sc.acc_saturation_mode
-            )
-        )
-        c_m = self.add(ir.MergeHeads(name=p + "context.merged", inputs=(c_acc,)))
-        ctx = self.requant(p + "context", c_m, sc, p + "context", 3, at.names.get(S.ROLE_CONTEXT))
-        so = cfg.settings("attention_output", i)
-        ca = self.align(p + "context.aligned", ctx, so)
-        o_acc = self.linear(p + "attn_out.acc", ca, at.out, so)
-        return self.requant(p + "attn_out", o_acc, so, p + "attn_out", 3, at.out.names.get(S.ROLE_OUT))
-
-    def ffn(self, i: int, h: str, layer: S.EncoderLayer) -> str:
-        p = f"L{i}."
-        si = self.cfg.settings("intermediate", i)
-        ha = self.align(p + "h.aligned", h, si)
-        f_acc = self.linear(p + "ffn1.acc", ha, layer.intermediate, si)
-        sg = self.cfg.settings("gelu", i)
-        amax = self.calib.get(p + "ffn1") if self.calib is not None else None
-        # GELU input: calibrated range when known, else +-64 (far beyond where GELU(x) = x or 0).
-        rng = float(np.max(amax)) if amax is not None and sg.scaling == "static" else 64.0
-        e_g = _fixed_exp_for_range(sg.gelu_in_bits, max(rng, 1e-3))
-        g_in = self.add(
-            ir.Requant(
-                name=p + "ffn1",
-                inputs=(f_acc,),
-                onnx_name=layer.intermediate.names.get(S.ROLE_OUT),
-                fmt=_fixed_fmt(sg.gelu_in_bits, sg),
-                exp=np.array([[[e_g]]], dtype=np.int32),
-            )
-        )
-        approximate = "tanh" if layer.activation == "gelu_tanh" else "none"
-        if sg.gelu_method == "poly":
-            if approximate == "tanh":
-                raise LoweringError(
-                    f"layer {i}: gelu_method='poly' implements the erf form; this model uses the tanh "
-                    "approximation: set gelu_method='lut'"
-                )
-            gp = make_gelu_poly(e_in=e_g, in_bits=sg.gelu_in_bits, out_bits=sg.gelu_out_bits)
-        else:
-            gp = make_gelu_lut(
-                e_in=e_g,
-                in_bits=sg.gelu_in_bits,
-                addr_bits=sg.gelu_lut_addr_bits,
-                out_bits=sg.gelu_out_bits,
-                approximate=approximate,
-            )
-        g = self.add(
-            ir.Nonlinear(
-                name=p + "gelu.y",
-                inputs=(g_in,),
-                kind="gelu",
-                method=sg.gelu_method,
-                params=gp,
-                e_in=e_g,
-                e_out=int(gp.e_out),
-                out_fmt=_fixed_fmt(sg.gelu_out_bits, sg),
-            )
-        )
-        so = self.cfg.settings("output", i)
-        gq = self.requant(p + "gelu", g, so, p + "gelu", 3, layer.names.get(S.ROLE_OUT))
-        ga = self.align(p + "gelu.aligned", gq, so)
-        o_acc = self.linear(p + "ffn2.acc", ga, layer.output, so)
-        return self.requant(p + "ffn2", o_acc, so, p + "ffn2", 3, layer.output.names.get(S.ROLE_OUT))
-
-    def head(self, x: str) -> dict[str, str]:
-        outs = {"last_hidden_state": x}
-        sp = self.spec
-        if sp.pooler is None:
-            return outs
-        s = self.cfg.settings("pooler")
-        cls = self.add(ir.TakeCls(name="pooler.cls", inputs=(x,)))
-        ca = self.align("pooler.cls.aligned", cls, s)
-        p_acc = self.linear("pooler.acc", ca, sp.pooler, s)
-        st = self.cfg.settings("tanh")
-        e_t = 3 - (st.tanh_in_bits - 1)  # +-8: tanh is +-1 to 1e-6 beyond
-        t_in = self.add(
-            ir.Requant(
-                name="pooler.dense",
-                inputs=(p_acc,),
-                onnx_name=sp.pooler.names.get(S.ROLE_OUT),
-                fmt=_fixed_fmt(st.tanh_in_bits, st),
-                exp=np.array([[e_t]], dtype=np.int32),
-            )
-        )
-        tp = make_tanh_lut(
-            e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits, out_bits=st.tanh_out_bits
-        )
-        t = self.add(
-            ir.Nonlinear(
-                name="pooler",
-                inputs=(t_in,),
-                onnx_name=sp.names.get("pooler_tanh"),
-                kind="tanh",
-                method=st.tanh_method,
-                params=tp,
-                e_in=e_t,
-                e_out=int(tp.e_out),
-                out_fmt=_fixed_fmt(st.tanh_out_bits, st),
-            )
-        )
-        outs["pooler_output"] = t
-        if sp.classifier is None:
-            return outs
-        sc = self.cfg.settings("classifier")
-        ta = self.align("pooler.aligned", t, sc, guard=0)
-        l_acc = self.linear("classifier.acc", ta, sp.classifier, sc)
-        logits_name = next((n for n, r in sp.outputs.items() if r == "logits"), None)
-        logits = self.add(
-            ir.Requant(
-                name="logits", inputs=(l_acc,), onnx_name=logits_name, fmt=_fixed_fmt(sc.output_bits, sc), exp=None
-            )
-        )
-        outs["logits"] = logits
-        return outs
+    def ndim(self, t: str) -> int:
+        """Rank of an activation: 2 after a row is taken or pooled, else 3."""
+        n = self.prod.get(t)
+        while n is not None:
+            if isinstance(n, (F.TakeRow, F.MeanPool)):
+                return 2
+            if not n.inputs or isinstance(n, (F.Embedding, F.EmbeddingSum)):
+                return 3
+            n = self.prod.get(n.inputs[0])
+        return 3
 
     def run(self) -> ir.Graph:
-        x = self.embeddings()
-        for i, layer in enumerate(self.spec.layers):
-            a = self.attention(i, x, layer.attention)
-            h = self.layernorm(
-                f"L{i}.ln1", self.residual(f"L{i}.res1", x, a, i, f"L{i}.res1"), layer.attention_norm, i, f"L{i}.ln1"
-            )
-            f = self.ffn(i, h, layer)
-            x = self.layernorm(
-                f"L{i}.ln2", self.residual(f"L{i}.res2", h, f, i, f"L{i}.res2"), layer.output_norm, i, f"L{i}.ln2"
-            )
-        outs = self.head(x)
+        for n in self.fg.nodes:
+            fn = RULES.get(type(n))
+            if fn is None:
+                raise LoweringError(f"node {n.name!r} ({n.op}): no integer lowering rule")
+            self.value[n.name] = fn(self, n)
+        outputs = {}
+        for o in self.fg.outputs:
+            outputs[_output_role(self.fg, o)] = self.value[o]
+        ids = self.fg.role_input("input_ids")
+        info = {
+            "storage": self.storage,
+            "dynamic_fallback": self.fallbacks,
+            "vocab_size": self.fg.info.get("vocab_size"),
+            "type_vocab_size": self.fg.info.get("type_vocab_size") or 0,
+            "max_positions": self.fg.info.get("max_positions"),
+            "input_ids": ids,
+            "onnx_outputs": {_output_role(self.fg, o): o for o in self.fg.outputs},
+        }
         return ir.Graph(
             nodes=tuple(self.nodes),
-            outputs=outs,
+            outputs=outputs,
             config_name=self.cfg.name,
-            info={
-                "storage": self.storage,
-                "dynamic_fallback": self.fallbacks,
-                "position_offset": self.spec.embeddings.position_offset,
-                "max_positions": int(self.spec.embeddings.position.shape[0]),
-                "vocab_size": self.spec.vocab_size,
-                "type_vocab_size": 0
-                if self.spec.embeddings.token_type is None
-                else int(self.spec.embeddings.token_type.shape[0]),
-            },
+            info=info,
+            inputs=dict(self.fg.inputs),
+            index=self.fg.index,
         )
 
 
-def lower(spec: S.BertSpec, config: Config, calib: Calibration | None = None) -> ir.Graph:
-    """Lower ``spec`` to the integer IR under ``config`` (static points need ``calib``)."""
-    return _Lowerer(spec, config, calib).run()
+def _output_role(fg: F.FGraph, o: str) -> str:
+    """A graph output's role name: logits, last_hidden_state, pooler_output, or its own name."""
+    n = fg.producers().get(o)
+    if o in ("logits", "last_hidden_state", "pooler_output", "sentence_embedding"):
+        return o
+    if isinstance(n, F.Linear):
+        return "logits"
+    if isinstance(n, F.LayerNorm):
+        return "last_hidden_state"
+    if isinstance(n, F.Tanh):
+        return "pooler_output"
+    return o
+
+
+# -- rules ------------------------------------------------------------------------------------------
+def _embed_name(fg: F.FGraph, n: F.EmbeddingSum, k: int, index: str) -> str:
+    role = fg.inputs.get(index)
+    if k == 0 and role == "input_ids":
+        return "emb.word"
+    tn = n.table_names[k].lower()
+    for key, short in (("position", "emb.position"), ("token_type", "emb.token_type"), ("word", "emb.word")):
+        if key in tn:
+            return short
+    return {"token_type_ids": "emb.token_type", "position_ids": "emb.position"}.get(role or "", f"emb.table{k}")
+
+
+@rule(F.EmbeddingSum, F.Embedding)
+def _embedding(e: _Emitter, n: F.FNode) -> str:
+    s = e.settings(n)
+    tables = n.tables if isinstance(n, F.EmbeddingSum) else (n.table,)
+    tnames = n.table_names if isinstance(n, F.EmbeddingSum) else (n.table_name,)
+    sums = (
+        n
+        if isinstance(n, F.EmbeddingSum)
+        else F.EmbeddingSum(name=n.name, inputs=n.inputs * 2, tables=(n.table,) * 2, table_names=tnames * 2)
+    )
+    looked = []
+    for k, (t, idx) in enumerate(zip(tables, n.inputs, strict=True)):
+        name = e.unique(_embed_name(e.fg, sums, k, idx))
+        looked.append(
+            e.add(ir.Embed(name=name, inputs=(e.value[idx],), table=e.quant_weight(t, s, axis=-1, what=name)))
+        )
+    if len(looked) == 1:
+        return looked[0]
+    sr = e.cfg.settings("residual", None)
+    fmt = _act_fmt(sr, sr.residual_bits)
+    total = looked[0]
+    for k, t in enumerate(looked[1:], start=1):
+        last = k == len(looked) - 1
+        point = n.name if last else f"{n.name}#partial{k}"
+        total = e.add(
+            ir.Add(
+                name="emb.sum" if last else f"emb.sum{k}",
+                inputs=(total, t),
+                onnx_name=n.name if last else None,
+                fmt=fmt,
+                exp=e.static_exp(point, fmt, sr, 3),
+            )
+        )
+    return total
+
+
+def _out_linear_fmt(e: _Emitter, n: F.Linear) -> tuple[str, object]:
+    """How a linear's accumulator is narrowed, from what reads it."""
+    users = e.users(n)
+    if len(users) == 1 and isinstance(users[0], F.Gelu):
+        return "gelu", users[0]
+    if len(users) == 1 and isinstance(users[0], F.Tanh):
+        return "tanh", users[0]
+    if n.name in e.fg.outputs:
+        return "output", None
+    return "act", None
+
+
+def _weight_key(n: F.Linear) -> str:
+    """Identity of a linear's weight by content: layers that share one weight (ALBERT) use one
+    stored tensor whether the exporter kept one initializer or wrote identical copies."""
+    w = np.ascontiguousarray(n.weight)
+    return hashlib.sha256(str(w.shape).encode() + w.tobytes()).hexdigest()
+
+
+def _weights(e: _Emitter, n: F.Linear, s: OpSettings, short: str) -> tuple[QTensor, np.ndarray, int]:
+    if not e.weight_keys:
+        e.weight_keys = {m.name: _weight_key(m) for m in e.fg.nodes if isinstance(m, F.Linear)}
+    key = (e.weight_keys[n.name], s)
+    if key in e.weights:  # a weight shared by several layers: quantized and stored once
+        return e.weights[key]
+    sharing = tuple(k for k, v in e.weight_keys.items() if v == key[0])
+    stored = e.quant_weight(n.weight, s, axis=0, what=short, hessian_keys=sharing)
+    wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
+    out = (stored, np.ascontiguousarray(wide.astype(np.int64)), int(np.asarray(ew).ravel()[0]))
+    e.weights[key] = out
+    return out
+
+
+@rule(F.Linear)
+def _linear(e: _Emitter, n: F.Linear) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    x = e.value[n.inputs[0]]
+    src = e.prod.get(n.inputs[0])
+    src_short = e.roles[src.name].short if src is not None else n.inputs[0]
+    guard = 0 if e.is_fixed(x) else None  # one exponent for the whole tensor: nothing to align
+    xa = e.align(f"{src_short}.aligned", x, s, guard=guard)
+    stored, wide, w_exp = _weights(e, n, s, r.short)
+    bias, bias_exp = None, 0
+    if n.bias is not None:
+        b = np.asarray(n.bias, dtype=np.float64)
+        if not np.all(np.isfinite(b)):
+            raise LoweringError(f"node {r.short}: bias of {n.name!r} has non-finite values")
+        amax = float(np.max(np.abs(b))) if b.size else 0.0
+        bias_exp = _fixed_exp_for_range(s.bias_bits, amax) if amax > 0 else 0
+        bq = quantize(
+            b.reshape(1, -1),
+            IntFormat(bits=s.bias_bits, block_size=0, rounding=Rounding.RND_CONV),
+            exp=np.array([[bias_exp]], dtype=np.int32),
+        )
+        bias = bq.data.reshape(-1).astype(np.int64)
+        e.count(r.short + ".bias", b.size, s.bias_bits, 0, None)
+    acc = e.add(
+        ir.Linear(
+            name=r.short + ".acc",
+            inputs=(xa,),
+            weight=wide,
+            w_exp=w_exp,
+            stored=stored,
+            bias=bias,
+            bias_exp=bias_exp,
+            bias_bits=s.bias_bits,
+            acc_bits=s.acc_bits,
+            acc_saturation=s.acc_saturation_mode,
+            bias_rounding=s.rounding_mode,
+        )
+    )
+    kind, user = _out_linear_fmt(e, n)
+    ndim = e.ndim(n.name)
+    if kind == "gelu":
+        sg = e.settings(user)
+        amax = e.calib.get(n.name) if e.calib is not None else None
+        # GELU input: calibrated range when known, else +-64 (far beyond where GELU(x) = x or 0)
+        rng = float(np.max(amax)) if amax is not None and sg.scaling == "static" else 64.0
+        e_g = _fixed_exp_for_range(sg.gelu_in_bits, max(rng, 1e-3))
+        fmt, exp = _fixed_fmt(sg.gelu_in_bits, sg), np.full((1,) * ndim, e_g, np.int32)
+        name = r.short
+    elif kind == "tanh":
+        st = e.settings(user)
+        e_t = 3 - (st.tanh_in_bits - 1)  # +-8: tanh is +-1 to 1e-6 beyond
+        fmt, exp = _fixed_fmt(st.tanh_in_bits, st), np.full((1,) * ndim, e_t, np.int32)
+        name = r.short
+    elif kind == "output":
+        fmt, exp, name = _fixed_fmt(s.output_bits, s), None, r.short
+    else:
+        return e.requant(r.short, acc, s, n.name, ndim, n.name)
+    return e.add(ir.Requant(name=name, inputs=(acc,), onnx_name=n.name, fmt=fmt, exp=exp))
+
+
+@rule(F.Add)
+def _residual(e: _Emitter, n: F.Add) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    fmt = _act_fmt(s, s.residual_bits)
+    a, b = (e.value[i] for i in n.inputs)
+    return e.add(
+        ir.Add(name=r.short, inputs=(a, b), onnx_name=n.name, fmt=fmt, exp=e.static_exp(n.name, fmt, s, e.ndim(n.name)))
+    )
+
+
+@rule(F.LayerNorm)
+def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    xa = e.align(r.short + ".in", e.value[n.inputs[0]], s)
+    p = make_layernorm_params(
+        np.asarray(n.gamma, np.float64), np.asarray(n.beta, np.float64), float(n.eps), out_bits=s.layernorm_out_bits
+    )
+    e.count(r.short + ".gamma", n.gamma.size, 16, 0, None)
+    e.count(r.short + ".beta", n.beta.size, 16, 0, None)
+    y = e.add(
+        ir.LayerNorm(
+            name=r.short + ".y",
+            inputs=(xa,),
+            method="isqrt",
+            params=p,
+            e_in=0,
+            e_out=int(p.e_out),
+            out_fmt=_fixed_fmt(s.layernorm_out_bits, s),
+        )
+    )
+    return e.requant(r.short, y, s, n.name, e.ndim(n.name), n.name)
+
+
+@rule(F.SplitHeads)
+def _split(e: _Emitter, n: F.SplitHeads) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    rows = r.op_class == "scores" and not n.transpose  # queries: one exponent per row
+    xa = e.align(r.short.replace(".heads", ".aligned"), e.value[n.inputs[0]], s, axes=(-1,) if rows else (1, 2))
+    return e.add(ir.SplitHeads(name=r.short, inputs=(xa,), num_heads=n.num_heads, transpose=n.transpose))
+
+
+@rule(F.Scores)
+def _scores(e: _Emitter, n: F.Scores) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    acc = e.add(
+        ir.MatMul(
+            name=r.short + ".acc",
+            inputs=tuple(e.value[i] for i in n.inputs),
+            acc_bits=s.acc_bits,
+            acc_saturation=s.acc_saturation_mode,
+        )
+    )
+    sm = next((u for u in e.users(n) if isinstance(u, F.Softmax)), None)
+    ssm = e.settings(sm) if sm is not None else s
+    mult, shift = quantize_multiplier(float(n.scale))
+    return e.add(
+        ir.Rescale(
+            name=r.short,
+            inputs=(acc,),
+            multiplier=mult,
+            shift=shift,
+            e_out=SCORES_EXP,
+            fmt=_fixed_fmt(ssm.softmax_in_bits, ssm),
+        )
+    )
+
+
+@rule(F.Softmax)
+def _softmax(e: _Emitter, n: F.Softmax) -> str:
+    r = e.role(n)
+    ssm = e.settings(n)
+    inputs = [e.value[n.inputs[0]]]
+    if n.mask_kind != "none":
+        lo = -(1 << (ssm.softmax_in_bits - 1))
+        v = n.mask_value
+        mv = max(lo, int(np.round(v / 2.0**SCORES_EXP))) if np.isfinite(v) else lo
+        key = (n.inputs[1], n.mask_kind, float(v), mv, ssm.softmax_in_bits)
+        if key not in e.masks:
+            e.masks[key] = e.add(
+                ir.Mask(
+                    name=e.unique("mask"),
+                    inputs=(e.value[n.inputs[1]],),
+                    kind=n.mask_kind,
+                    float_value=float(v),
+                    value=mv,
+                    e_out=SCORES_EXP,
+                    bits=ssm.softmax_in_bits,
+                )
+            )
+        inputs.append(e.masks[key])
+    sp = make_softmax_params(
+        e_in=SCORES_EXP,
+        in_bits=ssm.softmax_in_bits,
+        out_bits=ssm.softmax_out_bits,
+        method=ssm.softmax_method,
+        lut_addr_bits=ssm.softmax_lut_addr_bits,
+    )
+    return e.add(
+        ir.Softmax(
+            name=r.short,
+            inputs=tuple(inputs),
+            onnx_name=n.name,
+            method=ssm.softmax_method,
+            params=sp,
+            e_in=SCORES_EXP,
+            e_out=int(sp.e_out),
+            out_fmt=_fixed_fmt(ssm.softmax_out_bits, ssm, signed=False),
+        )
+    )
+
+
+@rule(F.MatMul)
+def _matmul(e: _Emitter, n: F.MatMul) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    return e.add(
+        ir.MatMul(
+            name=r.short,
+            inputs=tuple(e.value[i] for i in n.inputs),
+            acc_bits=s.acc_bits,
+            acc_saturation=s.acc_saturation_mode,
+        )
+    )
+
+
+@rule(F.MergeHeads)
+def _merge(e: _Emitter, n: F.MergeHeads) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    m = e.add(ir.MergeHeads(name=r.short + ".merged", inputs=(e.value[n.inputs[0]],)))
+    return e.requant(r.short, m, s, n.name, 3, n.name)
+
+
+@rule(F.Gelu)
+def _gelu(e: _Emitter, n: F.Gelu) -> str:
+    r = e.role(n)
+    sg = e.settings(n)
+    x = e.value[n.inputs[0]]
+    src = next(m for m in reversed(e.nodes) if m.name == x)
+    if not (isinstance(src, ir.Requant) and src.exp is not None and src.fmt.block_size == 0):
+        raise LoweringError(f"node {n.name!r} (gelu): its input must come from a linear layer")
+    e_g = int(np.asarray(src.exp).ravel()[0])
+    if sg.gelu_method == "poly":
+        if n.approximate == "tanh":
+            raise LoweringError(
+                f"node {r.short}: gelu_method='poly' implements the erf form; this model uses the tanh "
+                "approximation: set gelu_method='lut'"
+            )
+        gp = make_gelu_poly(e_in=e_g, in_bits=sg.gelu_in_bits, out_bits=sg.gelu_out_bits)
+    else:
+        gp = make_gelu_lut(
+            e_in=e_g,
+            in_bits=sg.gelu_in_bits,
+            addr_bits=sg.gelu_lut_addr_bits,
+            out_bits=sg.gelu_out_bits,
+            approximate=n.approximate,
+        )
+    g = e.add(
+        ir.Gelu(
+            name=r.short + ".y",
+            inputs=(x,),
+            method=sg.gelu_method,
+            params=gp,
+            e_in=e_g,
+            e_out=int(gp.e_out),
+            out_fmt=_fixed_fmt(sg.gelu_out_bits, sg),
+        )
+    )
+    users = e.users(n)
+    so = e.settings(users[0]) if len(users) == 1 and isinstance(users[0], F.Linear) else sg
+    return e.requant(r.short, g, so, n.name, e.ndim(n.name), n.name)
+
+
+@rule(F.Tanh)
+def _tanh(e: _Emitter, n: F.Tanh) -> str:
+    r = e.role(n)
+    st = e.settings(n)
+    x = e.value[n.inputs[0]]
+    src = next(m for m in reversed(e.nodes) if m.name == x)
+    if not (isinstance(src, ir.Requant) and src.exp is not None and src.fmt.block_size == 0):
+        raise LoweringError(f"node {n.name!r} (tanh): its input must come from a linear layer")
+    e_t = int(np.asarray(src.exp).ravel()[0])
+    tp = make_tanh_lut(e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits, out_bits=st.tanh_out_bits)
+    return e.add(
+        ir.Tanh(
+            name=r.short,
+            inputs=(x,),
+            onnx_name=n.name,
+            method=st.tanh_method,
+            params=tp,
+            e_in=e_t,
+            e_out=int(tp.e_out),
+            out_fmt=_fixed_fmt(st.tanh_out_bits, st),
+        )
+    )
+
+
+@rule(F.Relu)
+def _relu(e: _Emitter, n: F.Relu) -> str:
+    r = e.role(n)
+    x = e.value[n.inputs[0]]
+    src = next(m for m in reversed(e.nodes) if m.name == x)
+    bits = getattr(src, "fmt", None).bits if isinstance(src, (ir.Requant, ir.Add)) else 62
+    return e.add(ir.Relu(name=r.short, inputs=(x,), onnx_name=n.name, params=make_relu_params(bits)))
+
+
+@rule(F.TakeRow)
+def _take_row(e: _Emitter, n: F.TakeRow) -> str:
+    r = e.role(n)
+    return e.add(ir.TakeRow(name=r.short, inputs=(e.value[n.inputs[0]],), onnx_name=n.name, index=n.index))
+
+
+@rule(F.MeanPool)
+def _mean_pool(e: _Emitter, n: F.MeanPool) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    xa = e.align(r.short + ".in", e.value[n.inputs[0]], s, axes=(1,))
+    p = make_mean_pool_params(in_bits=s.act_bits + s.act_guard, out_bits=s.output_bits + 8, rounding=s.rounding_mode)
+    m = e.add(ir.MeanPool(name=r.short + ".sum", inputs=(xa, e.value[n.inputs[1]]), params=p))
+    return e.requant(r.short, m, s, n.name, 2, n.name)
+
+
+@rule(F.L2Normalize)
+def _l2(e: _Emitter, n: F.L2Normalize) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    xa = e.align(r.short + ".in", e.value[n.inputs[0]], s)
+    p = make_l2norm_params(eps=float(n.eps), out_bits=s.output_bits, rounding=s.rounding_mode)
+    return e.add(
+        ir.L2Normalize(
+            name=r.short,
+            inputs=(xa,),
+            onnx_name=n.name,
+            method="isqrt",
+            params=p,
+            e_in=0,
+            e_out=int(p.e_out),
+            out_fmt=_fixed_fmt(s.output_bits, s),
+        )
+    )
+
+
+# -- the pipeline -----------------------------------------------------------------------------------
+PASSES = ("import", "roles", "emit")
+
+
+def lower(fg: F.FGraph, config: Config, calib: Calibration | None = None) -> ir.Graph:
+    """Lower the float graph to the integer IR under ``config`` (static points need ``calib``)."""
+    roles = assign_roles(fg)
+    config.check_layers(1 + max((r.layer for r in roles.values() if r.layer is not None), default=-1))
+    return _Emitter(fg, config, calib, roles).run()
+
+
+def linear_inputs(fg: F.FGraph) -> list[str]:
+    """The linears' tensor names: keys of :attr:`Calibration.hessians`."""
+    return [n.name for n in fg.nodes if isinstance(n, F.Linear)]
 
 
 def compression(graph: ir.Graph) -> dict[str, float]:
     """fp32 bytes / integer bytes, block scales included.
 
     ``weight_compression`` counts the matmul weights and embedding tables (the BBCT claim);
-    ``model_compression`` adds biases and LayerNorm parameters at their stored widths.
+    ``model_compression`` adds biases and LayerNorm parameters at their stored widths. A
+    weight shared by several layers (ALBERT) is counted once, as it is stored once.
     """
     st = graph.info["storage"]
     w_num = sum(e["numel"] for e in st if e["matrix"])

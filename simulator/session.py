@@ -17,12 +17,12 @@ from bbct.golden.errors import BbctError
 from bbct.golden.runner import GoldenRunner
 from bbct.golden.tokenize import encode, find_tokenizer
 from bbct.simulator import ir
-from bbct.simulator.calibrate import calibrate, collect_hessians
+from bbct.simulator.calibrate import calibrate
 from bbct.simulator.config import Config, load_config
 from bbct.simulator.execute import Result, run
+from bbct.simulator.frontend.fgraph import FGraph
+from bbct.simulator.frontend.onnx_in import load_graph
 from bbct.simulator.lower import Calibration, compression, lower
-from bbct.simulator.onnx_import import load_bert
-from bbct.simulator.spec import BertSpec
 
 
 def batches(texts: list[str], size: int) -> Iterator[list[str]]:
@@ -37,14 +37,15 @@ class Simulator:
         self,
         model: str | Path,
         config: str | Path | Config = "w8a8",
-        calib_texts: list[str] | None = None,
+        calib_texts: list[str] | list[tuple[str, str]] | None = None,
         max_length: int = 64,
         calib_batch: int = 32,
         threads: int | None = None,
+        calib_source: str = "",
     ) -> None:
         self.model_path = Path(model)
         self.config = config if isinstance(config, Config) else load_config(config)
-        self.spec: BertSpec = load_bert(self.model_path)
+        self.fgraph: FGraph = load_graph(self.model_path)
         self.tokenizer = find_tokenizer(self.model_path)
         self.max_length = max_length
         self.golden = GoldenRunner(self.model_path, threads=threads)
@@ -54,16 +55,16 @@ class Simulator:
                 raise BbctError(
                     f"config {self.config.name!r} has static scales or GPTQ weights: calibration sentences are needed"
                 )
-            feeds = [self.encode(b) for b in batches(calib_texts, calib_batch)]
-            self.calibration = Calibration()
-            if self.config.any_static:
-                self.calibration = calibrate(self.spec, feeds, lambda f: self.golden.run_all(f).values)
-            if self.config.uses_gptq:
-                collect_hessians(self.spec, feeds, self.calibration)
-        self.graph: ir.Graph = lower(self.spec, self.config, self.calibration)
+            feeds = [self.encode(b) for b in batches(list(calib_texts), calib_batch)]
+            self.calibration = calibrate(self.fgraph, feeds, gptq=self.config.uses_gptq, source=calib_source)
+        self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
 
-    def encode(self, texts: list[str], pad_to: int | None = None) -> dict[str, np.ndarray]:
-        return encode(self.tokenizer, texts, max_length=self.max_length, pad_to=pad_to)
+    def encode(self, texts: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
+        """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by
+        the model's input names."""
+        feeds = encode(self.tokenizer, texts, max_length=self.max_length, pad_to=pad_to)
+        by_role = {role: name for name, role in self.fgraph.inputs.items()}
+        return {by_role[k]: v for k, v in feeds.items() if k in by_role}
 
     def run(self, feeds: dict[str, np.ndarray], trace: bool = False, profile: dict[str, float] | None = None) -> Result:
         return run(self.graph, feeds, trace=trace, profile=profile)
@@ -71,7 +72,7 @@ class Simulator:
     def float_outputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The golden's model outputs by role."""
         out = self.golden.run(feeds)
-        return {role: out[name] for name, role in self.spec.outputs.items()}
+        return {role: out[name] for role, name in self.graph.info["onnx_outputs"].items()}
 
     def compression(self) -> dict[str, float]:
         return compression(self.graph)

@@ -90,6 +90,10 @@ class OnnxOp(FNode):
             return self.inputs[self.positions.index(pos)]
         return None
 
+    def error(self, msg: str) -> UnsupportedGraphError:
+        src = self.sources[0] if self.sources else self.name
+        return UnsupportedGraphError(f"node {src!r} ({self.op_type}): {msg}")
+
     def attrs(self) -> str:
         c = ", ".join(f"#{k}={np.shape(v)}" for k, v in self.consts.items())
         return f"{self.op_type} {self.attributes or ''} {c}".rstrip()

@@ -278,7 +278,9 @@ class _Importer:
             try:
                 vals = runner.run_all(feeds).values
             except BbctError as e:
-                raise UnsupportedGraphError(f"onnxruntime cannot run the graph at batch {b}, sequence {s}: {e}") from None
+                raise UnsupportedGraphError(
+                    f"onnxruntime cannot run the graph at batch {b}, sequence {s}: {e}"
+                ) from None
             self.probe_feeds.append(feeds)
             self.probe.append({**vals, **feeds})
 
@@ -324,7 +326,11 @@ class _Importer:
                     "(`bbct ops` lists what is)"
                 )
             for extra in n.output[1:]:
-                if extra and any(extra in m.input for m in self.nodes) or extra in [o.name for o in self.model.graph.output]:
+                if (
+                    extra
+                    and any(extra in m.input for m in self.nodes)
+                    or extra in [o.name for o in self.model.graph.output]
+                ):
                     raise UnsupportedGraphError(f"node {n.name!r} ({n.op_type}): its output {extra!r} is used")
             out.append(h.fn(self, n))
         return out
@@ -403,7 +409,9 @@ class _Importer:
             nodes.append(helper.make_node("ReduceProd", [full], [n.output[0]], keepdims=0))
         elif "start" in a or "end" in a:
             st, en = f"{full}__st", f"{full}__en"
-            nodes.append(helper.make_node("Constant", [], [st], value=numpy_helper.from_array(np.array([a.get("start", 0)]))))
+            nodes.append(
+                helper.make_node("Constant", [], [st], value=numpy_helper.from_array(np.array([a.get("start", 0)])))
+            )
             nodes.append(
                 helper.make_node("Constant", [], [en], value=numpy_helper.from_array(np.array([a.get("end", len(s1))])))
             )

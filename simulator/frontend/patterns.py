@@ -143,6 +143,53 @@ def _noop(rw: Rewriter) -> bool:
                 raise n.error("casts an activation to a non-float type")
             rw.alias(n, n.inputs[0])
             return True
+        if (
+            isinstance(n, F.OnnxOp)
+            and n.op_type in VIEWS
+            and n.positions[:1] == (0,)
+            and all(rw.ctx.is_index(t) for t in n.inputs[1:])  # a computed target shape
+            and _same_shape(rw, n)
+        ):
+            rw.alias(n, n.inputs[0])
+            return True
+    return False
+
+
+VIEWS = ("Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand")
+
+
+def _same_shape(rw: Rewriter, n: F.OnnxOp) -> bool:
+    """A view whose output has its input's shape on both probes (a Reshape to the same shape)."""
+    return all(rw.ctx.shape(n.name, k) == rw.ctx.shape(n.inputs[0], k) for k in (0, 1))
+
+
+@pattern("batched_transpose", "Reshape (B,h,S,d)->(B*h,S,d) + Transpose(0,2,1) + Reshape ->(B,h,d,S): keys' transpose")
+def _batched_transpose(rw: Rewriter) -> bool:
+    for t in rw.nodes:
+        if not (
+            isinstance(t, F.OnnxOp) and t.op_type == "Transpose" and tuple(t.attributes.get("perm", ())) == (0, 2, 1)
+        ):
+            continue
+        r1, r2 = rw.onnx(t.inputs[0], "Reshape"), rw.only_user(t.name)
+        if r1 is None or rw.only_user(r1.name) is not t or not (isinstance(r2, F.OnnxOp) and r2.op_type == "Reshape"):
+            continue
+        ok = True
+        for k in (0, 1):
+            s4, s3, o4 = rw.ctx.shape(r1.inputs[0], k), rw.ctx.shape(r1.name, k), rw.ctx.shape(r2.name, k)
+            ok = ok and len(s4) == 4 and s3 == (s4[0] * s4[1], s4[2], s4[3]) and o4 == (s4[0], s4[1], s4[3], s4[2])
+        if ok:
+            rw.replace(
+                [r1, t, r2],
+                F.OnnxOp(
+                    name=r2.name,
+                    inputs=(r1.inputs[0],),
+                    sources=r1.sources + t.sources + r2.sources,
+                    op_type="Transpose",
+                    attributes={"perm": (0, 1, 3, 2)},
+                    positions=(0,),
+                ),
+            )
+            return True
     return False
 
 
@@ -314,7 +361,9 @@ def _gelu(rw: Rewriter) -> bool:
         m = _unary_region(rw, n, lambda v, a=approx: gelu_float(v, a))
         if m is not None:
             region, x, y = m
-            rw.replace(region, F.Gelu(name=y, inputs=(x,), sources=tuple(r.sources[0] for r in region), approximate=approx))
+            rw.replace(
+                region, F.Gelu(name=y, inputs=(x,), sources=tuple(r.sources[0] for r in region), approximate=approx)
+            )
             return True
     return False
 
@@ -462,8 +511,11 @@ def _scale_chain(rw: Rewriter, t: str) -> tuple[str, float, list[F.FNode]]:
         t = p.inputs[0]
 
 
-@pattern("scores", "MatMul(SplitHeads Q, SplitHeads K^T) with constant scales on Q, K (before or after the split) "
-         "or on the product -> scores")
+@pattern(
+    "scores",
+    "MatMul(SplitHeads Q, SplitHeads K^T) with constant scales on Q, K (before or after the split) "
+    "or on the product -> scores",
+)
 def _scores(rw: Rewriter) -> bool:
     for n in rw.nodes:
         if not (isinstance(n, F.OnnxOp) and n.op_type == "MatMul" and len(n.inputs) == 2):
@@ -511,8 +563,11 @@ def _scores(rw: Rewriter) -> bool:
     return False
 
 
-@pattern("softmax", "Softmax(last axis) of scores + additive index mask, or Where(index mask, scores, -big), "
-         "[+ Where(IsNaN(p), 0, p) guard, removed]")
+@pattern(
+    "softmax",
+    "Softmax(last axis) of scores + additive index mask, or Where(index mask, scores, -big), "
+    "[+ Where(IsNaN(p), 0, p) guard, removed]",
+)
 def _softmax(rw: Rewriter) -> bool:
     for n in rw.nodes:
         if not (isinstance(n, F.OnnxOp) and n.op_type == "Softmax"):
@@ -557,7 +612,9 @@ def _softmax(rw: Rewriter) -> bool:
         inputs = (x,) if mask is None else (x, mask)
         rw.replace(
             old,
-            F.Softmax(name=out, inputs=inputs, sources=tuple(o.sources[0] for o in old), mask_kind=kind, mask_value=value),
+            F.Softmax(
+                name=out, inputs=inputs, sources=tuple(o.sources[0] for o in old), mask_kind=kind, mask_value=value
+            ),
         )
         return True
     return False
@@ -589,9 +646,11 @@ def _take_row(rw: Rewriter) -> bool:
             st, en, ax = (n.operand(k) for k in (1, 2, 3))
             if _scalar(st) == 0.0 and _scalar(en) == 1.0 and (ax is None or _scalar(ax) in (1.0,)):
                 u = rw.only_user(n.name)
-                if isinstance(u, F.OnnxOp) and u.op_type in ("Squeeze", "Reshape", "Flatten") and len(
-                    rw.ctx.shape(u.name)
-                ) == 2:
+                if (
+                    isinstance(u, F.OnnxOp)
+                    and u.op_type in ("Squeeze", "Reshape", "Flatten")
+                    and len(rw.ctx.shape(u.name)) == 2
+                ):
                     rw.replace([n, u], F.TakeRow(name=u.name, inputs=(x,), sources=n.sources + u.sources))
                     return True
     return False
@@ -614,9 +673,12 @@ def _mean_pool(rw: Rewriter) -> bool:
     if mask_in is None:
         return False
     for n in rw.nodes:
-        if not (isinstance(n, F.OnnxOp) and n.op_type == "Div" and n.positions == (0,) or (
-            isinstance(n, F.OnnxOp) and n.op_type == "Div" and len(n.inputs) == 2
-        )):
+        if not (
+            isinstance(n, F.OnnxOp)
+            and n.op_type == "Div"
+            and n.positions == (0,)
+            or (isinstance(n, F.OnnxOp) and n.op_type == "Div" and len(n.inputs) == 2)
+        ):
             continue
         rs = rw.onnx(n.inputs[0], "ReduceSum")
         if rs is None or _axes(rs) != (1,) or rs.attributes.get("keepdims", 1) != 0:
@@ -639,7 +701,9 @@ def _mean_pool(rw: Rewriter) -> bool:
             ok = got.shape[0] == m.shape[0] and np.allclose(np.broadcast_to(m.sum(1)[:, None], got.shape), got)
         if not ok:
             raise n.error("mean pooling whose denominator is not the count of unmasked tokens")
-        rw.replace([mul, rs, n], F.MeanPool(name=n.name, inputs=(x, mask_in), sources=mul.sources + rs.sources + n.sources))
+        rw.replace(
+            [mul, rs, n], F.MeanPool(name=n.name, inputs=(x, mask_in), sources=mul.sources + rs.sources + n.sources)
+        )
         return True
     return False
 
@@ -739,4 +803,3 @@ def run_patterns(nodes: list[F.FNode], ctx: object) -> list[F.FNode]:
 
 def describe_patterns() -> dict[str, str]:
     return {k: p.describes for k, p in PATTERNS.items()}
-
