@@ -149,8 +149,13 @@ def test_gemm_matches_onnxruntime_matmulinteger(signed):
     """Independent oracle: onnxruntime's MatMulInteger (int8/uint8 x int8 -> int32), exact."""
     rng = np.random.default_rng(3)
     dt, tp = (np.int8, TensorProto.INT8) if signed else (np.uint8, TensorProto.UINT8)
-    a = rng.integers(np.iinfo(dt).min, np.iinfo(dt).max + 1, (4, 64, 384)).astype(dt)
-    a[0, 0] = np.iinfo(dt).min  # the row with the largest products
+    # onnxruntime's u8 x s8 kernel on AVX2 CPUs sums pairs of products in saturating int16
+    # (vpmaddubsw): 255 * -128 * 2 overflows, so its result is exact only for a <= 127
+    # (127 * 128 * 2 = 32512 fits). Unsigned operands stay in 0..127; the full range is
+    # checked against exact int64 arithmetic below.
+    hi = np.iinfo(dt).max + 1 if signed else 128
+    a = rng.integers(np.iinfo(dt).min, hi, (4, 64, 384)).astype(dt)
+    a[0, 0] = np.iinfo(dt).min if signed else 127  # the row with the largest products
     b = rng.integers(-128, 128, (384, 96)).astype(np.int8)
     b[:, 0] = -128
     node = helper.make_node("MatMulInteger", ["a", "b"], ["y"])
@@ -169,6 +174,9 @@ def test_gemm_matches_onnxruntime_matmulinteger(signed):
     got, _, n = gemm(a.astype(np.int64), np.zeros((4, 64, 1), np.int64), b.astype(np.int64), np.array(0), 32)
     np.testing.assert_array_equal(got, want)
     assert n == 0
+    full = rng.integers(np.iinfo(dt).min, np.iinfo(dt).max + 1, a.shape).astype(dt)
+    got, _, n = gemm(full.astype(np.int64), np.zeros((4, 64, 1), np.int64), b.astype(np.int64), np.array(0), 32)
+    np.testing.assert_array_equal(got, full.astype(np.int64) @ b.astype(np.int64))
 
 
 def test_gemm_errors():
