@@ -167,6 +167,7 @@ class _Importer:
         self.probe_feeds: list[dict[str, np.ndarray]] = []
         self.roles: dict[str, str] = {}
         self.tables: dict[str, int] = {}  # graph input -> rows of the largest table it indexes
+        self._inferred: dict[str, tuple[int, ...]] | None = None
 
     # -- step 1 ---------------------------------------------------------------------------------
     def check_ops(self) -> None:
@@ -247,9 +248,22 @@ class _Importer:
         self.roles = roles
 
     def _const_shape(self, t: str) -> tuple[int, ...]:
+        """Shape of a constant: an initializer's dims, else (a table computed from initializers,
+        e.g. int8 codes Cast and scaled) ONNX shape inference, else the probe's value."""
         if t in self.inits:
             return tuple(self.inits[t].dims)
-        return tuple(np.shape(self.probe[0][t])) if self.probe else (0, 0)
+        if self.probe:
+            return tuple(np.shape(self.probe[0][t]))
+        if self._inferred is None:
+            try:
+                g = onnx.shape_inference.infer_shapes(self.model).graph
+                self._inferred = {
+                    v.name: tuple(d.dim_value if d.HasField("dim_value") else 0 for d in v.type.tensor_type.shape.dim)
+                    for v in g.value_info
+                }
+            except Exception:  # shape inference is a convenience here: the probes check the roles
+                self._inferred = {}
+        return self._inferred.get(t, (0, 0))
 
     # -- step 2 ---------------------------------------------------------------------------------
     def make_feeds(self, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
