@@ -3,7 +3,14 @@
 A config is a table of *settings* (see :class:`OpSettings`) resolved for every quantization
 point of the model. Resolution order, later wins::
 
-    [default]  ->  [op.<class>]  ->  [layer.<i>.<class>]
+    [default]  ->  [op.<class>]  ->  [optype.<op>]  ->  [layer.<i>.<class>]  ->  [node."<glob>"]
+
+``[optype.<op>]`` selects every node of a float-graph op type (``linear``, ``softmax``,
+``gelu``, ``layernorm``, ``embedding_sum``, ... as ``bbct ir --after import`` prints them);
+``[node."<glob>"]`` the nodes whose name matches a shell glob, by bbct's short name
+(``L5.ffn1``, ``L*.q``, ``classifier``; ``bbct ir --after roles`` lists them) or by ONNX
+tensor name. A selector that matches no node of the model is an error, as is a
+``[layer.<i>.*]`` beyond its layers.
 
 Op classes (where the settings apply): ``embedding``, ``query``, ``key``, ``value``,
 ``attention_output``, ``intermediate``, ``output`` (the second FFN matmul), ``pooler``,
@@ -27,6 +34,7 @@ Unknown keys and bad values are errors that name the table, key and the allowed 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -167,20 +175,43 @@ class Config:
     default: OpSettings = field(default_factory=OpSettings)
     by_class: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
     by_layer: tuple[tuple[int, str, tuple[tuple[str, Any], ...]], ...] = ()
+    by_type: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
+    by_node: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...] = ()
 
-    def settings(self, op_class: str, layer: int | None = None) -> OpSettings:
-        """Settings for ``op_class`` (one of :data:`OP_CLASSES`) in encoder layer ``layer``."""
+    def settings(
+        self, op_class: str, layer: int | None = None, op: str | None = None, names: tuple[str, ...] = ()
+    ) -> OpSettings:
+        """Settings for ``op_class`` (one of :data:`OP_CLASSES`) in encoder layer ``layer``, for a
+        float node of type ``op`` known by ``names`` (short name, ONNX tensor name)."""
         if op_class not in OP_CLASSES:
             raise ConfigError(f"unknown op class {op_class!r}; known: {', '.join(OP_CLASSES)}")
         s = self.default
         for cls, kv in self.by_class:
             if cls == op_class:
                 s = _apply(s, dict(kv), f"op.{cls}")
+        for t, kv in self.by_type:
+            if t == op:
+                s = _apply(s, dict(kv), f"optype.{t}")
         if layer is not None:
             for li, cls, kv in self.by_layer:
                 if li == layer and cls == op_class:
                     s = _apply(s, dict(kv), f"layer.{li}.{cls}")
+        for g, kv in self.by_node:
+            if any(fnmatch.fnmatchcase(nm, g) for nm in names):
+                s = _apply(s, dict(kv), f'node."{g}"')
         return s
+
+    def check_selectors(self, nodes: list[tuple[str, tuple[str, ...]]]) -> None:
+        """Every ``[optype.*]`` and ``[node."glob"]`` must select a node of the model;
+        ``nodes`` holds each float node's (op type, names)."""
+        ops = sorted({op for op, _ in nodes})
+        for t, _ in self.by_type:
+            if t not in ops:
+                raise ConfigError(f"[optype.{t}]: no node of that type in the model; its types: {', '.join(ops)}")
+        for g, _ in self.by_node:
+            if not any(fnmatch.fnmatchcase(nm, g) for _, names in nodes for nm in names):
+                eg = ", ".join(names[0] for _, names in nodes[:6])
+                raise ConfigError(f'[node."{g}"]: matches no node of the model (its nodes: {eg}, ...)')
 
     def check_layers(self, num_layers: int) -> None:
         """A ``[layer.N.*]`` override for a layer the model does not have is an error."""
@@ -195,6 +226,10 @@ class Config:
         for li, cls, kv in self.by_layer:
             layers.setdefault(str(li), {})[cls] = dict(kv)
         d["layer"] = layers
+        if self.by_type:  # only when used, so a preset's record stays as it was
+            d["optype"] = {t: dict(kv) for t, kv in self.by_type}
+        if self.by_node:
+            d["node"] = {g: dict(kv) for g, kv in self.by_node}
         return d
 
     @property
@@ -209,9 +244,8 @@ class Config:
     def _any(self, key: str, value: Any) -> bool:
         if getattr(self.default, key) == value:
             return True
-        return any(dict(kv).get(key) == value for _, kv in self.by_class) or any(
-            dict(kv).get(key) == value for _, _, kv in self.by_layer
-        )
+        tables = [kv for _, kv in self.by_class + self.by_type + self.by_node] + [kv for *_, kv in self.by_layer]
+        return any(dict(kv).get(key) == value for kv in tables)
 
     @property
     def any_static(self) -> bool:
@@ -290,7 +324,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def _from_tables(data: dict[str, Any], name: str) -> Config:
-    allowed = {"preset", "name", "default", "op", "layer"}
+    allowed = {"preset", "name", "default", "op", "layer", "optype", "node"}
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -326,7 +360,27 @@ def _from_tables(data: dict[str, Any], name: str) -> Config:
                 raise ConfigError(f"[layer.{li}.{cls}]: unknown op class; known: {', '.join(OP_CLASSES)}")
             _apply(default, kv, f"layer.{li}.{cls}")
             by_layer.append((layer, cls, tuple(sorted(kv.items()))))
-    return Config(name=str(data.get("name", name)), default=default, by_class=tuple(by_class), by_layer=tuple(by_layer))
+    selectors = {}
+    for key in ("optype", "node"):
+        sel = list(getattr(base, "by_type" if key == "optype" else "by_node"))
+        tables = data.get(key) or {}
+        if not isinstance(tables, dict):
+            raise ConfigError(f"[{key}] must contain tables")
+        for k, kv in tables.items():
+            where = f"{key}.{k}" if key == "optype" else f'node."{k}"'
+            if not isinstance(kv, dict):
+                raise ConfigError(f"[{where}] must be a table")
+            _apply(default, kv, where)
+            sel.append((str(k), tuple(sorted(kv.items()))))
+        selectors[key] = tuple(sel)
+    return Config(
+        name=str(data.get("name", name)),
+        default=default,
+        by_class=tuple(by_class),
+        by_layer=tuple(by_layer),
+        by_type=selectors["optype"],
+        by_node=selectors["node"],
+    )
 
 
 def load_config(spec: str | Path | dict[str, Any]) -> Config:

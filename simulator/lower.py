@@ -268,7 +268,7 @@ class _Emitter:
 
     def settings(self, n: F.FNode, op_class: str | None = None) -> OpSettings:
         r = self.role(n)
-        return self.cfg.settings(op_class or r.op_class, r.layer)
+        return self.cfg.settings(op_class or r.op_class, r.layer, n.op, (r.short, n.name))
 
     def add(self, node: ir.Node) -> str:
         if node.name in self.names:
@@ -829,6 +829,7 @@ def lower(fg: F.FGraph, config: Config, calib: Calibration | None = None) -> ir.
     """Lower the float graph to the integer IR under ``config`` (static points need ``calib``)."""
     roles = assign_roles(fg)
     config.check_layers(1 + max((r.layer for r in roles.values() if r.layer is not None), default=-1))
+    config.check_selectors([(n.op, (roles[n.name].short, n.name)) for n in fg.nodes])
     return _Emitter(fg, config, calib, roles).run()
 
 

@@ -61,3 +61,47 @@ def test_bad_config_file(tmp_path):
     p.write_text("[default\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(p)
+
+
+def test_selectors_by_op_type_and_node_glob(tmp_path):
+    """[optype.X] and [node."glob"] select float-graph nodes; a node glob wins over a layer
+    table; both are checked against the model when it is lowered."""
+    p = tmp_path / "c.toml"
+    p.write_text(
+        'preset = "w8a8"\n'
+        '[optype.softmax]\nsoftmax_method = "lut"\n'
+        "[layer.1.intermediate]\nweight_bits = 6\n"
+        '[node."L1.ffn*"]\nweight_bits = 4\n'
+    )
+    c = load_config(p)
+    assert c.settings("softmax", 0, "softmax", ("L0.probs",)).softmax_method == "lut"
+    assert c.settings("softmax", 0, "gelu", ("L0.gelu",)).softmax_method == "poly"
+    assert c.settings("intermediate", 1, "linear", ("L1.ffn1", "/onnx/name")).weight_bits == 4
+    assert c.settings("intermediate", 0, "linear", ("L0.ffn1",)).weight_bits == 8
+    assert c.to_dict()["node"] == {"L1.ffn*": {"weight_bits": 4}}
+    assert "node" not in load_config("w8a8").to_dict()  # a preset's record is unchanged
+    c.check_selectors([("softmax", ("L0.probs", "x")), ("linear", ("L1.ffn1", "y"))])
+    with pytest.raises(ConfigError, match=r'\[node."L1.ffn\*"\]: matches no node of the model'):
+        c.check_selectors([("softmax", ("L0.probs", "x"))])
+    with pytest.raises(ConfigError, match=r"\[optype.softmax\]: no node of that type in the model; its types: linear"):
+        c.check_selectors([("linear", ("L1.ffn1", "y"))])
+    with pytest.raises(ConfigError, match=r'\[node."L\*"\] unknown key'):
+        load_config({"node": {"L*": {"weight_bitz": 4}}})
+
+
+def test_selectors_reach_the_lowered_graph(tiny_bert_onnx):
+    from bbct.simulator.frontend.onnx_in import load_graph
+    from bbct.simulator.lower import lower
+
+    fg = load_graph(tiny_bert_onnx)
+    g = lower(
+        fg,
+        load_config(
+            {"preset": "w8a8", "node": {"L1.ffn*": {"weight_bits": 4}}, "optype": {"gelu": {"gelu_method": "poly"}}}
+        ),
+    )
+    bits = {n.name: n.stored.fmt.bits for n in g.nodes if n.op == "linear"}
+    assert bits["L1.ffn1.acc"] == bits["L1.ffn2.acc"] == 4 and bits["L0.ffn1.acc"] == bits["L1.q.acc"] == 8
+    assert {n.method for n in g.nodes if n.op == "gelu"} == {"poly"}
+    with pytest.raises(ConfigError, match=r'\[node."L7.\*"\]: matches no node'):
+        lower(fg, load_config({"preset": "w8a8", "node": {"L7.*": {"weight_bits": 4}}}))
