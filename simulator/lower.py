@@ -7,8 +7,9 @@ integer constants and tables, static activation exponents come from calibration 
 
 Lowering is a named pipeline of passes (:data:`PASSES`; ``bbct ir --after PASS`` prints the
 graph after one): ``import`` (ONNX -> float graph, with the pattern passes), ``roles`` (which
-config op class and layer each node belongs to), ``quantize`` (weights, shared weights once),
-``emit`` (one rule per float node type, :data:`RULES`, writes the integer nodes).
+config op class and layer each node belongs to), ``emit`` (one rule per float node type,
+:data:`RULES`, writes the integer nodes; the rules quantize weights as they meet them, a
+weight shared by several layers once).
 
 The integer dataflow of one post-LayerNorm encoder layer (``act`` = block-scaled format)::
 
