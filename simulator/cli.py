@@ -26,7 +26,7 @@ def _model_arg(p: argparse.ArgumentParser) -> None:
         "model",
         nargs="?",
         default=None,
-        help="ONNX BERT with tokenizer.json beside it (default: the prepared RT classifier)",
+        help="ONNX encoder of the BERT family with tokenizer.json beside it (default: the prepared RT classifier)",
     )
 
 
@@ -459,7 +459,7 @@ SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bbct",
-        description="Bit-accurate integer simulation of BERT models "
+        description="Bit-accurate integer simulation of BERT-family encoders "
         f"with block-wise scales. Artifacts live in {bbct_home()}.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
