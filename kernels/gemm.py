@@ -5,7 +5,12 @@ Contract (what the RTL implements, one MAC per output):
 * ``a``: int64 ``(..., M, K)`` at exponent ``ea`` ``(..., M, 1)`` (one per row, from
   :func:`bbct.kernels.align.align`); ``b``: int64 ``(..., K, N)`` or ``(K, N)`` at exponent
   ``eb`` broadcastable to ``(..., 1, 1)``; leading batch axes (batch, heads) broadcast.
-  ``max|a| * max|b| < 2**62`` (checked) so every product fits the int64 datapath.
+  Every operand value has ``|x| < 2**62`` and ``max|a| * max|b| < 2**62`` (checked: an
+  int64 minimum or a uint64 above the int64 maximum is refused, never wrapped) so every
+  product fits the int64 datapath. Exponents are int32 (checked, ``ea + eb`` too). An
+  exponent at or below ``EXP_ZERO`` marks an all-zero operand row (``ea``) or matrix
+  (``eb``), as :func:`~bbct.kernels.align.align` gives them (``EXP_ZERO - guard``); its
+  data must be zero (checked).
 * Accumulation is sequential and narrowed after every add::
 
       acc = 0
@@ -14,10 +19,21 @@ Contract (what the RTL implements, one MAC per output):
   ``sat_acc`` narrows to ``acc_bits`` (signed, 2..62) with ``acc_saturation``: SAT / SAT_SYM
   clip, WRAP keeps the low ``acc_bits`` bits. Every narrowing that changes the value is one
   overflow event (an output can have several).
-* Bias (optional, one int per column at exponent ``e_bias``): aligned to the accumulator's
-  exponent ``e_acc = ea + eb`` as ``bias >>r (e_acc - e_bias)`` with ``bias_rounding``
-  (right shifts beyond 62 are taken as 62; a left shift must keep the aligned bias below
-  2**61 — checked), then ``acc = sat_acc(acc + bias')``, counted like any other add.
+* Bias (optional, one int per column, ``|bias| < 2**62``, at exponent ``e_bias``): aligned
+  to the accumulator's exponent ``e_acc`` as ``bias' = bias >>r (e_acc - e_bias)`` with
+  ``bias_rounding``, then ``acc = sat_acc(acc + bias')``, counted like any other add.
+  Right shifts beyond 62 are taken as 62. A left shift (``e_bias > e_acc``) of up to 62
+  steps is exact: an aligned bias beyond the int64 datapath (``|bias'| >= 2**62``) always
+  leaves the accumulator, so SAT / SAT_SYM clip to the bias's sign and WRAP keeps the low
+  ``acc_bits`` bits of the exact sum, one event either way. A left shift beyond 62 steps
+  (the bias shifter's range) is refused.
+* ``e_acc = ea + eb``, except for an all-zero row (exponent at or below ``EXP_ZERO``) when
+  there is a bias: its products are all 0 and the bias alone decides the output, so the
+  row takes the bias's own exponent, raised just enough for the bias to fit the
+  accumulator: ``e_acc = e_bias + max(0, bitlen(max|bias|) - (acc_bits - 1))``. Then
+  ``bias'`` is the bias itself, or the bias rounded right by that excess (only a value
+  rounded up to ``2**(acc_bits-1)`` can still clip). Without a bias a zero row keeps
+  ``ea + eb`` and the value 0.
 
 Returns ``(acc int64 (..., M, N), e_acc int32 (..., M, 1), overflow events)``.
 
@@ -37,6 +53,11 @@ How it is computed fast, without changing a bit of that contract:
    integers whose product is <= P < 2**53, so this test is itself exact in float64.
 3. Outputs whose bound does not prove step 2 are recomputed by the sequential int64 Numba
    loop (the contract verbatim, counting events). If ``P >= 2**53`` the loop runs for all.
+4. The aligned bias is a table (one row per distinct shift). An entry with
+   ``|bias'| >= 2**62`` is stored as a stand-in that gives the same narrowed sum for every
+   accumulator value ``|acc| <= 2**61``: ``sign * 2**62`` (SAT, SAT_SYM: the sum is beyond
+   the range on the bias's side) or ``bias' mod 2**acc_bits`` (WRAP: the same low bits),
+   flagged so that its add counts an event although the stand-in sum may fit.
 """
 
 from __future__ import annotations
@@ -45,6 +66,7 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.formats import (
+    EXP_ZERO,
     Rounding,
     Saturation,
     bit_length_ref,
@@ -76,15 +98,16 @@ def _mac(a, b, t, tb, i, j, lo, hi, wrap, bits):
 
 
 @nb.njit(cache=True, inline="always")
-def _plus_bias(s, tab, r, j, lo, hi, wrap, bits):
-    """``sat_acc(acc + bias')`` with the aligned bias from row ``r`` of the table; (acc, event)."""
+def _plus_bias(s, tab, force, r, j, lo, hi, wrap, bits):
+    """``sat_acc(acc + bias')`` with the aligned bias from row ``r`` of the table; (acc, event).
+    ``force`` marks stand-ins for aligned biases beyond the datapath (module docstring, step 4)."""
     v = s + tab[r, j]
     y = saturate(v, lo, hi, wrap, bits)
-    return y, y != v
+    return y, y != v or force[r, j]
 
 
 @nb.njit(cache=True)
-def _gemm_seq(a, b, rid, tab, use_bias, lo, hi, wrap, bits, out):
+def _gemm_seq(a, b, rid, tab, force, use_bias, lo, hi, wrap, bits, out):
     bt, m_, _ = a.shape
     n_ = b.shape[2]
     n_over = 0
@@ -95,7 +118,7 @@ def _gemm_seq(a, b, rid, tab, use_bias, lo, hi, wrap, bits, out):
             for j in range(n_):
                 s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
                 if use_bias:
-                    s, ov = _plus_bias(s, tab, r, j, lo, hi, wrap, bits)
+                    s, ov = _plus_bias(s, tab, force, r, j, lo, hi, wrap, bits)
                     c += ov
                 out[t, i, j] = s
                 n_over += c
@@ -103,7 +126,7 @@ def _gemm_seq(a, b, rid, tab, use_bias, lo, hi, wrap, bits, out):
 
 
 @nb.njit(cache=True)
-def _gemm_seq_at(a, b, idx, rid, tab, use_bias, lo, hi, wrap, bits, out):
+def _gemm_seq_at(a, b, idx, rid, tab, force, use_bias, lo, hi, wrap, bits, out):
     """The sequential loop (and bias) on the listed outputs only (rows of ``idx``: t, i, j)."""
     m_ = a.shape[1]
     n_over = 0
@@ -112,7 +135,7 @@ def _gemm_seq_at(a, b, idx, rid, tab, use_bias, lo, hi, wrap, bits, out):
         tb = t if b.shape[0] > 1 else 0
         s, c = _mac(a, b, t, tb, i, j, lo, hi, wrap, bits)
         if use_bias:
-            s, ov = _plus_bias(s, tab, rid[t * m_ + i], j, lo, hi, wrap, bits)
+            s, ov = _plus_bias(s, tab, force, rid[t * m_ + i], j, lo, hi, wrap, bits)
             c += ov
         out[t, i, j] = s
         n_over += c
@@ -120,7 +143,7 @@ def _gemm_seq_at(a, b, idx, rid, tab, use_bias, lo, hi, wrap, bits, out):
 
 
 @nb.njit(cache=True)
-def _finish(accf, rid, tab, use_bias, skip, lo, hi, wrap, bits, out):
+def _finish(accf, rid, tab, force, use_bias, skip, lo, hi, wrap, bits, out):
     """Exact float sums (module docstring, steps 1-2) -> int64, plus the aligned bias with
     narrowing. Outputs marked in ``skip`` are left for :func:`_gemm_seq_at`."""
     bt, m_, n_ = accf.shape
@@ -133,57 +156,146 @@ def _finish(accf, rid, tab, use_bias, skip, lo, hi, wrap, bits, out):
                     continue
                 s = np.int64(accf[t, i, j])  # an integer below 2**53: exact conversion
                 if use_bias:
-                    s, ov = _plus_bias(s, tab, r, j, lo, hi, wrap, bits)
+                    s, ov = _plus_bias(s, tab, force, r, j, lo, hi, wrap, bits)
                     n_over += ov
                 out[t, i, j] = s
     return n_over
 
 
-def _bias_table(bias, e_acc, e_bias, rounding, rows):
-    """Aligned bias rows: one per distinct shift ``e_acc - e_bias`` (clamped to 62), and the
-    table row of every accumulator row. Same values as shifting per element."""
+_DATAPATH = 1 << 62  # |operand|, |bias|, |aligned bias| below this: exact int64 arithmetic
+_I32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _where(name: str, x: np.ndarray, bad: np.ndarray) -> str:
+    """``name[i, j] = value`` of the first flagged element (``name = value`` for a scalar)."""
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    at = f"[{', '.join(map(str, idx))}]" if idx else ""
+    return f"{name}{at} = {int(x[idx])}"
+
+
+def _operand(name: str, x: object) -> np.ndarray:
+    """``x`` as int64, refusing ``|x| >= 2**62`` before the cast (which wraps an uint64 above
+    the int64 maximum and gives ``np.abs(int64 min) < 0``, so no later bound would see it)."""
+    x = require_int(f"gemm: {name}", x)
+    info = np.iinfo(x.dtype)
+    if x.size and (info.max >= _DATAPATH or info.min <= -_DATAPATH):
+        if int(x.max()) >= _DATAPATH or int(x.min()) <= -_DATAPATH:
+            bad = x >= _DATAPATH if x.dtype.kind == "u" else (x >= _DATAPATH) | (x <= -_DATAPATH)
+            raise ValueError(
+                f"gemm: {_where(name, x, bad)} is outside |x| < 2**62, the int64 datapath the kernel is exact on"
+            )
+    return x.astype(np.int64, copy=False)
+
+
+def _exponent(name: str, e: object) -> np.ndarray:
+    """``e`` as int64, refusing values outside int32 (exponents are int32: no silent cast)."""
+    e = require_int(f"gemm: {name}", e)
+    info = np.iinfo(e.dtype)
+    if e.size and (info.max > _I32[1] or info.min < _I32[0]):
+        if int(e.max()) > _I32[1] or int(e.min()) < _I32[0]:
+            bad = e > _I32[1] if e.dtype.kind == "u" else (e > _I32[1]) | (e < _I32[0])
+            raise ValueError(f"gemm: {_where(name, e, bad)} is outside int32 (exponents are int32)")
+    return e.astype(np.int64)
+
+
+def _zero_rows(a, ea, b, eb, rows):
+    """Rows whose products are all zero by their exponent (``<= EXP_ZERO``: an all-zero row of
+    ``a`` or an all-zero ``b``), a bool array of shape ``rows`` (batch + (M, 1)). The data
+    behind such an exponent must be zero (checked)."""
+    za, zb = ea <= EXP_ZERO, eb <= EXP_ZERO
+    if za.any() and (bad := za & np.any(a != 0, axis=-1, keepdims=True)).any():
+        raise ValueError(
+            f"gemm: {_where('ea', np.broadcast_to(ea, bad.shape), bad)} marks an all-zero row "
+            "(<= EXP_ZERO) but that row of a is not zero"
+        )
+    if zb.any() and (bad := zb & np.any(b != 0, axis=(-2, -1), keepdims=True)).any():
+        where = f"eb = {int(eb)}" if eb.ndim == 0 else _where("eb", np.broadcast_to(eb, bad.shape), bad)
+        raise ValueError(f"gemm: {where} marks an all-zero b (<= EXP_ZERO) but b is not zero")
+    return np.broadcast_to(za, rows) | np.broadcast_to(zb, rows[:-2] + (1, 1))
+
+
+def _aligned_bias(bias, sh, rounding, acc_bits, acc_saturation):
+    """``bias >>r sh`` per column, and the stand-in flags (module docstring, step 4)."""
+    if sh >= 0:
+        return shift_round_array(bias, sh, rounding), np.zeros(bias.shape, np.bool_)
+    left = -sh  # 1..62 (checked)
+    big = np.abs(bias) >= 1 << (62 - left)  # exactly where |bias << left| >= 2**62
+    vals = np.where(big, 0, bias) << left
+    for j in np.flatnonzero(big):
+        v = int(bias[j]) << left  # exact (Python int)
+        if acc_saturation == Saturation.WRAP:
+            vals[j] = saturate_ref(v, acc_bits, True, acc_saturation)[0]  # the same low acc_bits bits
+        else:
+            vals[j] = _DATAPATH if v > 0 else -_DATAPATH  # beyond the range on the same side
+    return vals, big
+
+
+def _bias_table(bias, e_acc, e_bias, rounding, rows, acc_bits, acc_saturation):
+    """Aligned bias rows: one per distinct shift ``e_acc - e_bias`` (clamped to 62), the table
+    row of every accumulator row, and the stand-in flags. Same values as shifting per element."""
     if bias is None:
-        return np.zeros((rows,), np.int64), np.zeros((1, 1), np.int64)
+        return np.zeros((rows,), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.bool_)
     sh = np.minimum(e_acc.reshape(-1).astype(np.int64) - int(e_bias), 62)
     uniq, rid = np.unique(sh, return_inverse=True)
-    tab = np.stack([shift_round_array(bias, int(u), rounding) for u in uniq]) if len(uniq) else np.zeros((1, 1))
-    return np.ascontiguousarray(rid.astype(np.int64)), np.ascontiguousarray(tab.astype(np.int64))
+    if not len(uniq):
+        return np.zeros((rows,), np.int64), np.zeros((1, 1), np.int64), np.zeros((1, 1), np.bool_)
+    parts = [_aligned_bias(bias, int(u), rounding, acc_bits, acc_saturation) for u in uniq]
+    tab = np.stack([p[0] for p in parts]).astype(np.int64)
+    force = np.stack([p[1] for p in parts])
+    return np.ascontiguousarray(rid.astype(np.int64)), np.ascontiguousarray(tab), np.ascontiguousarray(force)
 
 
 def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
-    a = require_int("gemm: a", a).astype(np.int64, copy=False)
-    b = require_int("gemm: b", b).astype(np.int64, copy=False)
-    ea = require_int("gemm: ea", ea)
-    eb = require_int("gemm: eb", eb)
+    """Validate the contract's inputs; returns int64 operands, the bias, the batch shape, the
+    int32 accumulator exponents (zero rows resolved) and the float-exactness bound P."""
+    a = _operand("a", a)
+    b = _operand("b", b)
+    ea = _exponent("ea", ea)
+    eb = _exponent("eb", eb)
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
         raise ValueError(f"gemm: shapes {a.shape} and {b.shape} do not multiply")
     if not isinstance(acc_bits, (int, np.integer)) or not 2 <= int(acc_bits) <= 62:
         raise ValueError(f"gemm: acc_bits={acc_bits!r} must be an integer in 2..62")
+    acc_bits = int(acc_bits)
     Saturation(int(acc_saturation))
     try:
         batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
-        e_acc = np.broadcast_to(ea, batch + (a.shape[-2], 1)).astype(np.int64) + np.broadcast_to(eb, batch + (1, 1))
+        rows = batch + (a.shape[-2], 1)
+        e_acc = np.broadcast_to(ea, rows) + np.broadcast_to(eb, batch + (1, 1))
     except ValueError:
         raise ValueError(
             f"gemm: a {a.shape} (ea {ea.shape}) and b {b.shape} (eb {eb.shape}) do not broadcast"
         ) from None
+    if e_acc.size and (e_acc.max() > _I32[1] or e_acc.min() < _I32[0]):
+        bad = (e_acc > _I32[1]) | (e_acc < _I32[0])
+        raise ValueError(f"gemm: {_where('(ea + eb)', e_acc, bad)} is outside int32 (exponents are int32)")
+    zero = _zero_rows(a, ea, b, eb, rows)
     k = a.shape[-1]
     amax = int(np.max(np.abs(a))) if a.size else 0
     bmax = int(np.max(np.abs(b))) if b.size else 0
     if amax * bmax >= 1 << 62:
         raise ValueError(f"gemm: max|a|*max|b| = {amax * bmax} must stay below 2**62 (int64 products)")
     if bias is not None:
-        bias = require_int("gemm: bias", bias).astype(np.int64, copy=False)
+        bias = _operand("bias", bias)
         if bias.shape != (b.shape[-1],):
             raise ValueError(f"gemm: bias shape {bias.shape}, expected ({b.shape[-1]},)")
+        eb_ = _exponent("e_bias", e_bias)
+        if eb_.ndim:
+            raise ValueError(f"gemm: e_bias must be one integer, got shape {eb_.shape}")
+        e_bias = int(eb_)
         bmx = int(np.max(np.abs(bias))) if bias.size else 0
-        left = int(e_bias) - int(e_acc.min()) if e_acc.size else 0
-        if bmx and left > 0 and bit_length_ref(bmx) + left > 61:
+        if zero.any():  # the bias alone: at its own exponent, raised until it fits (docstring)
+            e_zero = e_bias + max(0, bit_length_ref(bmx) - (acc_bits - 1))
+            if e_zero > _I32[1]:
+                raise ValueError(f"gemm: e_bias = {e_bias}: a zero row's exponent {e_zero} is outside int32")
+            e_acc = np.where(zero, e_zero, e_acc)
+        left = e_bias - int(e_acc.min()) if e_acc.size else 0
+        if bmx and left > 62:
             raise ValueError(
                 f"gemm: bias (max |bias| {bmx}) shifted left by {left} to the accumulator exponent "
-                f"{int(e_acc.min())} needs more than 61 bits; lower e_bias"
+                f"{int(e_acc.min())} needs more than 61 bits, beyond the bias shifter's 62 steps; lower e_bias"
             )
-    return a, b, bias, batch, e_acc.astype(np.int32), amax * bmax * max(k, 1)
+    return a, b, bias, e_bias, batch, e_acc.astype(np.int32), amax * bmax * max(k, 1)
 
 
 def gemm(
@@ -207,17 +319,24 @@ def gemm(
 
     Returns:
         ``(acc, e_acc, events)``: int64 accumulators ``(..., M, N)`` in ``acc_bits``, their
-        int32 exponents ``ea + eb`` ``(..., M, 1)``, and the number of narrowings that
-        changed a value. Bit-identical to :func:`gemm_ref`.
+        int32 exponents ``(..., M, 1)`` (``ea + eb``; with a bias, an all-zero row at
+        ``EXP_ZERO`` takes the bias's exponent ``e_bias + max(0, bitlen(max|bias|) -
+        (acc_bits - 1))``), and the number of narrowings that changed a value.
+        Bit-identical to :func:`gemm_ref`.
+
+    Raises:
+        ValueError: an operand or bias value with ``|x| >= 2**62``, an exponent (or
+            ``ea + eb``) outside int32, nonzero data at an ``EXP_ZERO`` exponent, a bias
+            shifted left by more than 62 steps; shapes that do not multiply.
     """
-    a, b, bias, batch, e_acc, bound = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
+    a, b, bias, e_bias, batch, e_acc, bound = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
     m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
     lo, hi, wrap = sat_bounds(acc_bits, True, acc_saturation)
     out_shape = batch + (m_, n_)
     a3 = np.broadcast_to(a, batch + (m_, k_)).reshape(-1, m_, k_)
     b3 = b.reshape(1, k_, n_) if b.ndim == 2 else np.broadcast_to(b, batch + (k_, n_)).reshape(-1, k_, n_)
     n_over = 0
-    rid, tab = _bias_table(bias, e_acc, e_bias, bias_rounding, a3.shape[0] * m_)
+    rid, tab, force = _bias_table(bias, e_acc, e_bias, bias_rounding, a3.shape[0] * m_, acc_bits, acc_saturation)
     use_bias = bias is not None
     acc = np.empty((a3.shape[0], m_, n_), np.int64)
     if bound < EXACT_F64:
@@ -237,13 +356,15 @@ def gemm(
             idx = np.argwhere(skip)
             if not len(idx):
                 skip = None
-        n_over += _finish(accf, rid, tab, use_bias, skip, lo, hi, wrap, acc_bits, acc)
+        n_over += _finish(accf, rid, tab, force, use_bias, skip, lo, hi, wrap, acc_bits, acc)
         if skip is not None:
             a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
-            n_over += _gemm_seq_at(a3c, b3c, idx.astype(np.int64), rid, tab, use_bias, lo, hi, wrap, acc_bits, acc)
+            n_over += _gemm_seq_at(
+                a3c, b3c, idx.astype(np.int64), rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc
+            )
     else:
         a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
-        n_over += _gemm_seq(a3c, b3c, rid, tab, use_bias, lo, hi, wrap, acc_bits, acc)
+        n_over += _gemm_seq(a3c, b3c, rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc)
     return acc.reshape(out_shape), e_acc, int(n_over)
 
 
@@ -259,7 +380,7 @@ def gemm_ref(
     bias_rounding: Rounding = Rounding.RND_CONV,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Plain-Python twin of :func:`gemm`: the contract's loops, Python ints."""
-    a, b, bias, batch, e_acc, _ = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
+    a, b, bias, e_bias, batch, e_acc, _ = _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias)
     m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
     ab = np.broadcast_to(a, batch + (m_, k_))
     bb = np.broadcast_to(b, batch + (k_, n_))

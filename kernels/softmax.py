@@ -60,6 +60,7 @@ T_SHIFT = 8  # poly: t = (r + C1) >>RND 8 is Q.15
 P_SHIFT = 30  # poly: (C2 * t*t) >> 30 leaves Q.F
 L2E_BITS = 30  # lut: log2(e) multiplier fraction bits
 LUT_INTERP_BITS = 12  # lut: interpolation bits below the table address
+MAX_LUT_ADDR_BITS = 12  # lut: the table spans one octave; more address bits than interpolation bits add nothing
 RECIP_EXTRA = 16
 RND = 2  # Rounding.RND: half up
 EXP_A, EXP_B = 0.36118282, 1.34295297
@@ -121,8 +122,8 @@ def make_softmax_params(
         raise ValueError(f"softmax: in_bits={in_bits} must be in 2..24")
     if not 2 <= out_bits <= 16:
         raise ValueError(f"softmax: out_bits={out_bits} must be in 2..16")
-    if not 1 <= lut_addr_bits <= 12:
-        raise ValueError(f"softmax: lut_addr_bits={lut_addr_bits} must be in 1..12")
+    if not 1 <= lut_addr_bits <= MAX_LUT_ADDR_BITS:
+        raise ValueError(f"softmax: lut_addr_bits={lut_addr_bits} must be in 1..{MAX_LUT_ADDR_BITS}")
     if not F + 2 <= sum_bits <= 62:
         raise ValueError(f"softmax: sum_bits={sum_bits} must be in {F + 2}..62")
     guard = EXP_UNIT + e_in

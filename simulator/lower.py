@@ -43,7 +43,7 @@ from bbct.kernels.softmax import make_softmax_params
 from bbct.kernels.tanh import make_tanh_lut
 from bbct.simulator import ir
 from bbct.simulator.config import Config, OpSettings
-from bbct.simulator.errors import LoweringError
+from bbct.simulator.errors import ConfigError, LoweringError
 from bbct.simulator.frontend import fgraph as F
 
 SCORES_EXP = -9  # attention scores at a fixed 2**-9 resolution; softmax_in_bits sets the range
@@ -409,6 +409,7 @@ class _Emitter:
             "max_positions": self.fg.info.get("max_positions"),
             "input_ids": ids,
             "onnx_outputs": {_output_role(self.fg, o): o for o in self.fg.outputs},
+            "acc_warnings": acc_warnings(self.nodes, self.fg.info.get("max_positions")),
         }
         return ir.Graph(
             nodes=tuple(self.nodes),
@@ -432,6 +433,70 @@ def _output_role(fg: F.FGraph, o: str) -> str:
     if isinstance(n, F.Tanh):
         return "pooler_output"
     return o
+
+
+def acc_warnings(nodes: list[ir.Node] | tuple[ir.Node, ...], max_seq: int | None = None) -> list[str]:
+    """Accumulators that can overflow: for each :class:`ir.Linear` and :class:`ir.MatMul`, the
+    signed width its sum of products needs in the worst case, ``bitlen(B) + 1`` with ``B`` a
+    bound on every prefix sum, and a warning ``"node NAME: worst case needs N accumulator
+    bits, acc_bits=M"`` where ``N > M``.
+
+    ``B = max|x| * S``. ``max|x|``: the input's codes at its format's extreme
+    (``2**(bits-1)`` signed, times the multiplier maximum for MULT scales), shifted left by
+    the align guard. ``S``, a bound on ``sum_k |w[k, n]|`` over a column: a linear's aligned
+    weight, exactly (its largest column sum of ``|wide|``); Q K^T: the head dimension times
+    ``max|k|``; P V: softmax rows sum to at most ``2**out_bits + seq/2`` codes (one half-up
+    rounding per element) times ``max|v|``, with ``seq`` up to ``max_seq`` (default: the rows
+    of the position embedding table; without either P V is not checked). The bias is added
+    after the products and is not counted. Nodes whose operand widths cannot be traced are
+    skipped."""
+    by = {n.name: n for n in nodes}
+    if max_seq is None:
+        pos = by.get("emb.position")
+        max_seq = int(pos.table.shape[0]) if isinstance(pos, ir.Embed) else None
+
+    def max_abs(t: str) -> int | None:
+        n = by.get(t)
+        if isinstance(n, ir.Align):
+            m = max_abs(n.inputs[0])
+            return None if m is None else m << n.guard
+        if isinstance(n, (ir.SplitHeads, ir.MergeHeads, ir.TakeRow)):
+            return max_abs(n.inputs[0])
+        fmt = getattr(n, "out_fmt", None) or getattr(n, "fmt", None)
+        if not isinstance(fmt, IntFormat):
+            return None
+        mant = (1 << fmt.mant_bits) - 1 if fmt.scale == ScaleKind.MULT else 1
+        return (1 << (fmt.bits - 1) if fmt.signed else (1 << fmt.bits) - 1) * mant
+
+    def width(t: str) -> int | None:  # the last axis of a tensor, from the linear that made it
+        n = by.get(t)
+        while n is not None and not isinstance(n, ir.Linear):
+            n = by.get(n.inputs[0]) if n.inputs else None
+        return None if n is None else int(n.weight.shape[1])
+
+    out = []
+    for n in nodes:
+        bound = None
+        if isinstance(n, ir.Linear):
+            xm = max_abs(n.inputs[0])
+            colsum = int(np.abs(n.weight).sum(axis=0).max()) if n.weight.size else 0
+            bound = None if xm is None else xm * colsum
+        elif isinstance(n, ir.MatMul):
+            am, bm = max_abs(n.inputs[0]), max_abs(n.inputs[1])
+            a = by.get(n.inputs[0])
+            if isinstance(a, ir.Softmax):
+                rows = None if max_seq is None else (1 << a.out_fmt.bits) + (max_seq + 1) // 2
+            elif isinstance(a, ir.SplitHeads) and am is not None:
+                w = width(n.inputs[0])
+                rows = None if w is None else (w // a.num_heads) * am
+            else:
+                rows = None
+            bound = None if rows is None or bm is None else rows * bm
+        if bound is not None:
+            need = bound.bit_length() + 1
+            if need > n.acc_bits:
+                out.append(f"node {n.name}: worst case needs {need} accumulator bits, acc_bits={n.acc_bits}")
+    return out
 
 
 # -- rules ------------------------------------------------------------------------------------------
@@ -591,7 +656,17 @@ def _residual(e: _Emitter, n: F.Add) -> str:
 def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
     r = e.role(n)
     s = e.settings(n)
-    xa = e.align(r.short + ".in", e.value[n.inputs[0]], s)
+    x = e.value[n.inputs[0]]
+    src = next((m for m in reversed(e.nodes) if m.name == x), None)
+    bits = getattr(getattr(src, "fmt", None), "bits", None)
+    h = int(n.gamma.size)
+    if bits is not None and 2 * (bits - 1 + s.act_guard) + h.bit_length() > 59:  # the kernel's int64 variance
+        raise ConfigError(
+            f"node {r.short}: its input of {bits} bits aligned with act_guard={s.act_guard} reaches "
+            f"{bits - 1 + s.act_guard} magnitude bits; the LayerNorm variance of {h}-wide rows takes at most "
+            f"{(59 - h.bit_length()) // 2}: lower residual_bits or act_guard"
+        )
+    xa = e.align(r.short + ".in", x, s)
     p = make_layernorm_params(
         np.asarray(n.gamma, np.float64), np.asarray(n.beta, np.float64), float(n.eps), out_bits=s.layernorm_out_bits
     )
