@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from bbct.golden.atomic import json_safe, write_text, write_with
 from bbct.golden.errors import BbctError
 
 EXP_BITS = 16
@@ -84,21 +85,27 @@ def dump_vectors(
     if fmt not in ("hex", "npy"):
         raise BbctError(f"format={fmt!r}: expected hex or npy")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     selected = [n for n in graph.nodes if nodes is None or any(fnmatch.fnmatch(n.name, pat) for pat in nodes)]
     if not selected:
         names = ", ".join(n.name for n in graph.nodes[:12])
         raise BbctError(f"no node matches {nodes}; nodes are named like: {names}, ...")
+    # The manifest is what makes a folder of vectors valid: the old one goes first (a killed
+    # dump leaves no manifest, never one listing files that now hold other data), the new one
+    # is written last; files of the old dump that this one does not rewrite are removed.
+    path = out / "vectors.json"
+    stale = _listed(path)
+    if path.exists():
+        path.unlink()
     files: list[dict[str, Any]] = []
 
     def write(node: str, port: str, arr: np.ndarray, bits: int, meta: dict[str, Any]) -> None:
         arr = np.asarray(arr)
         if fmt == "npy":
             p = out / f"{node}.{port}.npy"
-            np.save(p, arr)
+            write_with(p, lambda f: np.save(f, arr))
         else:
             p = out / f"{node}.{port}.hex"
-            p.write_text(to_hex_lines(arr, bits))
+            write_text(p, to_hex_lines(arr, bits))
         files.append(
             {
                 "node": node,
@@ -147,6 +154,16 @@ def dump_vectors(
             "exp": f"per-block exponent, two's complement {EXP_BITS} bits; real = code * 2**exp",
         },
     }
-    path = out / "vectors.json"
-    path.write_text(json.dumps(manifest, indent=1, default=str))
+    write_text(path, json.dumps(json_safe(manifest), indent=1, default=str))
+    for name in stale - {f["file"] for f in files}:
+        (out / name).unlink(missing_ok=True)
     return path
+
+
+def _listed(manifest: Path) -> set[str]:
+    """Files a previous ``vectors.json`` in the folder lists (plain names, nothing outside it)."""
+    try:
+        files = json.loads(manifest.read_text()).get("files", [])
+        return {f["file"] for f in files if isinstance(f, dict) and Path(str(f.get("file", ""))).name == f["file"]}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return set()

@@ -21,6 +21,41 @@ from bbct.golden.paths import TASK, bbct_home, data_dir, default_model
 MAX_LEN = 64
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with bbct's error convention: one line ``bbct: error: ...``, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"bbct: error: {self.prog.removeprefix('bbct ')}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
+
+
+def _max_length(v: str) -> int:
+    n = _positive(v)
+    if n < 3:  # [CLS] + one token + [SEP]: fewer leaves no text at all
+        raise argparse.ArgumentTypeError(f"{n} leaves no room for text: at least 3 tokens ([CLS] x [SEP])")
+    return n
+
+
+def _finite(v: str) -> float:
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not np.isfinite(x):
+        raise argparse.ArgumentTypeError(f"{v} must be a finite number")
+    return x
+
+
 def _model_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -120,7 +155,12 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
             "calibration split) or a FILE (one text per line, or a TSV with a sentence column)",
         )
         p.add_argument("--data", default=None, help="folder with calib.tsv/train.tsv (default: prepared RT data)")
-    p.add_argument("--max-length", type=int, default=MAX_LEN, help="truncate sentences to this many tokens")
+    p.add_argument(
+        "--max-length",
+        type=_max_length,
+        default=MAX_LEN,
+        help="truncate inputs to this many tokens (a warning counts them)",
+    )
 
 
 # -- prepare ---------------------------------------------------------------------------------
@@ -176,18 +216,17 @@ def cmd_golden(args: argparse.Namespace) -> int:
     runner = GoldenRunner(model)
     feeds = encode(find_tokenizer(model), args.text, max_length=args.max_length)
     g = runner.run_all(feeds)
+    from bbct.golden.atomic import write_json, write_with
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     # tensor names hold '/' and ':', so the npz keys are short stable ids listed in index.json
     keys = {name: f"t{i:05d}" for i, name in enumerate(g.values)}
-    np.savez_compressed(
-        out / "golden.npz", **{keys[n]: v for n, v in g.values.items()}, **{f"input.{k}": v for k, v in feeds.items()}
-    )
+    arrays = {**{keys[n]: v for n, v in g.values.items()}, **{f"input.{k}": v for k, v in feeds.items()}}
+    # the index is written after the data it lists, each file whole or not at all
+    write_with(out / "golden.npz", lambda f: np.savez_compressed(f, **arrays))
     index = {n: {"key": keys[n], **row} for n, row in g.index().items()}
     inputs = {k: {"key": f"input.{k}", "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}
-    (out / "index.json").write_text(
-        json.dumps({"model": str(model), "texts": args.text, "inputs": inputs, "tensors": index}, indent=1)
-    )
+    write_json(out / "index.json", {"model": str(model), "texts": args.text, "inputs": inputs, "tensors": index})
     print(f"{len(index)} tensors -> {out / 'golden.npz'} (index: {out / 'index.json'})")
     return 0
 
@@ -209,31 +248,48 @@ def add_golden(sub: Any) -> None:
 
 # -- run -------------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from bbct.simulator.compare import compare, first_below, format_table
+    from bbct.golden.atomic import write_json
+    from bbct.simulator.compare import Comparison, first_below, format_table
 
-    sim = _simulator(args)
     if args.pair and len(args.pair) != len(args.text):
         raise BbctError(f"--pair given {len(args.pair)} times for {len(args.text)} --text: give one per text")
+    sim = _simulator(args)
+    _warn_accumulators(sim)
     texts = list(zip(args.text, args.pair, strict=True)) if args.pair else list(args.text)
     truncated = _warn_truncated(sim, texts)
-    feeds = sim.encode(texts)
-    res = sim.run(feeds, trace=True)
-    golden = sim.golden.run_all(feeds).values
     mask_name = sim.fgraph.role_input("attention_mask")
-    mask = feeds.get(mask_name) if mask_name else None
-    rows = compare(sim.graph, res, golden, mask=mask)
+    comparison = Comparison(sim.graph)
+    floats: dict[str, list[np.ndarray]] = {}
+    ints: dict[str, list[np.ndarray]] = {}
+    overflow: dict[str, int] = {}
+    for i in range(0, len(texts), args.batch):  # batches bound the memory: one batch traced at a time
+        feeds = sim.encode(texts[i : i + args.batch])
+        res = sim.run(feeds, trace=True)
+        golden = sim.golden.run_all(feeds).values
+        comparison.add(res, golden, feeds.get(mask_name) if mask_name else None)
+        for role, name in sim.graph.info["onnx_outputs"].items():
+            floats.setdefault(role, []).append(np.asarray(golden[name], np.float64))
+            ints.setdefault(role, []).append(res.outputs[role].dequantize())
+        for k, v in res.overflow.items():
+            overflow[k] = overflow.get(k, 0) + v
+        del res, golden
+    rows = comparison.rows()
     print(format_table(rows))
     print("(SQNR, cosine and max|err| over real tokens; padding positions are left out)")
+    total = sum(overflow.values())
+    if total:  # overflow first: a saturated tensor explains every SQNR after it
+        worst = sorted(overflow.items(), key=lambda kv: -kv[1])[:5]
+        print(f"\noverflow/saturation events: {total} ({', '.join(f'{k}: {v}' for k, v in worst)})")
     first = first_below(rows, args.threshold)
     print(
         f"\nfirst tensor below {args.threshold} dB SQNR: "
         f"{first.node + ' (' + format(first.sqnr_db, '.2f') + ' dB)' if first else 'none'}"
     )
-    print(f"overflow/saturation events: {res.overflow_count}")
+    if not total:
+        print("overflow/saturation events: 0")
     outputs = {}
-    for role, name in sim.graph.info["onnx_outputs"].items():
-        f = np.asarray(golden[name], np.float64)
-        q = res.outputs[role].dequantize()
+    for role in floats:
+        f, q = _concat(floats[role]), _concat(ints[role])
         outputs[role] = {"float": f.tolist(), "int": q.tolist()}
         if role == "logits":
             single = f.shape[-1] == 1
@@ -245,30 +301,42 @@ def cmd_run(args: argparse.Namespace) -> int:
                 tail = f"{f[i, 0]:+.4f}/{q[i, 0]:+.4f}" if single else f"{int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}"
                 print(f"{t[:48]:<50} {fs:<26} {qs:<26} {tail}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "model": str(sim.model_path),
-                    "config": sim.config.to_dict(),
-                    "texts": args.text,
-                    "pairs": args.pair,
-                    "truncated_inputs": truncated,
-                    "calibration": sim.calibration.source if sim.calibration is not None else None,
-                    "compared_over": "real tokens (attention mask)",
-                    "layers": [r.to_dict() for r in rows],
-                    "first_below": first.node if first else None,
-                    "threshold_db": args.threshold,
-                    "overflow_count": res.overflow_count,
-                    "outputs": outputs,
-                    **sim.compression(),
-                },
-                indent=1,
-                default=str,
-            )
+        write_json(
+            args.json,
+            {
+                "model": str(sim.model_path),
+                "config": sim.config.to_dict(),
+                "texts": args.text,
+                "pairs": args.pair,
+                "truncated_inputs": truncated,
+                "calibration": sim.calibration.source if sim.calibration is not None else None,
+                "compared_over": "real tokens (attention mask)",
+                "layers": [r.to_dict() for r in rows],
+                "first_below": first.node if first else None,
+                "threshold_db": args.threshold,
+                "overflow_count": total,
+                "overflow_by_node": overflow,
+                "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
+                "outputs": outputs,
+                **sim.compression(),
+            },
         )
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    """Batches of one output; padded sequence outputs are cut to their longest batch."""
+    if parts[0].ndim < 3:
+        return np.concatenate(parts)
+    s = max(p.shape[1] for p in parts)
+    return np.concatenate([np.pad(p, [(0, 0), (0, s - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
+
+
+def _warn_accumulators(sim: Any) -> None:
+    """Say before running when an accumulator is narrower than its worst case needs."""
+    for w in sim.graph.info.get("acc_warnings", []):
+        print(f"bbct: warning: {w}", file=sys.stderr)
 
 
 def add_run(sub: Any) -> None:
@@ -278,7 +346,8 @@ def add_run(sub: Any) -> None:
     p.add_argument(
         "--pair", action="append", default=None, help="second text of a pair, one per --text (cross-encoders, NLI)"
     )
-    p.add_argument("--threshold", type=float, default=20.0, help="report the first tensor below this SQNR (dB)")
+    p.add_argument("--threshold", type=_finite, default=20.0, help="report the first tensor below this SQNR (dB)")
+    p.add_argument("--batch", type=_positive, default=32, help="sentences simulated at a time (bounds the memory)")
     p.add_argument("--json", default=None, help="also write the table and outputs as JSON")
     _common(p)
     p.set_defaults(func=cmd_run)
@@ -300,9 +369,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ex = read_tsv(task, Path(args.data) / f"{args.split}.tsv")
         texts, pairs = [e.text_a for e in ex], [e.text_b for e in ex] if task.text_b else None
         labels = np.array([e.label for e in ex])
-    if args.limit:
+    if args.limit is not None:
         texts, labels = texts[: args.limit], labels[: args.limit]
         pairs = pairs[: args.limit] if pairs else None
+    if not texts:
+        raise BbctError(f"the {args.split} split of {task.name} has no examples")
     t0 = time.time()
     sim = _simulator(args)
     t_setup = time.time() - t0
@@ -311,6 +382,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"{sim.model_path}: eval needs a classifier with a logits output; "
             f"the model gives {sorted(sim.graph.outputs)}"
         )
+    n_logits = _logit_count(sim)
+    want = 1 if task.is_regression else task.num_labels
+    if n_logits != want:
+        raise BbctError(
+            f"{sim.model_path}: the model has {n_logits} logit(s), task {task.name} needs {want} "
+            f"({'a regression score' if task.is_regression else f'{want} classes'})"
+        )
+    _warn_accumulators(sim)
     truncated = _warn_truncated(sim, list(zip(texts, pairs, strict=True)) if pairs else list(texts))
     fl, il, ovf = [], [], 0
     t0 = time.time()
@@ -349,10 +428,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             v = res[k]
             print(f"{k:<20} {v:.4f}" if isinstance(v, float) else f"{k:<20} {v}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+        from bbct.golden.atomic import write_json
+
+        write_json(args.json, res)
         print(f"wrote {args.json}")
     return 0
+
+
+def _logit_count(sim: Any) -> int:
+    """Width of the model's logits output, from the classifier's weight."""
+    out = sim.graph.outputs["logits"]
+    node = next(n for n in sim.graph.nodes if n.name == out)
+    while not hasattr(node, "weight"):
+        node = next(n for n in sim.graph.nodes if n.name == node.inputs[0])
+    return int(node.weight.shape[1])
 
 
 def add_eval(sub: Any) -> None:
@@ -360,8 +449,8 @@ def add_eval(sub: Any) -> None:
     _model_arg(p)
     p.add_argument("--task", default=TASK, help="rt-polarity (prepared) or a GLUE task with --data")
     p.add_argument("--split", default="test", help="split file name (test for RT, dev for GLUE)")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+    p.add_argument("--batch", type=_positive, default=32, help="sentences per batch")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples (default: all)")
     p.add_argument("--json", default=None, help="write the results as JSON")
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -457,7 +546,7 @@ SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bbct",
         description="Bit-accurate integer simulation of BERT-family encoders "
         f"with block-wise scales. Artifacts live in {bbct_home()}.",
@@ -469,7 +558,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except BbctError as e:
-        print(f"bbct: error: {e}", file=sys.stderr)
+        print(f"bbct: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that cannot be read or written: name it, one line
+        where = e.filename or ""
+        print(f"bbct: error: {where}{': ' if where else ''}{e.strerror or e}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, KeyError) as e:  # kernel contracts name the argument and value
         if isinstance(e, (ValueError, TypeError)) and str(e):

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from bbct.golden.errors import BbctError
 from bbct.simulator import ir
 from bbct.simulator.execute import Result
 
@@ -24,15 +25,22 @@ class Row:
     overflow: int  # overflow/saturation events in the nodes since the previous compared row
 
     def to_dict(self) -> dict:
+        """Strict-JSON record: an exact tensor's SQNR (infinite) is null with ``exact`` true."""
         d = asdict(self)
         d["shape"] = list(self.shape)
+        d["exact"] = self.sqnr_db == float("inf")
+        if not np.isfinite(self.sqnr_db):
+            d["sqnr_db"] = None
         return d
 
 
 def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
     ref = np.asarray(ref, np.float64)
     err = np.sum((ref - np.asarray(test, np.float64)) ** 2)
-    sig = np.sum(ref**2)
+    return _sqnr(float(np.sum(ref**2)), float(err))
+
+
+def _sqnr(sig: float, err: float) -> float:
     if err == 0:
         return float("inf")
     if sig == 0:
@@ -41,12 +49,17 @@ def sqnr_db(ref: np.ndarray, test: np.ndarray) -> float:
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    # element-wise products summed by numpy's pairwise sum, never a BLAS dot: the result must
+    # not depend on the number of BLAS threads
     a = np.asarray(a, np.float64).ravel()
     b = np.asarray(b, np.float64).ravel()
-    na, nb_ = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 or nb_ == 0:
-        return 1.0 if na == nb_ else 0.0
-    return float(a @ b / (na * nb_))
+    return _cos(float(np.sum(a * b)), float(np.sum(a * a)), float(np.sum(b * b)))
+
+
+def _cos(ab: float, aa: float, bb: float) -> float:
+    if aa == 0 or bb == 0:
+        return 1.0 if aa == bb else 0.0
+    return float(ab / (np.sqrt(aa) * np.sqrt(bb)))
 
 
 def real_tokens(g: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
@@ -65,44 +78,85 @@ def real_tokens(g: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+class Comparison:
+    """Per-tensor error statistics accumulated over batches (sums of squares and products in
+    float64, in batch order: the same inputs give the same report, whatever the batching of
+    BLAS threads), so a long list of inputs is compared without holding every tensor at once."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.stats: dict[str, list] = {}  # node -> [shape, fmt, gg, ee, gq, qq, max_err, overflow]
+
+    def add(self, result: Result, golden: dict[str, np.ndarray], mask: np.ndarray | None = None) -> None:
+        """Accumulate one batch: traced ``result`` against ``golden`` (tensor name -> array),
+        over real tokens when the attention ``mask`` (B, S) is given."""
+        pending = 0
+        for n in self.graph.nodes:
+            pending += result.overflow.get(n.name, 0)
+            if not n.onnx_name or n.onnx_name not in golden or n.name not in result.tensors:
+                continue
+            q = result.tensors[n.name]
+            g = np.asarray(golden[n.onnx_name], np.float64)
+            x = q.dequantize()
+            if x.shape != g.shape:
+                if x.size != g.size:
+                    continue
+                x = x.reshape(g.shape)
+            bad = ~np.isfinite(g)
+            if bad.any():
+                idx = tuple(int(i) for i in np.argwhere(bad)[0])
+                raise BbctError(
+                    f"the float golden tensor {n.onnx_name!r} holds {g[idx]} at {list(idx)}: "
+                    "the float model itself overflows, so no comparison is meaningful"
+                )
+            shape = tuple(g.shape)
+            sel = real_tokens(g, mask)
+            if sel is not None:
+                g, x = g[sel], x[sel]
+            g, x = g.ravel(), x.ravel()
+            st = self.stats.setdefault(n.name, [shape, q.fmt.short(), 0.0, 0.0, 0.0, 0.0, 0.0, 0])
+            e = g - x
+            st[2] += float(np.sum(g * g))
+            st[3] += float(np.sum(e * e))
+            st[4] += float(np.sum(g * x))
+            st[5] += float(np.sum(x * x))
+            st[6] = max(st[6], float(np.max(np.abs(e))) if e.size else 0.0)
+            st[7] += pending
+            pending = 0
+
+    def rows(self) -> list[Row]:
+        out = []
+        for n in self.graph.nodes:
+            st = self.stats.get(n.name)
+            if st is None:
+                continue
+            shape, fmt, gg, ee, gq, qq, mx, ovf = st
+            out.append(
+                Row(
+                    node=n.name,
+                    onnx_name=n.onnx_name or "",
+                    shape=shape,
+                    fmt=fmt,
+                    sqnr_db=_sqnr(gg, ee),
+                    cosine=_cos(gq, gg, qq),
+                    max_abs_err=mx,
+                    overflow=ovf,
+                )
+            )
+        return out
+
+
 def compare(
     graph: ir.Graph, result: Result, golden: dict[str, np.ndarray], mask: np.ndarray | None = None
 ) -> list[Row]:
     """Rows for every traced node that names a golden tensor present in ``golden``.
 
     With the attention ``mask`` (B, S), every measure is taken over real tokens only: padding
-    positions compute values no output reads, and would drown the real error."""
-    rows: list[Row] = []
-    pending = 0
-    for n in graph.nodes:
-        pending += result.overflow.get(n.name, 0)
-        if not n.onnx_name or n.onnx_name not in golden or n.name not in result.tensors:
-            continue
-        q = result.tensors[n.name]
-        g = np.asarray(golden[n.onnx_name], np.float64)
-        x = q.dequantize()
-        if x.shape != g.shape:
-            if x.size != g.size:
-                continue
-            x = x.reshape(g.shape)
-        shape = tuple(g.shape)
-        sel = real_tokens(g, mask)
-        if sel is not None:
-            g, x = g[sel], x[sel]
-        rows.append(
-            Row(
-                node=n.name,
-                onnx_name=n.onnx_name,
-                shape=shape,
-                fmt=q.fmt.short(),
-                sqnr_db=sqnr_db(g, x),
-                cosine=cosine(g, x),
-                max_abs_err=float(np.max(np.abs(g - x))) if g.size else 0.0,
-                overflow=pending,
-            )
-        )
-        pending = 0
-    return rows
+    positions compute values no output reads, and would drown the real error. A non-finite
+    golden value is an error naming the tensor."""
+    c = Comparison(graph)
+    c.add(result, golden, mask)
+    return c.rows()
 
 
 def first_below(rows: list[Row], threshold_db: float) -> Row | None:

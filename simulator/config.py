@@ -35,13 +35,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from bbct.kernels.formats import Rounding, Saturation, ScaleKind
+from bbct.kernels.softmax import MAX_LUT_ADDR_BITS as SOFTMAX_MAX_LUT_ADDR_BITS
 from bbct.simulator.errors import ConfigError
 
 MATMUL_CLASSES = (
@@ -121,8 +121,19 @@ class OpSettings:
         _check_range("softmax_out_bits", self.softmax_out_bits, 2, 16)
         _check_range("layernorm_out_bits", self.layernorm_out_bits, 4, 24)
         _check_range("output_bits", self.output_bits, 4, 32)
-        for k in ("gelu_lut_addr_bits", "softmax_lut_addr_bits", "tanh_lut_addr_bits"):
+        for k in ("gelu_lut_addr_bits", "tanh_lut_addr_bits"):
             _check_range(k, getattr(self, k), 2, 16)
+        _check_range("softmax_lut_addr_bits", self.softmax_lut_addr_bits, 2, SOFTMAX_MAX_LUT_ADDR_BITS)
+        # a table cannot have more address bits than its input has bits
+        for fn, addr, width in (
+            ("gelu", "gelu_lut_addr_bits", "gelu_in_bits"),
+            ("tanh", "tanh_lut_addr_bits", "tanh_in_bits"),
+        ):
+            if (fn == "tanh" or self.gelu_method == "lut") and getattr(self, addr) > getattr(self, width):
+                raise ConfigError(
+                    f"{addr}={getattr(self, addr)} exceeds {width}={getattr(self, width)}: "
+                    "the table cannot have more address bits than its input"
+                )
         _check_choice("weight_scale", self.weight_scale, ("pow2", "mult"))
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
         _check_choice("weight_order", self.weight_order, ("natural", "act"))
@@ -328,10 +339,13 @@ def _from_tables(data: dict[str, Any], name: str) -> Config:
     unknown = set(data) - allowed
     if unknown:
         raise ConfigError(f"unknown top-level key(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for key in ("op", "layer", "optype", "node"):
+        if key in data and not isinstance(data[key], dict):
+            raise ConfigError(f"{key} = {data[key]!r}: expected tables [{key}.<name>], not a value")
     base = Config(name=name)
     if "preset" in data:
         p = data["preset"]
-        if p not in PRESETS:
+        if not isinstance(p, str) or p not in PRESETS:
             raise ConfigError(f"preset={p!r}: expected one of {', '.join(PRESETS)}")
         base = _from_tables(PRESETS[p], p)
     default = base.default
@@ -358,6 +372,8 @@ def _from_tables(data: dict[str, Any], name: str) -> Config:
         for cls, kv in tables.items():
             if cls not in OP_CLASSES:
                 raise ConfigError(f"[layer.{li}.{cls}]: unknown op class; known: {', '.join(OP_CLASSES)}")
+            if not isinstance(kv, dict):
+                raise ConfigError(f"[layer.{li}.{cls}] must be a table")
             _apply(default, kv, f"layer.{li}.{cls}")
             by_layer.append((layer, cls, tuple(sorted(kv.items()))))
     selectors = {}
@@ -393,8 +409,14 @@ def load_config(spec: str | Path | dict[str, Any]) -> Config:
     p = Path(s)
     if not p.exists():
         raise ConfigError(f"config {s!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
+    if p.is_dir():
+        raise ConfigError(f"config {p}: is a folder, not a TOML file")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        raise ConfigError(f"{p}: not valid TOML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
     return _from_tables(data, p.stem)

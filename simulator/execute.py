@@ -332,7 +332,10 @@ def run(
     for n in graph.nodes:
         args = [env[i] for i in n.inputs]
         t0 = time.perf_counter() if profile is not None else 0.0
-        out, ov = HANDLERS[type(n)](n, *args)
+        try:
+            out, ov = HANDLERS[type(n)](n, *args)
+        except (ValueError, TypeError) as e:  # a kernel's contract refused its input: say which node
+            raise ExecutionError(f"node {n.name} ({n.op}): {str(e).splitlines()[0]}") from None
         if profile is not None:
             key = n.op
             profile[key] = profile.get(key, 0.0) + time.perf_counter() - t0

@@ -37,6 +37,11 @@ class Task:
     def is_regression(self) -> bool:
         return self.labels is None
 
+    @property
+    def num_labels(self) -> int:
+        """Classes a classifier of this task outputs (1: a regression score)."""
+        return 1 if self.labels is None else len(self.labels)
+
 
 TASKS: dict[str, Task] = {
     "sst-2": Task("sst-2", "sentence", None, "label", ("0", "1"), ("accuracy",)),
@@ -67,9 +72,11 @@ def read_tsv(task: Task, path: str | Path) -> list[Example]:
         raise BbctError(f"{path}: no such file")
     csv.field_size_limit(1 << 24)
     out: list[Example] = []
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        rows = list(reader)
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        raise BbctError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not rows:
         return out
     if task.header:
@@ -96,6 +103,8 @@ def read_tsv(task: Task, path: str | Path) -> list[Example]:
                 label = float(raw)
             except ValueError:
                 raise BbctError(f"{path}:{ln}: label {raw!r} is not a number") from None
+            if not np.isfinite(label):
+                raise BbctError(f"{path}:{ln}: label {raw!r} is not a finite number")
         else:
             if raw not in task.labels:
                 raise BbctError(f"{path}:{ln}: label {raw!r} not one of {task.labels}")
