@@ -87,6 +87,13 @@ STEP_KEYS = {
 }
 
 
+STEP_TITLES = {
+    "data": "reading the Rotten Tomatoes snippets and splitting them by film (seconds)",
+    "encoder": "exporting the MiniLM-L6 encoder to ONNX and checking it against PyTorch (about 10 s)",
+    "classifier": "fine-tuning the classifier, exporting it and measuring its float accuracy (about 11 min on 2 cores)",
+}
+
+
 def _versions() -> dict[str, str]:
     """Versions of the packages that made the artifacts."""
     from importlib.metadata import PackageNotFoundError, version
@@ -498,8 +505,12 @@ def _prepare_locked(home: Path, force: bool, finetune: bool, epochs: int, progre
             continue
         if name == "classifier" and not done("data"):
             raise BbctError("the classifier needs the data step; it did not complete")
+        if progress:
+            print(f"{name}: {STEP_TITLES[name]}", file=sys.stderr, flush=True)
         t0 = time.time()
         res = fn(home)
+        if progress:
+            print(f"{name}: done in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         manifest["artifacts"].update(res.pop("artifacts"))
         manifest.update(res)
         if name == "classifier":

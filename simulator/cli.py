@@ -143,18 +143,34 @@ def _warn_truncated(sim: Any, texts: list) -> int:
     return n
 
 
+FORMATS_HELP = """\
+Formats in the tables: s8 / u8 is a signed / unsigned 8-bit code; b32@-1 blocks of 32 along
+the last axis, each with its own exponent; b*@-1 no blocks along that axis (one exponent per
+row or per tensor, as the exponent array is shaped); pow2 a power-of-two scale (real = code *
+2**exp), mult8 an 8-bit multiplier per block besides the exponent; then the rounding and
+saturation modes (RND_CONV: round half to even; SAT: clip to the range). docs/KERNELS.md
+gives each kernel's bit-level contract."""
+
+
+def _sub(sub: Any, name: str, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand whose --help shows its description, every default and the format legend."""
+
+    class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    return sub.add_parser(name, help=help, description=description, epilog=FORMATS_HELP, formatter_class=Formatter)
+
+
 def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
-        p.add_argument(
-            "--config", default="w8a8", help="preset (w8a8, w4a8, mx-int8, w8a8-static) or a TOML file (default w8a8)"
-        )
+        p.add_argument("--config", default="w8a8", help="preset (w8a8, w4a8, mx-int8, w8a8-static) or a TOML file")
         p.add_argument(
             "--calib",
             default="256",
             help="calibration texts for static scales and GPTQ: a count N (the first N of the prepared "
             "calibration split) or a FILE (one text per line, or a TSV with a sentence column)",
         )
-        p.add_argument("--data", default=None, help="folder with calib.tsv/train.tsv (default: prepared RT data)")
+        p.add_argument("--data", default=None, help="folder with calib.tsv/train.tsv (None: the prepared RT data)")
     p.add_argument(
         "--max-length",
         type=_max_length,
@@ -335,12 +351,27 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
 
 def _warn_accumulators(sim: Any) -> None:
     """Say before running when an accumulator is narrower than its worst case needs."""
-    for w in sim.graph.info.get("acc_warnings", []):
+    warnings = sim.graph.info.get("acc_warnings", [])
+    for w in warnings[:8]:
         print(f"bbct: warning: {w}", file=sys.stderr)
+    if len(warnings) > 8:
+        print(
+            f"bbct: warning: ... and {len(warnings) - 8} more accumulators narrower than their worst case "
+            "(all of them: bbct run --json, accumulator_warnings)",
+            file=sys.stderr,
+        )
 
 
 def add_run(sub: Any) -> None:
-    p = sub.add_parser("run", help="simulate sentences in integers and compare layer by layer with the float golden")
+    p = _sub(
+        sub,
+        "run",
+        "simulate sentences in integers and compare layer by layer with the float golden",
+        "Imports MODEL, lowers it to the integer IR under --config, simulates the texts in integers and\n"
+        "compares every tensor with onnxruntime's float value of the same name (SQNR, cosine, max |err|,\n"
+        "overflow events), over real tokens. Prints the first tensor below --threshold dB and the\n"
+        "float and integer outputs; --json also writes everything as strict JSON.",
+    )
     _model_arg(p)
     p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
     p.add_argument(
@@ -445,12 +476,20 @@ def _logit_count(sim: Any) -> int:
 
 
 def add_eval(sub: Any) -> None:
-    p = sub.add_parser("eval", help="accuracy of float vs integer simulation on a task's split")
+    p = _sub(
+        sub,
+        "eval",
+        "accuracy of float vs integer simulation on a task's split",
+        "Classifies a whole split in float (onnxruntime) and in integers and reports both accuracies\n"
+        "(or the task's GLUE metrics), the drop in points, the agreement of the two, the weight\n"
+        "compression (block exponents counted) and overflow events. The prepared RT test split by\n"
+        "default; GLUE TSVs with --task and --data.",
+    )
     _model_arg(p)
     p.add_argument("--task", default=TASK, help="rt-polarity (prepared) or a GLUE task with --data")
     p.add_argument("--split", default="test", help="split file name (test for RT, dev for GLUE)")
     p.add_argument("--batch", type=_positive, default=32, help="sentences per batch")
-    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples (default: all)")
+    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples (None: all)")
     p.add_argument("--json", default=None, help="write the results as JSON")
     _common(p)
     p.set_defaults(func=cmd_eval)
@@ -472,12 +511,19 @@ def cmd_vectors(args: argparse.Namespace) -> int:
 
 
 def add_vectors(sub: Any) -> None:
-    p = sub.add_parser("vectors", help="dump integer inputs/outputs/tables of IR nodes for an RTL testbench")
+    p = _sub(
+        sub,
+        "vectors",
+        "dump integer inputs/outputs/tables of IR nodes for an RTL testbench",
+        "Simulates the texts and writes, for every IR node matching --nodes, its integer inputs and\n"
+        "outputs, their block exponents, and its constant tables ($readmemh hex, one value per line,\n"
+        "or .npy), with vectors.json listing each file's format, shape and sha256 (written last).",
+    )
     _model_arg(p)
-    p.add_argument("--text", action="append", required=True)
-    p.add_argument("--nodes", action="append", default=None, help="node name glob, e.g. 'L0.*' (repeatable)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--format", default="hex", choices=("hex", "npy"))
+    p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
+    p.add_argument("--nodes", action="append", default=None, help="node name glob, e.g. 'L0.*' (repeatable; all)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--format", default="hex", choices=("hex", "npy"), help="file format of the vectors")
     _common(p)
     p.set_defaults(func=cmd_vectors)
 
@@ -498,6 +544,7 @@ def cmd_ir(args: argparse.Namespace) -> int:
             print(f"{r.short:<18} {r.op_class:<17} layer {layer!s:<3} {n.line()}")
         return 0
     sim = _simulator(args)
+    _warn_accumulators(sim)
     print(sim.graph.dump())
     return 0
 
@@ -505,7 +552,14 @@ def cmd_ir(args: argparse.Namespace) -> int:
 def add_ir(sub: Any) -> None:
     from bbct.simulator.lower import PASSES
 
-    p = sub.add_parser("ir", help="print the graph after a lowering pass (default: the integer IR)")
+    p = _sub(
+        sub,
+        "ir",
+        "print the graph after a lowering pass (default: the integer IR)",
+        "Prints MODEL as bbct sees it after a pass: the typed float graph (import), each node's config\n"
+        "op class, layer and short name (roles), or the integer IR, one line per node with its op,\n"
+        "inputs, output format, block layout and scales (emit). Accumulator warnings go to stderr.",
+    )
     _model_arg(p)
     p.add_argument(
         "--after",

@@ -202,15 +202,21 @@ def test_cli_eval_glue_needs_data(tiny_bert_onnx, capsys):
     assert "needs --data" in capsys.readouterr().err
 
 
-def test_progress_bars_write_a_line_now_and_then_to_a_log(capsys):
-    """Redirected to a file or CI pipe, a bar is drawn at start, end and every LOG_INTERVAL_S,
-    not every 0.1 s (a fine-tune log would otherwise hold thousands of redraws)."""
-    from bbct.golden.progress import LOG_INTERVAL_S, progress
+def test_progress_in_a_log_is_whole_lines(capsys, monkeypatch):
+    """Redirected to a file or CI pipe, progress is newline-terminated lines: one per
+    LOG_INTERVAL_S while a step runs and one final line — no carriage-return redraws, no
+    repeated line, the 100 % line once."""
+    from bbct.golden import progress as P
 
-    bar = progress(range(5000), desc="steps")
+    clock = iter(range(0, 10**6, 7))  # each step takes 7 "seconds"
+    monkeypatch.setattr(P.time, "monotonic", lambda: float(next(clock)))
+    bar = P.progress(range(20), desc="fine-tune", unit="step")
     for _ in bar:
         bar.set_postfix(loss="0.5", refresh=False)
-    assert bar.mininterval == LOG_INTERVAL_S
-    assert bar.maxinterval > LOG_INTERVAL_S  # tqdm's monitor must not repeat a line in between
     err = capsys.readouterr().err
-    assert "steps: 100%" in err and err.count("steps:") <= 3
+    lines = err.splitlines()
+    assert "\r" not in err and err.endswith("\n")
+    assert len(lines) == len(set(lines)) and 3 <= len(lines) <= 6, lines
+    assert lines[-1].startswith("fine-tune: 20/20 step (100 %)") and "(done)" in lines[-1] and "loss=0.5" in lines[-1]
+    assert sum("100 %" in ln for ln in lines) == 1
+    assert all(ln.startswith("fine-tune: ") for ln in lines)
