@@ -158,6 +158,15 @@ def test_bad_inputs_name_the_value(spec):
         run(g, {**tiny_inputs(), "token_type_ids": np.full((3, 7), 2)})
     with pytest.raises(ExecutionError, match="2-D integer array"):
         run(g, {"input_ids": np.zeros((2, 3), np.float32)})
+    ok = tiny_inputs()
+    with pytest.raises(ExecutionError, match="input attention_mask must be integers, got float64"):
+        run(g, {**ok, "attention_mask": np.full((3, 7), 0.5)})
+    with pytest.raises(ExecutionError, match="input attention_mask must hold 0 and 1 only"):
+        run(g, {**ok, "attention_mask": np.full((3, 7), 2)})
+    with pytest.raises(ExecutionError, match="input token_type_ids must be integers"):
+        run(g, {**ok, "token_type_ids": np.full((3, 7), 0.7)})
+    with pytest.raises(ExecutionError, match=r"unknown inputs \['input_idz'\]"):
+        run(g, {**ok, "input_idz": ok["input_ids"]})
 
 
 def test_vectors_are_readable_and_reproducible(spec, tmp_path):
