@@ -12,28 +12,53 @@ plain session does not optimize either (tested).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.external_data_helper import load_external_data_for_model
 
 from bbct.golden.errors import BbctError
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Load an ONNX file; a missing or non-ONNX file is a BbctError naming it."""
+    """Load an ONNX file and its external data; a missing, unreadable or non-ONNX file, a
+    folder, and external data that is missing or outside the model's folder are BbctErrors
+    naming the path."""
     p = Path(path)
+    if p.is_dir():
+        inside = sorted(p.glob("*.onnx"))
+        hint = f" (give the ONNX file: {inside[0]})" if len(inside) == 1 else ""
+        raise BbctError(f"{p}: is a folder, not an ONNX file{hint}")
     if not p.is_file():
         raise BbctError(f"{p}: no such file")
     try:
-        m = onnx.load(str(p))
+        data = p.read_bytes()
+    except OSError as e:
+        raise BbctError(f"{p}: cannot read: {e.strerror or e}") from None
+    if not data:
+        raise BbctError(f"{p}: not an ONNX model (empty file)")
+    try:
+        m = onnx.load_model_from_string(data)
     except Exception as e:  # protobuf DecodeError and friends
-        raise BbctError(f"{p}: not an ONNX model ({type(e).__name__}: {e})") from None
+        raise BbctError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if not m.graph.node:
         raise BbctError(f"{p}: not an ONNX model (empty graph)")
+    try:  # refuses locations outside the model's folder, absolute paths, symlinks, short files
+        load_external_data_for_model(m, str(p.parent))
+    except Exception as e:
+        raise BbctError(f"{p}: bad external data: {_first_line(e)}") from None
     return m
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error message, without onnxruntime's ``[ONNXRuntimeError] : 2 :
+    INVALID_ARGUMENT :`` prefix."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[0]) if lines else type(e).__name__
 
 
 def _options(threads: int | None) -> ort.SessionOptions:
@@ -42,7 +67,7 @@ def _options(threads: int | None) -> ort.SessionOptions:
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions, one line each; nothing on stderr
     return so
 
 
@@ -114,7 +139,21 @@ class GoldenRunner:
                 model.SerializeToString(), _options(self.threads), providers=["CPUExecutionProvider"]
             )
         except Exception as e:
-            raise BbctError(f"onnxruntime cannot load {self.path or 'the model'}: {e}") from None
+            raise BbctError(f"onnxruntime cannot load {self._where}: {_first_line(e)}") from None
+
+    def _run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list:
+        """``session.run``; onnxruntime's failures (an index outside a table: a sequence longer
+        than the position table, shapes the graph cannot take) become one-line BbctErrors."""
+        try:
+            return session.run(None, feeds)
+        except Exception as e:
+            shapes = {tuple(np.shape(v)) for v in feeds.values()}
+            on = (
+                f"inputs of shape {next(iter(shapes))}"
+                if len(shapes) == 1
+                else ", ".join(f"{k} {tuple(np.shape(v))}" for k, v in feeds.items())
+            )
+            raise BbctError(f"onnxruntime cannot run {self._where} on {on}: {_first_line(e)}") from None
 
     def check_inputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Keep the inputs the model takes; unknown names and bad ids are BbctErrors."""
@@ -144,7 +183,7 @@ class GoldenRunner:
         feeds = self.check_inputs(feeds)
         if self._plain is None:
             self._plain = self._session(self.model)
-        vals = self._plain.run(None, feeds)
+        vals = self._run(self._plain, feeds)
         return dict(zip(self.output_names, vals, strict=True))
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> Golden:
@@ -166,7 +205,7 @@ class GoldenRunner:
                             have.add(t)
             self._all = self._session(m)
             self._all_names = [o.name for o in self._all.get_outputs()]
-        vals = self._all.run(None, feeds)
+        vals = self._run(self._all, feeds)
         return Golden(dict(zip(self._all_names, vals, strict=True)), self.producer, self.output_names)
 
 

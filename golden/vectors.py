@@ -5,6 +5,8 @@ For every selected node bbct writes, into one folder:
 * ``<node>.<port>.hex`` — the integer codes, one per line, row-major, as two's complement
   hexadecimal of the port's width (``$readmemh`` reads them);
 * ``<node>.<port>.exp.hex`` — the per-block exponents (two's complement, 16 bits);
+* a float attention mask read by a ``mask`` node is written as 1-bit flags (1 = masked), with
+  no exponent file;
 * ``<node>.<port>.npy`` — the same codes as a NumPy array (``--format npy``);
 * ``<node>.<table>.hex`` — constant tables of the node (weights, biases, LUT contents);
 * ``vectors.json`` — for every file: node, port, shape, dtype, format (width, signedness,
@@ -126,6 +128,9 @@ def dump_vectors(
             q = tensors.get(t)
             if q is None:
                 raise BbctError(f"tensor {t!r} of node {n.name} was not traced")
+            if not hasattr(q, "fmt"):  # a float mask of the index subgraph: a Mask node reads it as flags
+                write(n.name, port, _mask_flags(n, t, np.asarray(q)), 1, {"tensor": t, "flags": FLAGS})
+                continue
             write(
                 n.name,
                 port,
@@ -158,6 +163,18 @@ def dump_vectors(
     for name in stale - {f["file"] for f in files}:
         (out / name).unlink(missing_ok=True)
     return path
+
+
+FLAGS = "1 = masked position (the float mask holds the masking value), 0 = kept"
+
+
+def _mask_flags(node: Any, tensor: str, mask: np.ndarray) -> np.ndarray:
+    """The 1-bit flags a float additive mask stands for, as the Mask node reads it: its values
+    are discrete (0 or the one masking value), never computed with."""
+    value = getattr(node, "float_value", None)
+    if getattr(node, "kind", None) != "add" or value is None or mask.dtype.kind != "f":
+        raise BbctError(f"tensor {tensor!r} of node {node.name} is a float array, not integer codes")
+    return (mask == value).astype(np.int64)
 
 
 def _listed(manifest: Path) -> set[str]:

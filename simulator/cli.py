@@ -238,7 +238,9 @@ def cmd_golden(args: argparse.Namespace) -> int:
     # tensor names hold '/' and ':', so the npz keys are short stable ids listed in index.json
     keys = {name: f"t{i:05d}" for i, name in enumerate(g.values)}
     arrays = {**{keys[n]: v for n, v in g.values.items()}, **{f"input.{k}": v for k, v in feeds.items()}}
-    # the index is written after the data it lists, each file whole or not at all
+    # the index makes the folder valid: the old one goes first (a kill then leaves no index,
+    # never an old one over new data), the data next, the new index last, each file whole
+    (out / "index.json").unlink(missing_ok=True)
     write_with(out / "golden.npz", lambda f: np.savez_compressed(f, **arrays))
     index = {n: {"key": keys[n], **row} for n, row in g.index().items()}
     inputs = {k: {"key": f"input.{k}", "shape": list(v.shape), "dtype": str(v.dtype)} for k, v in feeds.items()}

@@ -6,7 +6,8 @@
    ``Shape`` of an activation is index: encoder activations are ``(batch, seq, ...)``, so it is
    rewritten as the shape of ``input_ids`` plus constant trailing sizes (checked on two probes).
 2. **Probe**: onnxruntime runs the original graph twice, at two sizes with different ids and
-   masks, every intermediate exposed. Computed constants take the probe's value; an index
+   masks, every intermediate exposed (shorter sequences when the graph cannot take 7 tokens,
+   e.g. a position table of 4 rows). Computed constants take the probe's value; an index
    tensor the activations read that is the same in both probes (an attention scale computed
    from a head size) is a constant; the others are *computed at run time* by the index
    subgraph (:class:`IndexGraph`), for any size, exactly as the graph computes them.
@@ -35,6 +36,7 @@ from bbct.simulator.frontend import fgraph as F
 CONST, INDEX, ACT = "const", "index", "act"
 ROLES = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
 PROBES = ((2, 5, 0), (3, 7, 1))  # (batch, seq, seed): distinct sizes so batch and seq can be told apart
+SHORT_PROBES = ((2, 3, 0), (3, 4, 1))  # for a model with fewer than 7 positions (its own limit is checked at run)
 
 QUANTIZED_OPS = (
     "QuantizeLinear",
@@ -168,6 +170,7 @@ class _Importer:
         self.roles: dict[str, str] = {}
         self.tables: dict[str, int] = {}  # graph input -> rows of the largest table it indexes
         self._inferred: dict[str, tuple[int, ...]] | None = None
+        self.probes = PROBES
 
     # -- step 1 ---------------------------------------------------------------------------------
     def check_ops(self) -> None:
@@ -265,6 +268,62 @@ class _Importer:
                 self._inferred = {}
         return self._inferred.get(t, (0, 0))
 
+    def check_outputs(self) -> None:
+        """Every graph output must come from the token embeddings (before any probe runs)."""
+        for o in self.model.graph.output:
+            if self.kind.get(o.name) != ACT:
+                raise UnsupportedGraphError(
+                    f"graph output {o.name!r} does not depend on an embedding lookup (a Gather of a float table "
+                    "by the token ids): not an encoder of the BERT family"
+                )
+
+    def check_finite(self, computed: bool) -> None:
+        """The float constants the activation path reads (weights, biases, LayerNorm gamma and
+        beta, tables) must be finite: a NaN anywhere, or an infinity in a constant of more than
+        one element, is refused naming the initializer and the node. A single infinite value is
+        a fill value (an attention mask's -inf, a Clip bound), which the patterns handle.
+        ``computed``: also the constants computed by the graph (known after the probes)."""
+        seen: set[str] = set()
+        for n in self.nodes:
+            if self.kind.get(n.output[0]) != ACT:
+                continue
+            for t in n.input:
+                if not t or t in seen or self.kind.get(t) != CONST:
+                    continue
+                prod = self.prod.get(t)
+                stored = t in self.inits or (prod is not None and prod.op_type == "Constant")
+                if not stored and not computed:
+                    continue
+                seen.add(t)
+                v = np.asarray(self.value(t))
+                if v.dtype.kind != "f" or not v.size:
+                    continue
+                bad = np.isnan(v) if v.size == 1 else ~np.isfinite(v)
+                if bad.any():
+                    idx = tuple(int(i) for i in np.argwhere(bad)[0]) if v.ndim else ()
+                    what = "initializer" if t in self.inits else ("constant" if stored else "computed constant")
+                    raise UnsupportedGraphError(
+                        f"node {n.name or n.output[0]!r} ({n.op_type}): {what} {t!r} holds {v[idx]} "
+                        f"at {list(idx)} ({int(bad.sum())} non-finite of {v.size}); a model with non-finite "
+                        "weights cannot be simulated"
+                    )
+
+    def check_probe_overflow(self) -> None:
+        """A NaN or +inf activation on a probe: the float model overflows (huge weights), which
+        is the error to report, not the pattern it made fail (-inf is a mask's fill value)."""
+        for n in self.nodes:
+            for t in n.output:
+                v = self.probe[0].get(t) if t and self.kind.get(t) == ACT else None
+                if v is None or np.asarray(v).dtype.kind != "f":
+                    continue
+                bad = np.isnan(v) | np.isposinf(v)
+                if bad.any():
+                    idx = [int(i) for i in np.argwhere(bad)[0]]
+                    raise UnsupportedGraphError(
+                        f"node {n.name or t!r} ({n.op_type}): the float model overflows, its output {t!r} holds "
+                        f"{np.asarray(v)[tuple(idx)]} at {idx} on an import probe (weights too large for float32)"
+                    )
+
     # -- step 2 ---------------------------------------------------------------------------------
     def make_feeds(self, batch: int, seq: int, seed: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng(seed)
@@ -287,16 +346,20 @@ class _Importer:
 
     def run_probes(self) -> None:
         runner = GoldenRunner(self.model)
-        for b, s, seed in PROBES:
-            feeds = self.make_feeds(b, s, seed)
+        error = ""
+        for probes in (PROBES, SHORT_PROBES):
+            self.probe, self.probe_feeds = [], []
             try:
-                vals = runner.run_all(feeds).values
-            except BbctError as e:
-                raise UnsupportedGraphError(
-                    f"onnxruntime cannot run the graph at batch {b}, sequence {s}: {e}"
-                ) from None
-            self.probe_feeds.append(feeds)
-            self.probe.append({**vals, **feeds})
+                for batch, seq, seed in probes:
+                    feeds = self.make_feeds(batch, seq, seed)
+                    self.probe_feeds.append(feeds)
+                    self.probe.append({**runner.run_all(feeds).values, **feeds})
+            except BbctError as e:  # onnxruntime's own failure, one line naming the node
+                error = error or f"import probe: {e}"
+                continue
+            self.probes = probes
+            return
+        raise UnsupportedGraphError(error)
 
     def value(self, t: str) -> np.ndarray:
         if t in self.folded:
@@ -397,7 +460,7 @@ class _Importer:
     def _shape_of_act(self, n: onnx.NodeProto, ids: str) -> list[onnx.NodeProto]:
         t = n.input[0]
         s1, s2 = np.shape(self.probe[0][t]), np.shape(self.probe[1][t])
-        (b1, q1, _), (b2, q2, _) = PROBES
+        (b1, q1, _), (b2, q2, _) = self.probes
         pieces, nodes = [], []
         sid = f"{n.output[0]}__ids_shape"
         nodes.append(helper.make_node("Shape", [ids], [sid]))
@@ -439,16 +502,24 @@ class _Importer:
 
         self.check_ops()
         self.classify()
+        self.check_outputs()
         self.assign_roles()
+        self.check_finite(computed=False)
         self.run_probes()
+        self.check_finite(computed=True)
         self.fold_invariant_index()
         nodes = self.act_nodes()
         outputs = tuple(o.name for o in self.model.graph.output)
-        for o in outputs:
-            if self.kind.get(o) != ACT:
-                raise UnsupportedGraphError(f"graph output {o!r} is not an activation")
         ctx = PatternContext(self)
-        nodes = run_patterns(nodes, ctx)
+        try:
+            with np.errstate(all="ignore"):  # the patterns compare probe values; an overflow fails a match
+                nodes = run_patterns(nodes, ctx)
+            for n in nodes:
+                if isinstance(n, F.OnnxOp):
+                    raise n.error(f"{n.op_type} is not part of any supported pattern (`bbct ops` lists them)")
+        except UnsupportedGraphError:
+            self.check_probe_overflow()  # the cause, when the float graph itself overflows
+            raise
         act = {n.name for n in nodes}
         index_used = sorted({t for n in nodes for t in n.inputs if t not in act and t not in self.roles})
         ig = self.index_graph(index_used)
@@ -460,11 +531,7 @@ class _Importer:
             "vocab_size": self.tables.get(ids),
             "type_vocab_size": next((self.tables.get(k) for k, v in self.roles.items() if v == "token_type_ids"), None),
         }
-        graph = F.FGraph(tuple(nodes), dict(self.roles), outputs, ig, info)
-        for n in graph.nodes:
-            if isinstance(n, F.OnnxOp):
-                raise n.error(f"{n.op_type} is not part of any supported pattern (`bbct ops` lists them)")
-        return graph
+        return F.FGraph(tuple(nodes), dict(self.roles), outputs, ig, info)
 
 
 class PatternContext:
@@ -486,7 +553,7 @@ class PatternContext:
         return self.imp.roles.get(t)
 
     def sizes(self, probe: int = 0) -> tuple[int, int]:
-        b, s, _ = PROBES[probe]
+        b, s, _ = self.imp.probes[probe]
         return b, s
 
     def index_value(self, t: str, probe: int = 0) -> np.ndarray | None:
