@@ -19,6 +19,7 @@ from bbct.golden.tokenize import encode, find_tokenizer
 from bbct.simulator import ir
 from bbct.simulator.calibrate import calibrate
 from bbct.simulator.config import Config, load_config
+from bbct.simulator.errors import LoweringError
 from bbct.simulator.execute import Result, run
 from bbct.simulator.frontend.fgraph import FGraph
 from bbct.simulator.frontend.onnx_in import load_graph
@@ -57,7 +58,10 @@ class Simulator:
                 )
             feeds = [self.encode(b) for b in batches(list(calib_texts), calib_batch)]
             self.calibration = calibrate(self.fgraph, feeds, gptq=self.config.uses_gptq, source=calib_source)
-        self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
+        try:
+            self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
+        except LoweringError as e:  # name the model: the message names only its node
+            raise LoweringError(f"{self.model_path}: {e}") from None
 
     def encode(self, texts: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by
