@@ -293,3 +293,24 @@ def test_fuzzed_tsv_contents_are_read_or_refused_by_line(task, rows):
             assert str(e).startswith(str(p)) and "\n" not in str(e)
         else:
             assert all(np.isfinite(e.label) for e in ex)
+
+
+@pytest.mark.parametrize("command", ["run", "eval", "vectors", "ir"])
+def test_help_describes_the_command_its_defaults_and_the_formats(capsys, command):
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    head = out.split("positional arguments")[0]
+    assert len(head.splitlines()) >= 4  # usage, then a description of what the command does
+    assert "(default: w8a8)" in out and "(default: 64)" in out  # --config, --max-length
+    assert "Formats in the tables" in out and "b32@-1" in out
+
+
+def test_eval_needs_a_logits_output(capsys, export_dir, tmp_path):
+    from families import export_family
+
+    enc = export_family(export_dir / "families", "bert", "base", "torchscript", 17)
+    (tmp_path / "test.tsv").write_text("sentence\tlabel\nw5 w6\t1\n")
+    code, _, err = _bbct(capsys, "eval", str(enc), "--task", "sst-2", "--data", str(tmp_path))
+    _one_line_error(code, err, "eval needs a classifier with a logits output", "last_hidden_state")
