@@ -84,7 +84,7 @@ class OpSettings:
     scaling: str = "dynamic"  # "static" (calibrated exponents) or "dynamic" (run-time, LZC)
     rounding: str = "RND_CONV"  # rounding of every narrowing at this point
     saturation: str = "SAT"  # SAT, SAT_SYM or WRAP
-    acc_bits: int = 40  # accumulator write-back width of the matmul, 8..62
+    acc_bits: int = 42  # accumulator width of every matmul, 8..62 (the RT classifier's worst case needs 41)
     acc_saturation: str = "SAT"
     bias_bits: int = 32  # bias codes (stored at the accumulator's scale)
     residual_bits: int = 16  # width of a residual sum before LayerNorm
