@@ -33,20 +33,21 @@ def _channel_amax(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.max(np.abs(rows), axis=0)
 
 
-def _points(fg: F.FGraph, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every activation the lowering may calibrate: the outputs of nodes that are not
-    per-head or scores tensors, and the embedding sums' partial sums."""
-    out = {}
-    for n in fg.nodes:
-        if isinstance(n, (F.SplitHeads, F.Scores, F.Softmax, F.MatMul)):
-            continue
-        out[n.name] = env[n.name]
-        if isinstance(n, F.EmbeddingSum):
-            x = n.tables[0][env[n.inputs[0]]].astype(np.float64)
-            for k, (t, i) in enumerate(zip(n.tables[1:], n.inputs[1:], strict=True), start=1):
-                x = x + t[env[i]]
-                if k < len(n.tables) - 1:
-                    out[f"{n.name}#partial{k}"] = x
+SKIP = (F.SplitHeads, F.Scores, F.Softmax, F.MatMul)  # per-head and score tensors are not calibrated
+
+
+def _points(n: F.FNode, y: np.ndarray, args: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The activations of node ``n`` that the lowering may calibrate: its output, and an
+    embedding sum's partial sums (``<name>#partial<k>``)."""
+    if isinstance(n, SKIP):
+        return {}
+    out = {n.name: y}
+    if isinstance(n, F.EmbeddingSum):
+        x = n.tables[0][args[0]].astype(np.float64)
+        for k, (t, i) in enumerate(zip(n.tables[1:], args[1:], strict=True), start=1):
+            x = x + t[i]
+            if k < len(n.tables) - 1:
+                out[f"{n.name}#partial{k}"] = x
     return out
 
 
@@ -54,7 +55,10 @@ def calibrate(
     fg: F.FGraph, batches: Iterable[dict[str, np.ndarray]], gptq: bool = False, source: str = ""
 ) -> Calibration:
     """Per-channel maxima of every activation (and, with ``gptq``, each linear's input
-    second moments ``sum x x^T`` over real tokens) over ``batches`` of encoded inputs."""
+    second moments ``sum x x^T`` over real tokens) over ``batches`` of encoded inputs.
+
+    Statistics are taken as each tensor is computed, and the interpreter drops a tensor once
+    nothing reads it, so memory holds a few tensors of a batch, not all of them."""
     calib = Calibration(source=source)
     for inputs in batches:
         mask = np.asarray(inputs.get("attention_mask", np.ones_like(inputs["input_ids"])))
@@ -67,10 +71,12 @@ def calibrate(
             prev = calib.hessians.get(lin.name)
             calib.hessians[lin.name] = h if prev is None else prev + h
 
-        env = run_float(fg, inputs, on_linear=tap if gptq else None)
-        for point, x in _points(fg, env).items():
-            a = _channel_amax(x, mask)
-            prev = calib.amax.get(point)
-            calib.amax[point] = a if prev is None else np.maximum(prev, a)
+        def stats(n: F.FNode, y: np.ndarray, args: list[np.ndarray], mask: np.ndarray = mask) -> None:
+            for point, x in _points(n, y, args).items():
+                a = _channel_amax(x, mask)
+                prev = calib.amax.get(point)
+                calib.amax[point] = a if prev is None else np.maximum(prev, a)
+
+        run_float(fg, inputs, on_linear=tap if gptq else None, on_node=stats, keep=False)
         calib.sentences += int(mask.shape[0])
     return calib

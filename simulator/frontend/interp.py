@@ -129,16 +129,33 @@ def run_float(
     inputs: dict[str, np.ndarray],
     dtype: type = np.float64,
     on_linear: Callable[[F.Linear, np.ndarray], None] | None = None,
+    on_node: Callable[[F.FNode, np.ndarray, list[np.ndarray]], None] | None = None,
+    keep: bool = True,
 ) -> dict[str, np.ndarray]:
     """Every tensor of the float graph by name (index tensors included) for ``inputs``.
 
-    ``on_linear(node, x)``, when given, sees every linear's input (GPTQ statistics)."""
+    ``on_linear(node, x)``, when given, sees every linear's input (GPTQ statistics);
+    ``on_node(node, y, args)`` every node's output and inputs. With ``keep=False`` a tensor is
+    dropped once no later node reads it (statistics taken by ``on_node`` need no more), and
+    only the graph outputs are returned."""
     env: dict[str, np.ndarray] = graph_feeds(fg, inputs)
     env.update(fg.index.run(env))
+    uses: dict[str, int] = {}
+    for n in fg.nodes:
+        for i in n.inputs:
+            uses[i] = uses.get(i, 0) + 1
+    outputs = set(fg.outputs)
     for n in fg.nodes:
         args = [env[i] for i in n.inputs]
         if isinstance(n, F.Linear) and on_linear is not None:
             on_linear(n, args[0])
         y = EVAL[type(n)](n, *args)
         env[n.name] = np.asarray(y, dtype) if np.asarray(y).dtype.kind == "f" else y
-    return env
+        if on_node is not None:
+            on_node(n, env[n.name], args)
+        if not keep:
+            for i in n.inputs:
+                uses[i] -= 1
+                if uses[i] == 0 and i not in outputs:
+                    env.pop(i, None)
+    return env if keep else {o: env[o] for o in fg.outputs}
