@@ -469,12 +469,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _logit_count(sim: Any) -> int:
-    """Width of the model's logits output, from the classifier's weight."""
-    out = sim.graph.outputs["logits"]
-    node = next(n for n in sim.graph.nodes if n.name == out)
-    while not hasattr(node, "weight"):
-        node = next(n for n in sim.graph.nodes if n.name == node.inputs[0])
-    return int(node.weight.shape[1])
+    """Width of the model's logits output: the out_features of the float linear that makes it."""
+    from bbct.simulator.frontend.fgraph import Linear
+
+    prod = sim.fgraph.producers()
+    node = prod[sim.graph.info["onnx_outputs"]["logits"]]
+    while not isinstance(node, Linear):
+        node = prod[node.inputs[0]]
+    return node.out_features
 
 
 def add_eval(sub: Any) -> None:

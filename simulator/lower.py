@@ -249,14 +249,15 @@ class _Emitter:
         self.prod = fg.producers()
         self.cons = fg.consumers()
         self.nodes: list[ir.Node] = []
-        self.names: set[str] = set()
+        self.by_name: dict[str, ir.Node] = {}  # integer tensor -> the node that made it
         self.storage: list[dict] = []
         self.fallbacks: list[str] = []
         self.value: dict[str, str] = {}  # float tensor -> integer tensor holding its value
         self.aligned: dict[tuple, str] = {}
         self.masks: dict[tuple, str] = {}
         self.weights: dict[tuple, tuple[QTensor, np.ndarray, int]] = {}
-        self.weight_keys: dict[str, str] = {}  # linear -> digest of its float weight
+        # linear -> digest of its float weight: equal digests share one stored weight
+        self.weight_keys = {n.name: _weight_key(n) for n in fg.nodes if isinstance(n, F.Linear)}
         for name in fg.inputs:
             self.value[name] = name
         if fg.index is not None:
@@ -272,15 +273,15 @@ class _Emitter:
         return self.cfg.settings(op_class or r.op_class, r.layer, n.op, (r.short, n.name))
 
     def add(self, node: ir.Node) -> str:
-        if node.name in self.names:
+        if node.name in self.by_name:
             raise LoweringError(f"integer node name {node.name!r} used twice")
-        self.names.add(node.name)
+        self.by_name[node.name] = node
         self.nodes.append(node)
         return node.name
 
     def unique(self, base: str) -> str:
         name, k = base, 1
-        while name in self.names:
+        while name in self.by_name:
             k += 1
             name = f"{base}#{k}"
         return name
@@ -377,7 +378,7 @@ class _Emitter:
 
     def is_fixed(self, t: str) -> bool:
         """The integer tensor is one fixed-point value per tensor (a nonlinear output)."""
-        n = next((m for m in reversed(self.nodes) if m.name == t), None)
+        n = self.by_name.get(t)
         return isinstance(n, (ir.Tanh, ir.L2Normalize, ir.Gelu, ir.Softmax, ir.LayerNorm))
 
     def ndim(self, t: str) -> int:
@@ -567,8 +568,6 @@ def _weight_key(n: F.Linear) -> str:
 
 
 def _weights(e: _Emitter, n: F.Linear, s: OpSettings, short: str) -> tuple[QTensor, np.ndarray, int]:
-    if not e.weight_keys:
-        e.weight_keys = {m.name: _weight_key(m) for m in e.fg.nodes if isinstance(m, F.Linear)}
     key = (e.weight_keys[n.name], s)
     if key in e.weights:  # a weight shared by several layers: quantized and stored once
         return e.weights[key]
@@ -657,7 +656,7 @@ def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
     r = e.role(n)
     s = e.settings(n)
     x = e.value[n.inputs[0]]
-    src = next((m for m in reversed(e.nodes) if m.name == x), None)
+    src = e.by_name.get(x)
     bits = getattr(getattr(src, "fmt", None), "bits", None)
     h = int(n.gamma.size)
     if bits is not None and 2 * (bits - 1 + s.act_guard) + h.bit_length() > 59:  # the kernel's int64 variance
@@ -788,15 +787,21 @@ def _merge(e: _Emitter, n: F.MergeHeads) -> str:
     return e.requant(r.short, m, s, n.name, 3, n.name)
 
 
+def _fixed_input_exp(e: _Emitter, n: F.FNode, x: str) -> int:
+    """The one exponent of a table kernel's input: a linear's accumulator narrowed to a fixed
+    format (``_linear`` does so when GELU or tanh reads it)."""
+    src = e.by_name.get(x)
+    if not (isinstance(src, ir.Requant) and src.exp is not None and src.fmt.block_size == 0):
+        raise LoweringError(f"node {n.name!r} ({n.op}): its input must come from a linear layer")
+    return int(np.asarray(src.exp).ravel()[0])
+
+
 @rule(F.Gelu)
 def _gelu(e: _Emitter, n: F.Gelu) -> str:
     r = e.role(n)
     sg = e.settings(n)
     x = e.value[n.inputs[0]]
-    src = next(m for m in reversed(e.nodes) if m.name == x)
-    if not (isinstance(src, ir.Requant) and src.exp is not None and src.fmt.block_size == 0):
-        raise LoweringError(f"node {n.name!r} (gelu): its input must come from a linear layer")
-    e_g = int(np.asarray(src.exp).ravel()[0])
+    e_g = _fixed_input_exp(e, n, x)
     if sg.gelu_method == "poly":
         if n.approximate == "tanh":
             raise LoweringError(
@@ -833,10 +838,7 @@ def _tanh(e: _Emitter, n: F.Tanh) -> str:
     r = e.role(n)
     st = e.settings(n)
     x = e.value[n.inputs[0]]
-    src = next(m for m in reversed(e.nodes) if m.name == x)
-    if not (isinstance(src, ir.Requant) and src.exp is not None and src.fmt.block_size == 0):
-        raise LoweringError(f"node {n.name!r} (tanh): its input must come from a linear layer")
-    e_t = int(np.asarray(src.exp).ravel()[0])
+    e_t = _fixed_input_exp(e, n, x)
     tp = make_tanh_lut(e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits, out_bits=st.tanh_out_bits)
     return e.add(
         ir.Tanh(
@@ -856,7 +858,7 @@ def _tanh(e: _Emitter, n: F.Tanh) -> str:
 def _relu(e: _Emitter, n: F.Relu) -> str:
     r = e.role(n)
     x = e.value[n.inputs[0]]
-    src = next(m for m in reversed(e.nodes) if m.name == x)
+    src = e.by_name.get(x)
     bits = getattr(src, "fmt", None).bits if isinstance(src, (ir.Requant, ir.Add)) else 62
     return e.add(ir.Relu(name=r.short, inputs=(x,), onnx_name=n.name, params=make_relu_params(bits)))
 

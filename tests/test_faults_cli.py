@@ -169,22 +169,15 @@ def test_toml_shapes_that_are_not_tables(tmp_path):
         load_config(bad)
 
 
-def test_config_ranges_are_the_kernels(capsys, tiny_bert_onnx):
+def test_config_ranges_are_the_kernels(capsys, tiny_bert_onnx, tmp_path):
     with pytest.raises(ConfigError, match="softmax_lut_addr_bits=13"):
         load_config({"default": {"softmax_lut_addr_bits": 13}})
     with pytest.raises(ConfigError, match="gelu_lut_addr_bits=8 exceeds gelu_in_bits=4"):
         load_config({"preset": "w8a8", "default": {"gelu_in_bits": 4}})
-    code, _, err = _bbct(capsys, "ir", str(tiny_bert_onnx), "--config", _toml(residual_bits=32))
+    wide = tmp_path / "wide.toml"
+    wide.write_text("[default]\nresidual_bits = 32\n")
+    code, _, err = _bbct(capsys, "ir", str(tiny_bert_onnx), "--config", str(wide))
     _one_line_error(code, err, "emb.ln", "lower residual_bits or act_guard")
-
-
-def _toml(**kv) -> str:
-    import tempfile
-
-    fd, p = tempfile.mkstemp(suffix=".toml")
-    os.write(fd, ("[default]\n" + "".join(f"{k} = {v}\n" for k, v in kv.items())).encode())
-    os.close(fd)
-    return p
 
 
 # -- eval against the task ----------------------------------------------------------------------------
