@@ -37,7 +37,7 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
-from bbct.kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
+from bbct.kernels.lut import LutParams, lut, lut_counted, lut_counted_ref, lut_ref, make_lut, symmetric_range_bits
 
 POLY_A = -0.2575083
 POLY_C = 1.8306205
@@ -115,6 +115,7 @@ def _check_in(name: str, x: Any, in_bits: int) -> np.ndarray:
 @nb.njit(cache=True)
 def _gelu_poly_flat(x, c_q, a_q, s_a, frac, shift, lo, hi, bits, out):
     one = np.int64(1) << frac
+    events = np.int64(0)
     for i in range(x.size):
         q = np.int64(x[i])
         u = -q if q < 0 else q
@@ -125,6 +126,9 @@ def _gelu_poly_flat(x, c_q, a_q, s_a, frac, shift, lo, hi, bits, out):
         e = -L if q < 0 else (L if q > 0 else np.int64(0))
         y = shift_round(q * (one + e), shift, RND)
         out[i] = saturate(y, lo, hi, False, bits)
+        if out[i] != y:
+            events += 1
+    return events
 
 
 def gelu_poly(x: np.ndarray, p: GeluPolyParams) -> np.ndarray:
@@ -134,27 +138,40 @@ def gelu_poly(x: np.ndarray, p: GeluPolyParams) -> np.ndarray:
     codes, signed ``p.out_bits`` (SAT) at ``p.e_out``. Intermediates: ``d2`` 2*bitlen(c_q)
     bits, ``A_q * d2`` < 2**62, ``q * (2**F + E)`` in_bits + F + 2 bits; roundings RND.
     """
+    return gelu_poly_counted(x, p)[0]
+
+
+def gelu_poly_counted(x: np.ndarray, p: GeluPolyParams) -> tuple[np.ndarray, int]:
+    """:func:`gelu_poly` and its saturation events (each output the final SAT changes; none
+    when ``e_out >= e_in``, since GELU(x) <= max(x, 0))."""
     x = _check_in("gelu_poly", x, p.in_bits)
     lo, hi = int_range(p.out_bits, True)
     out = np.empty(x.size, np.int64)
     shift = p.frac + 1 + p.e_out - p.e_in
-    _gelu_poly_flat(np.ascontiguousarray(x).ravel(), p.c_q, p.a_q, p.s_a, p.frac, shift, lo, hi, p.out_bits, out)
-    return out.reshape(x.shape)
+    ev = _gelu_poly_flat(np.ascontiguousarray(x).ravel(), p.c_q, p.a_q, p.s_a, p.frac, shift, lo, hi, p.out_bits, out)
+    return out.reshape(x.shape), int(ev)
 
 
 def gelu_poly_ref(x: np.ndarray, p: GeluPolyParams) -> np.ndarray:
     """Plain-Python twin of :func:`gelu_poly` (Python ints, one element at a time)."""
+    return gelu_poly_counted_ref(x, p)[0]
+
+
+def gelu_poly_counted_ref(x: np.ndarray, p: GeluPolyParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`gelu_poly_counted`."""
     x = _check_in("gelu_poly", x, p.in_bits)
     out = np.empty(x.shape, np.int64)
     one = 1 << p.frac
+    events = 0
     for idx in np.ndindex(*x.shape):
         q = int(x[idx])
         u = min(abs(q), p.c_q)
         L = shift_round_ref(p.a_q * (u - p.c_q) ** 2, p.s_a, RND) + one
         erf_q = L if q > 0 else (-L if q < 0 else 0)
         y = shift_round_ref(q * (one + erf_q), p.frac + 1 + p.e_out - p.e_in, RND)
-        out[idx] = saturate_ref(y, p.out_bits, True, 0)[0]
-    return out
+        out[idx], hit = saturate_ref(y, p.out_bits, True, 0)
+        events += hit
+    return out, events
 
 
 def gelu_float(x: np.ndarray, target: str = "gelu_erf") -> np.ndarray:
@@ -227,3 +244,13 @@ def gelu_lut(x: np.ndarray, p: LutParams) -> np.ndarray:
 def gelu_lut_ref(x: np.ndarray, p: LutParams) -> np.ndarray:
     """Plain-Python twin of :func:`gelu_lut`."""
     return lut_ref(x, p)
+
+
+def gelu_lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """:func:`gelu_lut` and its saturation events (:func:`bbct.kernels.lut.lut_counted`)."""
+    return lut_counted(x, p)
+
+
+def gelu_lut_counted_ref(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`gelu_lut_counted`."""
+    return lut_counted_ref(x, p)

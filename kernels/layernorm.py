@@ -180,20 +180,21 @@ def make_layernorm_params(
 
 @nb.njit(cache=True)
 def _eps_add(v, h, e_row, eps_m, eps_e):
-    """V + (H * EPS_M) >>RND (2 e_row - EPS_E), saturated at 2**62 - 1 (V < 2**62 on entry)."""
+    """(V + (H * EPS_M) >>RND (2 e_row - EPS_E) saturated at 2**62 - 1, saturated?) for
+    V < 2**62 on entry."""
     ee = h * eps_m
     sh = 2 * e_row - eps_e
     if ee == 0:
-        return v
+        return v, False
     if sh > 62:
-        return v  # H * EPS_M < 2**44: a right shift by more than 62 leaves 0
+        return v, False  # H * EPS_M < 2**44: a right shift by more than 62 leaves 0
     if sh >= 0:
         v = v + shift_round(ee, sh, RND)
     elif bit_len(ee) - sh > 62:
-        return np.int64(LIMIT - 1)
+        return np.int64(LIMIT - 1), True
     else:
         v = v + (ee << (-sh))  # each term < 2**62: no int64 overflow
-    return v if v < LIMIT else np.int64(LIMIT - 1)
+    return (v, False) if v < LIMIT else (np.int64(LIMIT - 1), True)
 
 
 @nb.njit(cache=True, inline="always")
@@ -210,6 +211,7 @@ def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bi
     rows, h = x.shape
     d = np.empty(h, np.int64)
     hb = bit_len(np.int64(h))
+    events = np.int64(0)
     for r in range(rows):
         s = np.int64(0)
         amax = np.int64(0)
@@ -224,7 +226,9 @@ def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bi
         for j in range(h):
             d[j] = (x[r, j] << m) - mu
             v += d[j] * d[j]
-        v = _eps_add(v, h, e_row[r] - m, eps_m, eps_e)
+        v, clamped = _eps_add(v, h, e_row[r] - m, eps_m, eps_e)
+        if clamped:
+            events += 1
         t = max(0, (61 - bit_len(v)) // 2)
         sigma = isqrt((v << (2 * t)) // h)
         recip = (np.int64(1) << RB) // sigma if sigma > 0 else np.int64(0)
@@ -232,6 +236,9 @@ def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bi
             n = shift_round(d[j] * recip, RB - fn - t, RND)
             y = shift_round(n * gamma[j], e_out - e_gamma + fn, RND) + beta[j]
             out[r, j] = saturate(y, lo, hi, False, bits)
+            if out[r, j] != y:
+                events += 1
+    return events
 
 
 def _setup(x: Any, e_row: Any, p: LayerNormParams) -> tuple[np.ndarray, np.ndarray]:
@@ -267,19 +274,33 @@ def layernorm(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.
     ``(..., 1)``. Returns ``(y, p.e_out)``: ``y`` int64 codes, signed ``p.out_bits`` (SAT),
     x's shape. Steps, widths, roundings and the overflow check: module docstring.
     """
+    return layernorm_counted(x, e_row, p)[0], p.e_out
+
+
+def layernorm_counted(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.ndarray, int]:
+    """:func:`layernorm`'s codes and its saturation events: each output value step 6's SAT
+    changes, and each row whose variance plus eps (step 3) saturates at ``2**62 - 1``."""
     xr, er = _setup(x, e_row, p)
     lo, hi = int_range(p.out_bits, True)
     out = np.empty(xr.shape, np.int64)
-    _ln_rows(xr, er, p.gamma, p.beta, p.e_gamma, p.eps_m, p.eps_e, p.norm_frac_bits, p.e_out, lo, hi, p.out_bits, out)
-    return out.reshape(np.shape(x)), p.e_out
+    ev = _ln_rows(
+        xr, er, p.gamma, p.beta, p.e_gamma, p.eps_m, p.eps_e, p.norm_frac_bits, p.e_out, lo, hi, p.out_bits, out
+    )
+    return out.reshape(np.shape(x)), int(ev)
 
 
 def layernorm_ref(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.ndarray, int]:
     """Plain-Python twin of :func:`layernorm` (Python ints, one row at a time)."""
+    return layernorm_counted_ref(x, e_row, p)[0], p.e_out
+
+
+def layernorm_counted_ref(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`layernorm_counted`."""
     xr, er = _setup(x, e_row, p)
     h = xr.shape[1]
     fn = p.norm_frac_bits
     out = np.empty(xr.shape, np.int64)
+    events = 0
     for r in range(xr.shape[0]):
         row = [int(v) for v in xr[r]]
         m = (59 - h.bit_length() - 2 * max(abs(v) for v in row).bit_length()) // 2
@@ -289,6 +310,7 @@ def layernorm_ref(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple
         sh = 2 * (int(er[r]) - m) - p.eps_e
         if sh <= 62:  # a right shift by more than 62 leaves 0 (h * eps_m < 2**44)
             var += shift_round_ref(h * p.eps_m, sh, RND)  # exact Python int for left shifts
+        events += var >= LIMIT
         var = min(var, LIMIT - 1)
         t = max(0, (61 - var.bit_length()) // 2)
         sigma = isqrt_ref((var << (2 * t)) // h)
@@ -296,8 +318,9 @@ def layernorm_ref(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple
         for j in range(h):
             n = shift_round_ref(d[j] * recip, RB - fn - t, RND)
             y = shift_round_ref(n * int(p.gamma[j]), p.e_out - p.e_gamma + fn, RND) + int(p.beta[j])
-            out[r, j] = saturate_ref(y, p.out_bits, True, 0)[0]
-    return out.reshape(np.shape(x)), p.e_out
+            out[r, j], hit = saturate_ref(y, p.out_bits, True, 0)
+            events += hit
+    return out.reshape(np.shape(x)), int(events)
 
 
 def layernorm_float(x: np.ndarray, e_row: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:

@@ -176,6 +176,7 @@ def interp_ref(table: np.ndarray, a: int, f: int, frac_bits: int) -> int:
 @nb.njit(cache=True)
 def _lut_flat(x, table, q_lo, q_hi, frac_bits, use_interp, below, above, ident, sh_id, lo, hi, bits, out):
     mask = (np.int64(1) << frac_bits) - 1
+    events = np.int64(0)
     for i in range(x.size):
         q = np.int64(x[i])
         if q < q_lo:
@@ -187,6 +188,9 @@ def _lut_flat(x, table, q_lo, q_hi, frac_bits, use_interp, below, above, ident, 
             a = u >> frac_bits
             y = interp(table, a, u & mask, frac_bits) if use_interp else table[a]
         out[i] = saturate(y, lo, hi, False, bits)
+        if out[i] != y:
+            events += 1
+    return events
 
 
 def _check(x: Any, p: LutParams) -> np.ndarray:
@@ -206,10 +210,18 @@ def lut(x: np.ndarray, p: LutParams) -> np.ndarray:
     Returns int64 codes of ``p.out_bits`` (signed or not, per ``p.signed``) at ``p.e_out``,
     of ``x``'s shape. Every intermediate fits int64; see the module docstring for the steps.
     """
+    return lut_counted(x, p)[0]
+
+
+def lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """:func:`lut` and its saturation events: each value the final ``sat_out`` changes is one
+    (an entry, interpolated value or identity-region value beyond ``out_bits``; table entries
+    themselves are clipped at lowering, so tanh's +1.0 entry is already ``2**(out_bits-1) - 1``
+    and only the identity region or a constant beyond the range can still saturate here)."""
     x = _check(x, p)
     lo, hi = int_range(p.out_bits, p.signed)
     out = np.empty(x.size, np.int64)
-    _lut_flat(
+    events = _lut_flat(
         np.ascontiguousarray(x).ravel(),
         p.table,
         p.q_lo,
@@ -225,13 +237,19 @@ def lut(x: np.ndarray, p: LutParams) -> np.ndarray:
         p.out_bits,
         out,
     )
-    return out.reshape(x.shape)
+    return out.reshape(x.shape), int(events)
 
 
 def lut_ref(x: np.ndarray, p: LutParams) -> np.ndarray:
     """Plain-Python twin of :func:`lut` (one element at a time, Python ints)."""
+    return lut_counted_ref(x, p)[0]
+
+
+def lut_counted_ref(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`lut_counted`."""
     x = _check(x, p)
     out = np.empty(x.shape, np.int64)
+    events = 0
     for idx in np.ndindex(*x.shape):
         q = int(x[idx])
         if q < p.q_lo:
@@ -242,5 +260,6 @@ def lut_ref(x: np.ndarray, p: LutParams) -> np.ndarray:
             u = q - p.q_lo
             a, f = u >> p.frac_bits, u & ((1 << p.frac_bits) - 1)
             y = interp_ref(p.table, a, f, p.frac_bits) if p.interp else int(p.table[a])
-        out[idx] = saturate_ref(y, p.out_bits, p.signed, 0)[0]
-    return out
+        out[idx], hit = saturate_ref(y, p.out_bits, p.signed, 0)
+        events += hit
+    return out, events

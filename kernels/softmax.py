@@ -271,14 +271,16 @@ def _softmax_rows(x, m, lo_in, hi_in, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv,
     rows, n = x.shape
     e = np.empty(n, np.int64)
     hi_out = (np.int64(1) << ob) - 1
+    events = np.int64(0)
     for r in range(rows):
         zmax = lo_in
         for j in range(n):
             z = x[r, j] + m[r, j]
             if z < lo_in:
-                z = lo_in
+                z = lo_in  # masking: clipping at the bottom is how a mask acts, not an event
             elif z > hi_in:
                 z = hi_in
+                events += 1
             e[j] = z
             if z > zmax:
                 zmax = z
@@ -294,7 +296,11 @@ def _softmax_rows(x, m, lo_in, hi_in, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv,
         recip = (np.int64(1) << (F + ob + RECIP_EXTRA)) // total
         for j in range(n):
             y = shift_round(e[j] * recip, F + RECIP_EXTRA, RND)
-            out[r, j] = y if y < hi_out else hi_out
+            if y > hi_out:
+                y = hi_out
+                events += 1
+            out[r, j] = y
+    return events
 
 
 def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndarray]:
@@ -334,10 +340,17 @@ def softmax(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray
     broadcastable to ``x``. Returns unsigned ``p.out_bits`` codes (uint8/uint16) at
     ``p.e_out = -out_bits``, x's shape. Steps, widths and roundings: module docstring.
     """
+    return softmax_counted(x, mask_add, p)[0]
+
+
+def softmax_counted(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> tuple[np.ndarray, int]:
+    """:func:`softmax` and its saturation events: each ``z`` clipped at the top of the input
+    range (a positive ``mask_add``; clipping at the bottom is the mask acting) and each
+    probability clipped to ``2**out_bits - 1`` (1.0, or a value rounded up to it) is one."""
     xr, mr = _setup(x, mask_add, p)
     lo_in, hi_in = int_range(p.in_bits, True)
     out = np.empty(xr.shape, np.int64)
-    _softmax_rows(
+    events = _softmax_rows(
         xr,
         mr,
         lo_in,
@@ -346,23 +359,33 @@ def softmax(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray
         p.out_bits,
         out,
     )
-    return out.reshape(np.shape(x)).astype(_out_dtype(p))
+    return out.reshape(np.shape(x)).astype(_out_dtype(p)), int(events)
 
 
 def softmax_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray:
     """Plain-Python twin of :func:`softmax` (Python ints, one row at a time)."""
+    return softmax_counted_ref(x, mask_add, p)[0]
+
+
+def softmax_counted_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`softmax_counted`."""
     xr, mr = _setup(x, mask_add, p)
     lo_in, hi_in = int_range(p.in_bits, True)
     hi_out = (1 << p.out_bits) - 1
     out = np.empty(xr.shape, np.int64)
+    events = 0
     for r in range(xr.shape[0]):
-        z = [min(max(int(a) + int(b), lo_in), hi_in) for a, b in zip(xr[r], mr[r], strict=True)]
+        sums = [int(a) + int(b) for a, b in zip(xr[r], mr[r], strict=True)]
+        events += sum(v > hi_in for v in sums)
+        z = [min(max(v, lo_in), hi_in) for v in sums]
         zmax = max(z)
         es = [_exp_ref(v - zmax, p) for v in z]
         recip = (1 << (F + p.out_bits + RECIP_EXTRA)) // sum(es)
         for j, ev in enumerate(es):
-            out[r, j] = min(shift_round_ref(ev * recip, F + RECIP_EXTRA, RND), hi_out)
-    return out.reshape(np.shape(x)).astype(_out_dtype(p))
+            y = shift_round_ref(ev * recip, F + RECIP_EXTRA, RND)
+            events += y > hi_out
+            out[r, j] = min(y, hi_out)
+    return out.reshape(np.shape(x)).astype(_out_dtype(p)), int(events)
 
 
 def softmax_float(x: np.ndarray, mask_add: np.ndarray, e_in: int) -> np.ndarray:

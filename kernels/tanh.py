@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from bbct.kernels.lut import LutParams, lut, lut_ref, make_lut, symmetric_range_bits
+from bbct.kernels.lut import LutParams, lut, lut_counted, lut_counted_ref, lut_ref, make_lut, symmetric_range_bits
 
 
 def _tanh_tail(r: float) -> float:
@@ -62,3 +62,14 @@ def tanh_lut(x: np.ndarray, p: LutParams) -> np.ndarray:
 def tanh_lut_ref(x: np.ndarray, p: LutParams) -> np.ndarray:
     """Plain-Python twin of :func:`tanh_lut`."""
     return lut_ref(x, p)
+
+
+def tanh_lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """:func:`tanh_lut` and its saturation events (:func:`bbct.kernels.lut.lut_counted`;
+    the +1.0 entry is clipped at lowering, so inputs above the range count none)."""
+    return lut_counted(x, p)
+
+
+def tanh_lut_counted_ref(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
+    """Plain-Python twin of :func:`tanh_lut_counted`."""
+    return lut_counted_ref(x, p)

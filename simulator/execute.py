@@ -18,15 +18,15 @@ from bbct.kernels.add import add
 from bbct.kernels.align import align
 from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
-from bbct.kernels.gelu import gelu_lut, gelu_poly
+from bbct.kernels.gelu import gelu_lut_counted, gelu_poly_counted
 from bbct.kernels.gemm import gemm
 from bbct.kernels.l2norm import l2_normalize
-from bbct.kernels.layernorm import layernorm
+from bbct.kernels.layernorm import layernorm_counted
 from bbct.kernels.meanpool import mean_pool, mean_pool_exp
 from bbct.kernels.relu import relu
 from bbct.kernels.requantize import requantize, requantize_mult
-from bbct.kernels.softmax import softmax
-from bbct.kernels.tanh import tanh_lut
+from bbct.kernels.softmax import softmax_counted
+from bbct.kernels.tanh import tanh_lut_counted
 from bbct.simulator import ir
 from bbct.simulator.errors import ExecutionError
 
@@ -156,23 +156,23 @@ def _mask(n: ir.Mask, m: QTensor | np.ndarray) -> tuple[QTensor, int]:
 
 def _softmax(n: ir.Softmax, x: QTensor, mask: QTensor | None = None) -> tuple[QTensor, int]:
     m = np.zeros((1,) * x.data.ndim, np.int32) if mask is None else mask.data
-    return _fixed(np.asarray(softmax(x.data, m, n.params)), n.out_fmt, n.e_out), 0
+    y, sat = softmax_counted(x.data, m, n.params)
+    return _fixed(y, n.out_fmt, n.e_out), sat
 
 
 def _gelu(n: ir.Gelu, x: QTensor) -> tuple[QTensor, int]:
-    y = gelu_poly(x.data, n.params) if n.method == "poly" else gelu_lut(x.data, n.params)
-    return _fixed(np.asarray(y), n.out_fmt, n.e_out), 0
+    y, sat = gelu_poly_counted(x.data, n.params) if n.method == "poly" else gelu_lut_counted(x.data, n.params)
+    return _fixed(y, n.out_fmt, n.e_out), sat
 
 
 def _tanh(n: ir.Tanh, x: QTensor) -> tuple[QTensor, int]:
-    return _fixed(np.asarray(tanh_lut(x.data, n.params)), n.out_fmt, n.e_out), 0
+    y, sat = tanh_lut_counted(x.data, n.params)
+    return _fixed(y, n.out_fmt, n.e_out), sat
 
 
 def _layernorm(n: ir.LayerNorm, x: QTensor) -> tuple[QTensor, int]:
-    y = layernorm(x.data, np.asarray(x.exp), n.params)  # scale-invariant: the row exponent only places eps
-    if isinstance(y, tuple):
-        y = y[0]
-    return _fixed(np.asarray(y), n.out_fmt, n.e_out), 0
+    y, sat = layernorm_counted(x.data, np.asarray(x.exp), n.params)  # scale-invariant: e_row only places eps
+    return _fixed(y, n.out_fmt, n.e_out), sat
 
 
 def _relu(n: ir.Relu, x: QTensor) -> tuple[QTensor, int]:
