@@ -501,15 +501,36 @@ def add_eval(sub: Any) -> None:
 
 # -- vectors / ir ----------------------------------------------------------------------------
 def cmd_vectors(args: argparse.Namespace) -> int:
-    from bbct.golden.vectors import dump_vectors
-
-    sim = _simulator(args)
-    feeds = sim.encode(args.text)
-    res = sim.run(feeds, trace=True)
+    from bbct.golden.provenance import provenance
+    from bbct.golden.vectors import Stimulus, write_dump
     from bbct.simulator.execute import graph_inputs
 
-    tensors = {**graph_inputs(sim.graph, feeds), **res.tensors}
-    path = dump_vectors(sim.graph, tensors, args.out, args.nodes, args.format)
+    sim = _simulator(args)
+    _warn_truncated(sim, list(args.text))
+    once = args.constants == "once"
+    total = [0]
+
+    def stimuli():  # one batch at a time: with --constants once each text is its own batch
+        for batch in [[t] for t in args.text] if once else [list(args.text)]:
+            feeds = sim.encode(batch)
+            res = sim.run(feeds, trace=True)
+            total[0] += res.overflow_count
+            fed = {"texts": batch, **{k: np.asarray(v).tolist() for k, v in feeds.items()}}
+            yield Stimulus({**graph_inputs(sim.graph, feeds), **res.tensors}, res.overflow, fed)
+
+    prov = provenance(sim.model_path)
+    prov.pop("created_utc", None)  # two dumps of the same model, config and texts stay byte-identical
+    extra = {
+        "config": sim.config.to_dict(),
+        "provenance": prov,
+        "max_length": sim.max_length,
+        "calibration": sim.calibration.source if sim.calibration is not None else None,
+        "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
+    }
+    path = write_dump(
+        sim.graph, stimuli(), args.out, args.nodes, args.format, constants=args.constants, force=args.force, extra=extra
+    )
+    print(f"overflow/saturation events: {total[0]} (per node in the manifest)")
     print(path)
     return 0
 
@@ -521,13 +542,26 @@ def add_vectors(sub: Any) -> None:
         "dump integer inputs/outputs/tables of IR nodes for an RTL testbench",
         "Simulates the texts and writes, for every IR node matching --nodes, its integer inputs and\n"
         "outputs, their block exponents, and its constant tables ($readmemh hex, one value per line,\n"
-        "or .npy), with vectors.json listing each file's format, shape and sha256 (written last).",
+        "or .npy), params.json and the SystemVerilog package bbct_params.sv (every node's widths and\n"
+        "integer parameters), and vectors.json listing each file's port width, signedness, encoding,\n"
+        "shape and sha256 with the resolved config, provenance, texts and token ids, and overflow and\n"
+        "saturation counts per node. The folder is written aside and renamed when complete; a folder\n"
+        "in use is refused unless --force. docs/KERNELS.md, 'Vector manifest', describes the files.",
     )
     _model_arg(p)
     p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
     p.add_argument("--nodes", action="append", default=None, help="node name glob, e.g. 'L0.*' (repeatable; all)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (new or empty; --force replaces an earlier dump)")
     p.add_argument("--format", default="hex", choices=("hex", "npy"), help="file format of the vectors")
+    p.add_argument(
+        "--constants",
+        default="per-input",
+        choices=("per-input", "once"),
+        help="per-input: the texts as one batch, constants beside the stimulus in one folder; once: constants "
+        "written once under constants/ (the linear's wide weight left out: it is rebuilt from stored), each "
+        "text's stimulus under input<i>/",
+    )
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier dump")
     _common(p)
     p.set_defaults(func=cmd_vectors)
 

@@ -226,29 +226,42 @@ def test_a_non_finite_golden_is_an_error_naming_the_tensor(capsys, tiny_bert_onn
 def test_vectors_folder_hygiene(capsys, tiny_bert_onnx, tmp_path, monkeypatch):
     out = tmp_path / "v"
     assert _bbct(capsys, "vectors", str(tiny_bert_onnx), "--text", "w5", "--out", str(out), "--nodes", "L0.*")[0] == 0
-    first = {p.name for p in out.iterdir()}
-    assert (
-        _bbct(capsys, "vectors", str(tiny_bert_onnx), "--text", "w5", "--out", str(out), "--nodes", "L1.ffn1*")[0] == 0
-    )
-    listed = {f["file"] for f in json.loads((out / "vectors.json").read_text())["files"]} | {"vectors.json"}
-    assert {p.name for p in out.iterdir()} == listed and not (listed & first) - {"vectors.json"}
-    # a dump killed half-way leaves no manifest: never an old one listing files that now hold other data
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    # a used folder is refused (one line, nothing touched); --force replaces it whole
+    code, _, err = _bbct(capsys, "vectors", str(tiny_bert_onnx), "--text", "w5", "--out", str(out), "--nodes", "L1.*")
+    _one_line_error(code, err, str(out), "not empty", "--force")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    argv = ["vectors", str(tiny_bert_onnx), "--text", "w5", "--out", str(out), "--nodes", "L1.ffn1*", "--force"]
+    assert _bbct(capsys, *argv)[0] == 0
+    listed = {f["file"] for f in json.loads((out / "vectors.json").read_text())["files"]}
+    assert {p.name for p in out.iterdir()} == listed | {"vectors.json", "params.json", "bbct_params.sv"}
+    assert not {n for n in listed if n.startswith("L0.")}
+    # a dump killed half-way leaves the earlier dump as it was, and no temporary folder
     from bbct.golden import vectors
 
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     calls = {"n": 0}
-    real = vectors.write_text
+    real = vectors.write_bytes
 
-    def dies(path, text):
+    def dies(path, data):
         calls["n"] += 1
         if calls["n"] == 5:
             raise KeyboardInterrupt
-        return real(path, text)
+        return real(path, data)
 
-    monkeypatch.setattr(vectors, "write_text", dies)
+    monkeypatch.setattr(vectors, "write_bytes", dies)
     with pytest.raises(KeyboardInterrupt):
-        main(["vectors", str(tiny_bert_onnx), "--text", "w9", "--out", str(out), "--nodes", "L0.*"])
-    assert not (out / "vectors.json").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(atomic.TMP_PREFIX)]
+        main(["vectors", str(tiny_bert_onnx), "--text", "w9", "--out", str(out), "--nodes", "L0.*", "--force"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["v"]
+    # --force replaces only an earlier dump: a folder of other files is never removed
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    argv = ["vectors", str(tiny_bert_onnx), "--text", "w5", "--out", str(other), "--force"]
+    code, _, err = _bbct(capsys, *argv)
+    _one_line_error(code, err, str(other), "no vectors.json")
+    assert (other / "mine.txt").read_text() == "keep"
 
 
 # -- the report does not depend on the BLAS thread count ------------------------------------------------

@@ -465,21 +465,28 @@ def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], delay: float =
     return proc.returncode == -signal.SIGKILL
 
 
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(atomic.TMP_PREFIX)]
+
+
 def test_vectors_killed_while_writing_then_rerun(capfd, tiny_bert_onnx, tmp_path):
     out = tmp_path / "v"
-    # an older complete dump of another text: a killed dump must not leave its manifest listing files
+    # an older complete dump of another text: a killed dump must leave it exactly as it was
     code, _, err = _bbct(capfd, "vectors", str(tiny_bert_onnx), "--text", "w9", "--out", str(out))
     _ok(code, err)
-    proc = _popen("vectors", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--text", "w8", "--out", str(out))
-    # the dump starts by removing the old manifest; its ~470 files take about 2 s to write
-    killed = _kill_when(proc, lambda: not (out / "vectors.json").exists(), delay=0.3)
+    old = (out / "vectors.json").read_bytes()
+    argv = ("vectors", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--text", "w8", "--out", str(out), "--force")
+    proc = _popen(*argv)
+    # the dump writes its ~470 files into a temporary folder beside OUT, then renames it
+    killed = _kill_when(proc, lambda: bool(_leftovers(tmp_path)), delay=0.1)
     assert killed, "the dump ended before it could be killed"
-    assert _vectors_state(out) == "absent"
-    code, _, err = _bbct(capfd, "vectors", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--text", "w8", "--out", str(out))
+    assert _vectors_state(out) == "valid" and (out / "vectors.json").read_bytes() == old
+    code, _, err = _bbct(capfd, *argv)
     _ok(code, err)
-    assert _vectors_state(out) == "valid"
-    listed = {f["file"] for f in json.loads((out / "vectors.json").read_text())["files"]}
-    assert "mask.in0.hex" in listed  # all nodes, the float attention mask's flags too
+    assert _vectors_state(out) == "valid" and not _leftovers(tmp_path)  # the killed dump's folder is gone
+    m = json.loads((out / "vectors.json").read_text())
+    assert m["inputs"][0]["texts"] == ["w5 w6 w7", "w8"]
+    assert "mask.in0.hex" in {f["file"] for f in m["files"]}  # all nodes, the float attention mask's flags too
 
 
 KILLER = r"""
@@ -526,11 +533,13 @@ def test_vectors_killed_at_each_step_then_rerun(capfd, tiny_bert_onnx, tmp_path,
     out = tmp_path / "v"
     code, _, err = _bbct(capfd, "vectors", str(tiny_bert_onnx), "--text", "w9", "--out", str(out), "--nodes", "L0.*")
     _ok(code, err)
-    _killed_at(when, pattern, nth, "vectors", str(tiny_bert_onnx), "--text", "w5 w6", "--out", str(out))
-    assert _vectors_state(out) == "absent"
-    code, _, err = _bbct(capfd, "vectors", str(tiny_bert_onnx), "--text", "w5 w6", "--out", str(out))
+    old = {p.name: p.read_bytes() for p in out.iterdir()}
+    argv = ("vectors", str(tiny_bert_onnx), "--text", "w5 w6", "--out", str(out), "--force")
+    _killed_at(when, pattern, nth, *argv)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old  # the earlier dump, untouched
+    code, _, err = _bbct(capfd, *argv)
     _ok(code, err)
-    assert _vectors_state(out) == "valid"
+    assert _vectors_state(out) == "valid" and not _leftovers(tmp_path)
 
 
 def test_golden_killed_while_writing_then_rerun(capfd, tiny_bert_onnx, tmp_path):
