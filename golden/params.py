@@ -239,7 +239,7 @@ def _sv_ints(prefix: str, value: Any, out: list[tuple[str, int, str]]) -> None:
                 return
 
 
-def _sv_literal(v: int) -> tuple[str, str]:
+def sv_literal(v: int) -> tuple[str, str]:
     """(type, literal): ``int`` when the value fits 32 bits signed, else a 64-bit ``longint``."""
     if -(1 << 31) <= v < (1 << 31):
         return "int", str(v)
@@ -278,7 +278,7 @@ def params_sv(graph: ir.Graph, package: str = "bbct_params") -> str:
             if ident in seen and seen[ident] != f"{name}.{field}":
                 raise BbctError(f"SystemVerilog name {ident} stands for both {seen[ident]} and {name}.{field}")
             seen[ident] = f"{name}.{field}"
-            typ, lit = _sv_literal(v)
+            typ, lit = sv_literal(v)
             lines.append(f"  localparam {typ} {ident} = {lit};" + (f"  // {note}" if note else ""))
     lines.append(f"endpackage : {package}")
     return "\n".join(lines) + "\n"
