@@ -115,6 +115,19 @@ def test_rebuild_the_wide_weight_from_stored(spec):
         assert np.array_equal(wide, n.weight), n.name
 
 
+def test_weight_rebuild_hand_golden():
+    # KERNELS.md, linear: a (2, 2) weight in blocks of 1 along K, exponents -3 and -20 in column
+    # 0, guard 12: w_exp = -3 - 12 = -15; 5 at -3 is 5 << 12 = 20480; 5 at -20 is
+    # 5 >>RND_CONV 5 = 0.156 -> 0; column 1: 7 at -3 -> 28672, and an all-zero block gives 0
+    from bbct.kernels.align import align
+    from bbct.kernels.formats import IntFormat, QTensor, Rounding
+
+    fmt = IntFormat(bits=8, block_axis=0, block_size=1)
+    stored = QTensor(np.array([[5, 7], [5, 0]], np.int8), fmt, np.array([[-3, -3], [-20, EXP_ZERO]], np.int32))
+    wide, e = align(stored, reduce_axes=(0, 1), guard=12, rounding=Rounding.RND_CONV)
+    assert int(np.asarray(e).ravel()[0]) == -15 and wide.tolist() == [[20480, 28672], [0, 0]]
+
+
 def test_constants_once_and_stimulus_per_input(capsys, tiny_bert_onnx, tmp_path):
     out = tmp_path / "once"
     texts = ["w5 w6 w7", "w8"]
@@ -165,6 +178,11 @@ def test_manifest_carries_config_provenance_and_overflow(capsys, tiny_bert_onnx,
     got = {e["node"]: e["overflow"][0] for e in m["nodes"] if e["overflow_total"]}
     assert got == res.overflow and sum(got.values()) > 0
     assert f"overflow/saturation events: {sum(got.values())}" in printed
+    # docs/KERNELS.md, "Vector manifest", names every field a dump writes
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "KERNELS.md").read_text()
+    doc = doc[doc.index("## Vector manifest") :]
+    keys = set(m) | {k for part in ("files", "nodes", "inputs") for row in m[part] for k in row}
+    assert not sorted(k for k in keys if f"`{k}`" not in doc)
     # two dumps of the same model, config and text are byte-identical, manifest included
     again = tmp_path / "v2"
     assert main(argv[:5] + [str(again)] + argv[6:]) == 0
