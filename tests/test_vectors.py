@@ -85,6 +85,21 @@ def test_every_file_reads_back_at_its_stated_width(spec, tmp_path):
     assert beta == {cfg.layernorm_out_bits}  # every LayerNorm's beta at its port width, not its data's
 
 
+def test_mult_scaled_weights_state_their_multipliers(spec, tmp_path):
+    cfg = load_config({"preset": "w8a8", "default": {"weight_scale": "mult", "weight_mant_bits": 4}})
+    g = lower(spec, cfg)
+    res, tensors = _traced(g, tiny_inputs())
+    path = dump_vectors(g, tensors, tmp_path / "v", ["L0.q.acc", "emb.word"])
+    m = json.loads(path.read_text())
+    by = {(f["node"], f["port"]): f for f in m["files"]}
+    for f in m["files"]:  # every value fits the stated width (the dump itself refuses otherwise)
+        assert len(read_hex(tmp_path / "v" / f["file"], f["bits"], f["signed"])) == int(np.prod(f["shape"]))
+    assert (by["L0.q.acc", "stored.mant"]["bits"], by["L0.q.acc", "stored.mant"]["signed"]) == (4, False)
+    assert by["L0.q.acc", "weight"]["bits"] == 8 + 4 + 12
+    mant = read_hex(tmp_path / "v" / by["emb.word", "out.mant"]["file"], 4, False)
+    assert mant == np.asarray(tensors["emb.word"].mant).ravel().tolist() and min(mant) >= 8
+
+
 def test_rebuild_the_wide_weight_from_stored(spec):
     """The manifest's rule, implemented here in Python ints from KERNELS.md alone, gives the
     weight the linear multiplies by, for every linear (all-zero blocks included)."""
