@@ -118,6 +118,8 @@ def constant_port(node: ir.Node, key: str) -> Port:
     p = getattr(node, "params", None)
     if key == "params.table":  # GELU / tanh LUT entries at the output format
         return Port(p.out_bits, p.signed)
+    if key == "params.clipped":  # one flag per LUT entry: clipped to out_bits at lowering
+        return Port(1, False)
     if key == "params.exp_table":  # softmax exp LUT: Q.22 values up to 2**22
         return Port(p.exp_frac + 1, False)
     if key == "params.gamma":

@@ -15,7 +15,9 @@ GELU and tanh, ``q_lo = -2**(addr_bits + frac_bits - 1)``, so the address is the
                 no interp: y = T[a]
     y = sat_out(y)                                 (SAT to out_bits, signed or unsigned)
 
-``>>RND`` rounds half up (one adder of ``2**(frac_bits-1)`` before the shift). With
+``>>RND`` rounds half up (one adder of ``2**(frac_bits-1)`` before the shift). Saturation
+events: each lookup that reads a table entry or constant clipped to ``out_bits`` at lowering
+(``clipped``, ``below_clipped``, ``above_clipped``), or whose value the final ``sat_out`` changes. With
 interpolation ``T`` has ``2**addr_bits + 1`` entries ``T[a] = round(f(knot_a) / 2**e_out)``
 at the knots ``x = (q_lo + a * 2**frac_bits) * 2**e_in`` (the last one closes the final
 segment); the product ``(T[a+1] - T[a]) * f`` needs ``out_bits + 1 + frac_bits`` bits.
@@ -56,6 +58,9 @@ class LutParams:
         table: int64 entries at ``e_out`` (``2**addr_bits + interp`` of them).
         below: code for ``q < q_lo``; ``above``: code for ``q >= q_hi`` unless
         ``above_identity`` (then ``y = x`` re-expressed at ``e_out``).
+        clipped: int64 0/1 per table entry, 1 where ``f`` was beyond ``out_bits`` and the entry
+        was clipped at lowering; ``below_clipped``, ``above_clipped`` the same for the
+        constants. A lookup that reads a clipped entry or constant is a saturation event.
     """
 
     target: str
@@ -72,6 +77,9 @@ class LutParams:
     below: int
     above: int
     above_identity: bool
+    clipped: np.ndarray
+    below_clipped: bool
+    above_clipped: bool
 
     @property
     def q_hi(self) -> int:
@@ -121,10 +129,14 @@ def make_lut(
     pos = np.arange(n + 1, dtype=np.float64) if interp else np.arange(n, dtype=np.float64) + 0.5
     xs = (q_lo + pos * (1 << frac_bits)) * 2.0**e_in
     lo, hi = int_range(out_bits, signed)
-    table = np.clip(np.round(f(xs) / 2.0**e_out), lo, hi).astype(np.int64)
+    exact = np.round(f(xs) / 2.0**e_out)
+    table = np.clip(exact, lo, hi).astype(np.int64)
 
     def code(v: float) -> int:
         return int(np.clip(np.round(v / 2.0**e_out), lo, hi))
+
+    def clips(v: float | None) -> bool:
+        return v is not None and not lo <= np.round(v / 2.0**e_out) <= hi
 
     return LutParams(
         target=target,
@@ -141,6 +153,9 @@ def make_lut(
         below=code(below),
         above=0 if above is None else code(above),
         above_identity=above is None,
+        clipped=((exact < lo) | (exact > hi)).astype(np.int64),
+        below_clipped=clips(below),
+        above_clipped=clips(above),
     )
 
 
@@ -174,21 +189,25 @@ def interp_ref(table: np.ndarray, a: int, f: int, frac_bits: int) -> int:
 
 
 @nb.njit(cache=True)
-def _lut_flat(x, table, q_lo, q_hi, frac_bits, use_interp, below, above, ident, sh_id, lo, hi, bits, out):
+def _lut_flat(x, table, clipped, q_lo, q_hi, frac_bits, use_interp, below, above, ident, sh_id, lo, hi, bits, out):
     mask = (np.int64(1) << frac_bits) - 1
     events = np.int64(0)
     for i in range(x.size):
         q = np.int64(x[i])
         if q < q_lo:
             y = below
+            hit = clipped[-2] != 0
         elif q >= q_hi:
             y = shift_round(q, sh_id, RND) if ident else above
+            hit = clipped[-1] != 0 and not ident
         else:
             u = q - q_lo
             a = u >> frac_bits
-            y = interp(table, a, u & mask, frac_bits) if use_interp else table[a]
+            f = u & mask
+            y = interp(table, a, f, frac_bits) if use_interp else table[a]
+            hit = clipped[a] != 0 or (use_interp and f != 0 and clipped[a + 1] != 0)
         out[i] = saturate(y, lo, hi, False, bits)
-        if out[i] != y:
+        if hit or out[i] != y:
             events += 1
     return events
 
@@ -214,16 +233,18 @@ def lut(x: np.ndarray, p: LutParams) -> np.ndarray:
 
 
 def lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
-    """:func:`lut` and its saturation events: each value the final ``sat_out`` changes is one
-    (an entry, interpolated value or identity-region value beyond ``out_bits``; table entries
-    themselves are clipped at lowering, so tanh's +1.0 entry is already ``2**(out_bits-1) - 1``
-    and only the identity region or a constant beyond the range can still saturate here)."""
+    """:func:`lut` and its saturation events: each lookup that reads an entry or constant
+    clipped at lowering (tanh's +1.0 is ``2**(out_bits-1) - 1``), or whose value the final
+    ``sat_out`` changes (an identity-region or interpolated value beyond ``out_bits``)."""
     x = _check(x, p)
     lo, hi = int_range(p.out_bits, p.signed)
     out = np.empty(x.size, np.int64)
+    # entry flags, then the below / above constants' flags, in one array for the kernel
+    flags = np.concatenate([p.clipped, [int(p.below_clipped), int(p.above_clipped)]]).astype(np.int64)
     events = _lut_flat(
         np.ascontiguousarray(x).ravel(),
         p.table,
+        flags,
         p.q_lo,
         p.q_hi,
         p.frac_bits,
@@ -253,13 +274,16 @@ def lut_counted_ref(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
     for idx in np.ndindex(*x.shape):
         q = int(x[idx])
         if q < p.q_lo:
-            y = p.below
+            y, read = p.below, p.below_clipped
         elif q >= p.q_hi:
-            y = shift_round_ref(q, p.e_out - p.e_in, RND) if p.above_identity else p.above
+            ident = p.above_identity
+            y = shift_round_ref(q, p.e_out - p.e_in, RND) if ident else p.above
+            read = p.above_clipped and not ident
         else:
             u = q - p.q_lo
             a, f = u >> p.frac_bits, u & ((1 << p.frac_bits) - 1)
             y = interp_ref(p.table, a, f, p.frac_bits) if p.interp else int(p.table[a])
+            read = bool(p.clipped[a]) or (p.interp and f != 0 and bool(p.clipped[a + 1]))
         out[idx], hit = saturate_ref(y, p.out_bits, p.signed, 0)
-        events += hit
+        events += hit or read
     return out, events

@@ -65,8 +65,8 @@ def tanh_lut_ref(x: np.ndarray, p: LutParams) -> np.ndarray:
 
 
 def tanh_lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
-    """:func:`tanh_lut` and its saturation events (:func:`bbct.kernels.lut.lut_counted`;
-    the +1.0 entry is clipped at lowering, so inputs above the range count none)."""
+    """:func:`tanh_lut` and its saturation events (:func:`bbct.kernels.lut.lut_counted`):
+    every lookup of +1.0, which saturates to ``2**(out_bits-1) - 1``, is one."""
     return lut_counted(x, p)
 
 

@@ -54,17 +54,23 @@ def test_gelu_poly_events_hand_golden():
 
 
 def test_lut_events_hand_golden():
-    # GELU table, e_in = -10, 8 address bits, 8-bit out: above the table the identity
-    # re-expresses x (8000 codes) and clips at 127: an event; tanh's +1.0 entry is clipped when
-    # the table is made, so x = 32767 (beyond the table) gives 32767 and no event at run time.
+    # GELU table, e_in = -10, 8 address bits, 8-bit out (max 127 = 0.124): above the table the
+    # identity re-expresses x (8000 codes) and clips at 127: an event. Inside, entries above
+    # 0.124 were clipped when the table was made: x = 1024 (GELU(1) = 862 codes) reads a
+    # clipped entry (an event); x = 0 and x = -8000 (below the table: 0) are none.
     p = make_gelu_lut(-10, 16, 8, out_bits=8)
-    x = np.array([8000, -8000, 0])
+    x = np.array([8000, -8000, 0, 1024])
     y, ev = gelu_lut_counted(x, p)
-    assert y.tolist() == [127, 0, 0] and ev == 1
+    assert y.tolist() == [127, 0, 0, 127] and ev == 2
     _same((y, ev), gelu_lut_counted_ref(x, p))
+    # tanh: +1.0 is 32768 codes at 2**-15, clipped to 32767 at lowering: the constant above the
+    # table and the last knots are clipped, so x = 32767 (beyond the table) is an event;
+    # -1.0 = -32768 is exact, so x = -32768 is none
     t = make_tanh_lut(-12)
-    yt, evt = tanh_lut_counted(np.array([32767, -32768]), t)
-    assert yt.tolist() == [32767, -32768] and evt == 0
+    assert t.above_clipped and not t.below_clipped and t.clipped[-1] == 1 and t.clipped[0] == 0
+    yt, evt = tanh_lut_counted(np.array([32767, -32768, 0]), t)
+    assert yt.tolist() == [32767, -32768, 0] and evt == 1
+    _same((yt, evt), tanh_lut_counted_ref(np.array([32767, -32768, 0]), t))
 
 
 def test_layernorm_events_hand_golden():
@@ -142,3 +148,21 @@ def test_executor_reports_nonlinear_saturations_per_node():
     res1 = run(g, {"input_ids": ids1})
     assert res1.outputs["probs"].data.tolist() == [[255], [255]]
     assert res1.overflow == {"sm": 2} and res1.overflow_count == 2
+
+
+def test_bbct_run_reports_nonlinear_saturations(tiny_bert_onnx, tmp_path, capsys):
+    # a 4-bit GELU output at the input's exponent (2**-8) holds at most 7/256: larger GELU
+    # values saturate, and bbct run counts them at the GELU node, in its summary and its JSON
+    import json
+
+    from bbct.simulator.cli import main
+
+    toml = tmp_path / "narrow_gelu.toml"
+    toml.write_text('preset = "w8a8"\n[op.gelu]\ngelu_out_bits = 4\n')
+    js = tmp_path / "r.json"
+    argv = ["run", str(tiny_bert_onnx), "--text", "w5 w6 w7 w8 w9", "--config", str(toml), "--json", str(js)]
+    assert main(argv) == 0
+    by = json.loads(js.read_text())["overflow_by_node"]
+    gelu = {k: v for k, v in by.items() if ".gelu.y" in k}
+    assert gelu and all(v > 0 for v in gelu.values())
+    assert "overflow/saturation events:" in capsys.readouterr().out
