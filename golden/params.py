@@ -155,6 +155,9 @@ def node_arrays(node: ir.Node) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                 arrays[k + ".mant"] = np.asarray(v.mant)
             scalars[k + ".format"] = v.fmt.to_dict()
             scalars[k + ".shape"] = list(v.data.shape)
+            e = np.asarray(v.exp)
+            real = e[e != EXP_ZERO]  # the exponents a ROM must hold (all-zero blocks aside)
+            scalars[k + ".exp_range"] = [int(real.min()), int(real.max())] if real.size else []
         elif hasattr(v, "to_dict"):  # IntFormat, kernel parameter records (LUTs inside)
             d = v.to_dict()
             for pk, pv in list(d.items()):

@@ -220,6 +220,8 @@ def test_params_json_and_sv_names(spec):
     assert list(recs) == [n.name for n in g.nodes]
     r = recs["L0.q.acc"]
     assert r["params"]["acc_bits"] == 42 and r["params"]["weight_guard"] == 12
+    lo, hi = r["params"]["stored.exp_range"]  # within the 8-bit exponent window below emax
+    assert hi - lo < 1 << 8 and hi - 12 == r["params"]["w_exp"]
     assert r["constants"]["weight"]["layout"].startswith("(K, N)")
     gelu = next(v for v in recs.values() if v["op"] == "gelu")
     sm = recs["L0.probs"]
