@@ -134,7 +134,7 @@ class _Folder:
             raise BbctError(f"{out}: folder is not empty; choose a new --out or pass --force to replace it")
         if used and not (out / "vectors.json").is_file():
             raise BbctError(f"{out}: holds files but no vectors.json (not a bbct dump): refusing to replace it")
-        parent = out.resolve().parent
+        parent = out.parent
         parent.mkdir(parents=True, exist_ok=True)
         stem = f"{TMP_PREFIX}{out.name}."
         for old in parent.glob(stem + "*"):  # what a killed dump left: its process is gone
@@ -224,7 +224,7 @@ def write_dump(
         raise BbctError(f"format={fmt!r}: expected hex or npy")
     if constants not in CONSTANTS:
         raise BbctError(f"constants={constants!r}: expected one of {', '.join(CONSTANTS)}")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." and relative paths: the folder has a name and a parent
     selected = [n for n in graph.nodes if nodes is None or any(fnmatch.fnmatch(n.name, pat) for pat in nodes)]
     if not selected:
         names = ", ".join(n.name for n in graph.nodes[:12])
