@@ -1,0 +1,559 @@
+"""Directed (corner) and random stimulus per kernel, for an RTL testbench, with corner coverage.
+
+``bbct vectors --kernel K --stimulus corner|random`` writes one folder per run:
+
+* ``<port>.hex`` — one file per DUT port: two's complement (signed ports) or plain binary
+  (unsigned ports) hexadecimal at the port's width, one value per line (``$readmemh``).
+  A port of ``lanes`` values per transaction holds ``count * lanes`` lines, transaction by
+  transaction, lane 0 first; on the DUT the lanes are packed into one bus, lane ``i`` at
+  bits ``[i*bits +: bits]``.
+* ``stimulus.json`` — kernel, stimulus kind, seed, count, every port (direction, width,
+  signedness, lanes, file, sha256, meaning), the HDL parameters the DUT is built with, and
+  the coverage table. Written last: a folder without it is not a valid vector set.
+
+Transaction ``i`` drives every ``in`` port with its ``i``-th value(s); the ``out`` ports must
+then show theirs. The expected outputs come from bbct's own kernels (``kernels/*.py``), one
+kernel call per transaction.
+
+Coverage is measured, not assumed: after the expected outputs are computed, each kernel's
+``inspect`` looks at the values a transaction really carries (the bits a shift drops, the
+value before narrowing, the exponents an operand really has) and counts the corner bins it
+hits. A bin with 0 hits is flagged in the summary. Corner stimulus is built to hit every bin
+of its kernel (``tests/test_stimulus.py`` checks that it does); random stimulus reports the
+same bins, which shows how rarely random values reach a corner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bbct.golden.atomic import write_text
+from bbct.golden.errors import BbctError
+from bbct.kernels.formats import (
+    EXP_ZERO,
+    IntFormat,
+    QTensor,
+    Rounding,
+    Saturation,
+    bit_length_ref,
+    int_range,
+    saturate_ref,
+    shift_round_ref,
+)
+
+MANIFEST = "stimulus.json"
+KINDS = ("corner", "random")
+
+
+@dataclass(frozen=True)
+class Port:
+    """One DUT port: ``lanes`` values of ``bits`` each per transaction (lane 0 at the LSBs)."""
+
+    name: str
+    direction: str  # "in" | "out"
+    bits: int
+    signed: bool
+    lanes: int = 1
+    doc: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "direction": self.direction,
+            "bits": self.bits,
+            "signed": self.signed,
+            "lanes": self.lanes,
+            "bus_bits": self.bits * self.lanes,
+            "doc": self.doc,
+        }
+
+
+Case = dict[str, list[int]]  # port name -> lane values of one transaction
+
+
+@dataclass
+class Stimulus:
+    """A generated vector set: transactions (inputs and expected outputs) and their coverage."""
+
+    kernel: str
+    kind: str
+    seed: int
+    ports: list[Port]
+    cases: list[Case]
+    coverage: dict[str, int]
+    hdl_parameters: dict[str, int] = field(default_factory=dict)
+
+    def column(self, port: Port) -> np.ndarray:
+        """The port's values, ``(count, lanes)`` int64."""
+        return np.array([c[port.name] for c in self.cases], dtype=np.int64).reshape(len(self.cases), port.lanes)
+
+
+@dataclass(frozen=True)
+class KernelStimulus:
+    """A kernel's stimulus generator: its ports, its corner set, random cases, the expected
+    outputs (from bbct's kernel) and the coverage inspection of one transaction."""
+
+    name: str
+    describes: str
+    ports: tuple[Port, ...]
+    bins: tuple[str, ...]
+    corner: Callable[[np.random.Generator], list[Case]]
+    random: Callable[[np.random.Generator], Case]
+    expect: Callable[[Case], Case]
+    inspect: Callable[[Case], Counter]
+    hdl_parameters: dict[str, int] = field(default_factory=dict)
+
+
+KERNELS: dict[str, KernelStimulus] = {}
+
+
+def register(k: KernelStimulus) -> KernelStimulus:
+    if k.name in KERNELS:
+        raise ValueError(f"stimulus for kernel {k.name!r} registered twice")
+    KERNELS[k.name] = k
+    return k
+
+
+def kernel_stimulus(name: str) -> KernelStimulus:
+    if name not in KERNELS:
+        raise BbctError(f"--kernel {name}: no stimulus for it; kernels with stimulus: {', '.join(KERNELS)}")
+    return KERNELS[name]
+
+
+def generate(kernel: str, kind: str = "corner", count: int = 0, seed: int = 0) -> Stimulus:
+    """Inputs, expected outputs and measured coverage for ``kernel``.
+
+    ``corner``: the kernel's directed set, padded with random transactions up to ``count``;
+    ``random``: ``count`` random transactions. Same ``seed``, same vectors.
+    """
+    k = kernel_stimulus(kernel)
+    if kind not in KINDS:
+        raise BbctError(f"--stimulus {kind}: expected one of {', '.join(KINDS)}")
+    if count < 0:
+        raise BbctError(f"--count {count}: must be >= 0")
+    rng = np.random.default_rng(seed)
+    cases = list(k.corner(rng)) if kind == "corner" else []
+    while len(cases) < count:
+        cases.append(k.random(rng))
+    if not cases:
+        raise BbctError("--count 0 with --stimulus random writes no vectors: give --count N")
+    full = []
+    hits: Counter = Counter()
+    for c in cases:
+        c = {**c, **k.expect(c)}
+        hits.update(k.inspect(c))
+        full.append(c)
+    unknown = set(hits) - set(k.bins)
+    if unknown:  # a bin the inspection counts must be declared, so the table shows every one
+        raise AssertionError(f"{kernel}: undeclared coverage bins {sorted(unknown)}")
+    coverage = {b: int(hits.get(b, 0)) for b in k.bins}
+    return Stimulus(kernel, kind, seed, list(k.ports), full, coverage, dict(k.hdl_parameters))
+
+
+def hex_lines(values: np.ndarray, bits: int) -> str:
+    """``values`` as ``bits``-wide hex (two's complement for negatives), one per line."""
+    digits = max(1, -(-bits // 4))
+    mask = (1 << bits) - 1
+    return "".join(f"{int(v) & mask:0{digits}x}\n" for v in np.asarray(values).ravel())
+
+
+def write_stimulus(st: Stimulus, out_dir: str | Path) -> Path:
+    """Write one ``<port>.hex`` per port and ``stimulus.json`` (last); returns the manifest path."""
+    out = Path(out_dir)
+    manifest = out / MANIFEST
+    if manifest.exists():  # the old manifest goes first: a killed write leaves no valid folder
+        manifest.unlink()
+    ports = []
+    for p in st.ports:
+        col = st.column(p)
+        lo, hi = int_range(p.bits, p.signed)
+        if col.size and (int(col.min()) < lo or int(col.max()) > hi):
+            raise AssertionError(f"{st.kernel}: port {p.name} value outside its {p.bits}-bit range")
+        path = write_text(out / f"{p.name}.hex", hex_lines(col, p.bits))
+        ports.append({**p.to_dict(), "file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+    doc = {
+        "kernel": st.kernel,
+        "describes": KERNELS[st.kernel].describes if st.kernel in KERNELS else "",
+        "stimulus": st.kind,
+        "seed": st.seed,
+        "count": len(st.cases),
+        "ports": ports,
+        "hdl_parameters": st.hdl_parameters,
+        "coverage": st.coverage,
+        "conventions": {
+            "hex": "one value per line at the port's 'bits': two's complement if 'signed', else "
+            "plain binary; count * lanes lines, transaction by transaction, lane 0 first",
+            "bus": "a port of several lanes is one bus of bus_bits, lane i at bits [i*bits +: bits]",
+            "transaction": "drive every 'in' port with transaction i's values; the 'out' ports must show theirs",
+        },
+    }
+    return write_text(manifest, json.dumps(doc, indent=1) + "\n")
+
+
+def coverage_table(st: Stimulus) -> str:
+    """The coverage summary: hits per bin, bins with 0 hits flagged."""
+    width = max(len(b) for b in st.coverage)
+    lines = [f"coverage of {st.kernel} ({st.kind}, {len(st.cases)} transactions, seed {st.seed}):"]
+    for b, n in st.coverage.items():
+        lines.append(f"  {b:<{width}} {n:>6}{'  <-- not hit' if n == 0 else ''}")
+    missed = sum(1 for n in st.coverage.values() if n == 0)
+    lines.append(f"  {len(st.coverage) - missed} of {len(st.coverage)} bins hit" + (f", {missed} NOT HIT" if missed else ""))
+    return "\n".join(lines)
+
+
+# -- shared inspection helpers --------------------------------------------------------------------
+ROUNDINGS = tuple(Rounding)
+SATURATIONS = tuple(Saturation)
+
+
+def _tie(v: int, s: int) -> bool:
+    """``v >> s`` (s > 0) drops exactly half an output step: the midpoint every RND* mode decides."""
+    return s > 0 and (v & ((1 << s) - 1)) == 1 << (s - 1)
+
+
+def _tie_bin(prefix: str, v: int, s: int, mode: int) -> str:
+    """``prefix.tie.MODE.pos|neg.even|odd``: the sign of the value and the parity of its floor
+    tell the modes apart (RND_CONV rounds an even floor down, RND up; RND_ZERO and RND_INF
+    split on the sign)."""
+    sign = "neg" if v < 0 else "pos"
+    parity = "odd" if (v >> s) & 1 else "even"
+    return f"{prefix}.tie.{Rounding(mode).name}.{sign}.{parity}"
+
+
+def _tie_bins(prefix: str) -> list[str]:
+    return [f"{prefix}.tie.{r.name}.{s}.{p}" for r in ROUNDINGS for s in ("pos", "neg") for p in ("even", "odd")]
+
+
+def _narrow_bin(prefix: str, v: int, bits: int, mode: int) -> str | None:
+    """``prefix.sat.MODE.hi|lo`` when narrowing ``v`` to signed ``bits`` with ``mode`` changes it."""
+    y, over = saturate_ref(v, bits, True, mode)
+    if not over:
+        return None
+    return f"{prefix}.sat.{Saturation(mode).name}.{'hi' if v > 0 else 'lo'}"
+
+
+def _sat_bins(prefix: str) -> list[str]:
+    return [f"{prefix}.sat.{m.name}.{d}" for m in SATURATIONS for d in ("hi", "lo")]
+
+
+def _rand_mag(rng: np.random.Generator, max_bits: int) -> int:
+    """A signed integer with a random bit length up to ``max_bits`` (small and large alike)."""
+    b = int(rng.integers(0, max_bits + 1))
+    v = int(rng.integers(0, 1 << b)) if b else 0
+    return -v if rng.integers(2) else v
+
+
+# -- requantize: one element, static shift ----------------------------------------------------------
+RQ_OUT = 8  # output width of the requantize unit's vectors (HDL parameter OUT_BITS)
+
+
+def _rq_case(x: int, shift: int, rnd: int, sat: int) -> Case:
+    return {"x": [x], "shift": [shift], "rnd": [int(rnd)], "sat": [int(sat)]}
+
+
+def _rq_corner(rng: np.random.Generator) -> list[Case]:
+    hi = (1 << (RQ_OUT - 1)) - 1
+    cases = []
+    for r in ROUNDINGS:
+        for s in SATURATIONS:
+            for sh in (1, 3, 9):  # ties: floor q even/odd, positive/negative
+                for q in (2, 3, -4, -3):
+                    cases.append(_rq_case(q * (1 << sh) + (1 << (sh - 1)), sh, r, s))
+            for x in (hi + 1, 5000, -(hi + 2), -5000):  # both bounds, just beyond and far beyond
+                cases.append(_rq_case(x << 4, 4, r, s))
+            cases.append(_rq_case(-(hi + 1) << 2, 2, r, s))  # the code SAT_SYM alone refuses
+            cases.append(_rq_case(hi << 2, 2, r, s))  # exactly the bounds: no event
+            cases.append(_rq_case(-(hi + 1), 0, r, s))
+            cases.append(_rq_case((1 << 61) + 12345, 70, r, s))  # right shift beyond 62: taken as 62
+            cases.append(_rq_case(-((1 << 61) + 1), 62, r, s))
+            cases.append(_rq_case(-5, -3, r, s))  # exact left shift
+            cases.append(_rq_case(3 << 40, -30, r, s))  # left shift beyond 62 bits
+            cases.append(_rq_case(-(1 << 45), -40, r, s))
+            cases.append(_rq_case(0, 5, r, s))
+    return cases
+
+
+def _rq_random(rng: np.random.Generator) -> Case:
+    sh = int(rng.integers(-12, 30)) if rng.random() < 0.9 else int(rng.integers(-70, 71))
+    return _rq_case(_rand_mag(rng, 61), sh, int(rng.integers(6)), int(rng.integers(3)))
+
+
+def _rq_expect(c: Case) -> Case:
+    from bbct.kernels.requantize import requantize
+
+    fmt = IntFormat(bits=RQ_OUT, signed=True, block_size=1, rounding=c["rnd"][0], saturation=c["sat"][0])
+    q = requantize(np.array([c["x"][0]], np.int64), np.zeros(1, np.int32), fmt, np.array([c["shift"][0]]))
+    return {"y": [int(q.data[0])], "ovf": [int(q.meta["overflow"])]}
+
+
+def _rq_inspect(c: Case) -> Counter:
+    x, sh, r, s = c["x"][0], c["shift"][0], c["rnd"][0], c["sat"][0]
+    hits: Counter = Counter()
+    eff = min(sh, 62)
+    if _tie(x, eff):
+        hits[_tie_bin("shift", x, eff, r)] += 1
+    pre = shift_round_ref(x, eff, r)  # the exact value before narrowing
+    if (b := _narrow_bin("out", pre, RQ_OUT, s)) is not None:
+        hits[b] += 1
+    lo, hi = int_range(RQ_OUT, True)
+    if pre == lo and s == Saturation.SAT_SYM:
+        hits["out.sat_sym_refuses_min_code"] += 1
+    if c["y"][0] in (lo, hi) and not c["ovf"][0]:
+        hits["out.exact_bound"] += 1
+    if sh > 62:
+        hits["shift.right_beyond_62"] += 1
+    if sh < 0 and x and bit_length_ref(x) - sh > 62:
+        hits["shift.left_beyond_62_bits"] += 1
+    elif sh < 0 and x:
+        hits["shift.left_exact"] += 1
+    if x == 0:
+        hits["x.zero"] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="requantize",
+        describes="static requantize of one element: y = sat(x >>r shift) to signed OUT_BITS "
+        "(docs/KERNELS.md, requantize, static); rnd and sat select the modes per transaction",
+        ports=(
+            Port("x", "in", 64, True, doc="input value x (|x| < 2**62) at e_in"),
+            Port("shift", "in", 8, True, doc="exp_out - e_in: > 0 right shift, < 0 left shift"),
+            Port("rnd", "in", 3, False, doc="rounding mode: " + ", ".join(f"{r.value}={r.name}" for r in Rounding)),
+            Port("sat", "in", 2, False, doc="saturation mode: " + ", ".join(f"{m.value}={m.name}" for m in Saturation)),
+            Port("y", "out", RQ_OUT, True, doc="output code at exp_out"),
+            Port("ovf", "out", 1, False, doc="1 when narrowing changed the value (one saturation event)"),
+        ),
+        bins=tuple(
+            _tie_bins("shift")
+            + _sat_bins("out")
+            + [
+                "out.sat_sym_refuses_min_code",
+                "out.exact_bound",
+                "shift.right_beyond_62",
+                "shift.left_beyond_62_bits",
+                "shift.left_exact",
+                "x.zero",
+            ]
+        ),
+        corner=_rq_corner,
+        random=_rq_random,
+        expect=_rq_expect,
+        inspect=_rq_inspect,
+        hdl_parameters={"OUT_BITS": RQ_OUT},
+    )
+)
+
+
+# -- block-scaled dot product: align both operands, MAC with a narrow accumulator, bias -------------
+DOT_K, DOT_BS = 10, 4  # 10 = 4 + 4 + 2: the last block is partial
+DOT_NB = -(-DOT_K // DOT_BS)
+DOT_ACC_W = 48  # the acc port; acc_bits (2..48) selects the accumulator width per transaction
+GUARD_MAX = 8
+
+
+def _blocks_of(codes: list[int]) -> list[list[int]]:
+    return [codes[i : i + DOT_BS] for i in range(0, DOT_K, DOT_BS)]
+
+
+def _zero_exps(codes: list[int], exps: list[int]) -> list[int]:
+    """An all-zero block has exponent EXP_ZERO (the format's convention)."""
+    return [EXP_ZERO if not any(blk) else e for blk, e in zip(_blocks_of(codes), exps)]
+
+
+def _align_one(codes: list[int], exps: list[int], guard: int, rnd: int, axis: int) -> tuple[np.ndarray, int]:
+    """bbct's align of one operand of the tile: a row (axis -1) or a column (axis 0)."""
+    from bbct.kernels.align import align
+
+    fmt = IntFormat(bits=8, signed=True, block_axis=axis, block_size=DOT_BS)
+    shape, eshape = ((1, DOT_K), (1, DOT_NB)) if axis == -1 else ((DOT_K, 1), (DOT_NB, 1))
+    q = QTensor(np.array(codes, np.int8).reshape(shape), fmt, np.array(exps, np.int32).reshape(eshape))
+    wide, e_ref = align(q, (axis,), guard, Rounding(rnd))
+    return wide, int(e_ref.ravel()[0])
+
+
+def _aligned_ref(codes: list[int], exps: list[int], guard: int, rnd: int) -> tuple[list[int], list[int], int]:
+    """The spec's align, step by step, for inspection: (values, shifts, e_ref)."""
+    e_ref = max(exps) - guard
+    shifts = [min(62, e_ref - exps[i // DOT_BS]) for i in range(DOT_K)]
+    return [shift_round_ref(v, s, rnd) for v, s in zip(codes, shifts)], shifts, e_ref
+
+
+def _dot_case(a, ea, b, eb, guard=1, arnd=Rounding.RND_CONV, acc_bits=32, sat=Saturation.SAT,
+              bias=None, e_bias=0, brnd=Rounding.RND_CONV) -> Case:  # fmt: skip
+    return {
+        "a": list(a), "ea": _zero_exps(list(a), list(ea)), "b": list(b), "eb": _zero_exps(list(b), list(eb)),
+        "guard": [guard], "align_rnd": [int(arnd)], "acc_bits": [acc_bits], "acc_sat": [int(sat)],
+        "bias": [0 if bias is None else bias], "e_bias": [e_bias], "bias_en": [int(bias is not None)],
+        "bias_rnd": [int(brnd)],
+    }  # fmt: skip
+
+
+def _dot_corner(rng: np.random.Generator) -> list[Case]:
+    cases = []
+    ones = [1] * DOT_K
+    for r in ROUNDINGS:
+        for q in (2, 3, -4, -3):
+            for g in (0, 2):
+                # a's block 1 sits 3 + g steps below block 0: shifted right by 3, value q*8 + 4 is a tie;
+                # the bias sits 2 steps above the accumulator: q*4 + 2 is a tie too
+                a = [5, 0, 0, 0, q * 8 + 4, 0, 0, 0, 1, -1]
+                cases.append(_dot_case(a, [0, -3 - g, 0], ones, [0, 0, 0], g, r, 32, Saturation.SAT,
+                                       q * 4 + 2, -2 * g - 2, r))  # fmt: skip
+                cases.append(_dot_case(ones, [0, 0, 0], a, [0, -3 - g, 0], g, r, 32, Saturation.SAT,
+                                       None, 0, r))  # fmt: skip
+    for s in SATURATIONS:
+        for sign in (1, -1):
+            big = [127] * DOT_K
+            cases.append(_dot_case(big, [0, 0, 0], [sign * 127] * DOT_K, [0, 0, 0], 0, Rounding.RND_CONV, 12, s))
+            # the exact sum is 0, the clipped running sum is not
+            cases.append(_dot_case([100, -100] * 5, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], 0,
+                                   Rounding.RND_CONV, 12, s))  # fmt: skip
+            # the bias pushes a fitting sum over a bound; a bias far above the accumulator
+            cases.append(_dot_case([10] + [0] * 9, [0, 0, 0], [10] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 8,
+                                   s, sign * 100, 0))  # fmt: skip
+            cases.append(_dot_case([3] + [0] * 9, [0, 0, 0], [2] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 32,
+                                   s, sign * 5, 60))  # fmt: skip
+    zero = [0] * DOT_K
+    for bits, bias in ((16, 1000), (8, 1000), (8, 1020), (8, -1020)):  # all-zero operand: the bias alone
+        cases.append(_dot_case(zero, [0, 0, 0], ones, [0, 0, 0], 1, Rounding.RND_CONV, bits, Saturation.SAT,
+                               bias, -20))  # fmt: skip
+        cases.append(_dot_case(ones, [0, 0, 0], zero, [0, 0, 0], 1, Rounding.RND, bits, Saturation.SAT_SYM,
+                               bias, -20, Rounding.RND))  # fmt: skip
+    cases.append(_dot_case(zero, [0, 0, 0], zero, [0, 0, 0], 3))  # no bias: 0
+    # a block 70 steps below the largest: its shift is taken as 62
+    cases.append(_dot_case([1, 2, 3, 4, -7, 7, 1, 0, 0, 0], [10, -60, 0], ones, [0, 0, 0], 0))
+    return cases
+
+
+def _dot_random(rng: np.random.Generator) -> Case:
+    def operand() -> tuple[list[int], list[int]]:
+        codes = [int(v) for v in rng.integers(-128, 128, DOT_K)]
+        for blk in range(DOT_NB):
+            if rng.random() < 0.1:
+                codes[blk * DOT_BS : (blk + 1) * DOT_BS] = [0] * len(codes[blk * DOT_BS : (blk + 1) * DOT_BS])
+        return codes, [int(e) for e in rng.integers(-20, 6, DOT_NB)]
+
+    a, ea = operand()
+    b, eb = operand()
+    g = int(rng.integers(0, GUARD_MAX + 1))
+    e_acc = max(ea) + max(eb) - 2 * g
+    bias = int(rng.integers(-(1 << 20), 1 << 20)) if rng.random() < 0.7 else None
+    return _dot_case(a, ea, b, eb, g, int(rng.integers(6)), int(rng.integers(8, DOT_ACC_W + 1)),
+                     int(rng.integers(3)), bias, e_acc + int(rng.integers(-30, 30)), int(rng.integers(6)))  # fmt: skip
+
+
+def _dot_expect(c: Case) -> Case:
+    from bbct.kernels.gemm import gemm
+
+    g, r = c["guard"][0], c["align_rnd"][0]
+    wa, ea = _align_one(c["a"], c["ea"], g, r, -1)
+    wb, eb = _align_one(c["b"], c["eb"], g, r, 0)
+    bias = np.array(c["bias"], np.int64) if c["bias_en"][0] else None
+    acc, e_acc, events = gemm(
+        wa, np.array([[ea]]), wb, np.array([[eb]]), c["acc_bits"][0], Saturation(c["acc_sat"][0]),
+        bias, c["e_bias"][0], Rounding(c["bias_rnd"][0]),
+    )  # fmt: skip
+    return {"acc": [int(acc[0, 0])], "e_acc": [int(e_acc[0, 0])], "events": [int(events)]}
+
+
+def _dot_inspect(c: Case) -> Counter:
+    hits: Counter = Counter()
+    g, r, bits, sat = c["guard"][0], c["align_rnd"][0], c["acc_bits"][0], c["acc_sat"][0]
+    wide = []
+    for name in ("a", "b"):
+        codes, exps = c[name], c["e" + name]
+        vals, shifts, _ = _aligned_ref(codes, exps, g, r)
+        wide.append(vals)
+        for i, (v, s) in enumerate(zip(codes, shifts)):
+            if v and _tie(v, s):
+                hits[_tie_bin("align", v, s, r)] += 1
+            if v and max(exps) - g - exps[i // DOT_BS] > 62:
+                hits["align.right_beyond_62"] += 1
+            if v and s < 0:
+                hits["align.left_guard"] += 1
+        blocks = _blocks_of(codes)
+        if not any(codes):
+            hits["operand.all_zero"] += 1
+        elif not all(any(blk) for blk in blocks):
+            hits["block.all_zero"] += 1
+        if DOT_K % DOT_BS and any(blocks[-1]):
+            hits["block.partial_last_nonzero"] += 1
+    acc, n_mac = 0, 0
+    exact = sum(x * y for x, y in zip(*wide))
+    for x, y in zip(*wide):  # replay the accumulator: where does narrowing change the running sum?
+        if (b := _narrow_bin("acc", acc + x * y, bits, sat)) is not None:
+            hits[b] += 1
+            n_mac += 1
+        acc = saturate_ref(acc + x * y, bits, True, sat)[0]
+    if n_mac >= 2:
+        hits["acc.several_events"] += 1
+    if n_mac and saturate_ref(exact, bits, True, sat)[0] != acc:
+        hits["acc.differs_from_clipped_exact_sum"] += 1
+    zero_row = not any(c["a"]) or not any(c["b"])
+    if c["bias_en"][0]:
+        bias, sb = c["bias"][0], min(62, c["e_acc"][0] - c["e_bias"][0])
+        if bias and _tie(bias, sb):
+            hits[_tie_bin("bias", bias, sb, c["bias_rnd"][0])] += 1
+        if bias and sb < 0:
+            hits["bias.left_shift"] += 1
+            if abs(bias) << -sb >= 1 << 62:
+                hits["bias.beyond_datapath"] += 1
+        if c["events"][0] > n_mac:
+            hits["bias.overflow"] += 1
+        if zero_row:
+            raised = bit_length_ref(bias) > bits - 1
+            hits["zero_row.bias_exponent_raised" if raised else "zero_row.bias_fits"] += 1
+    elif zero_row:
+        hits["zero_row.no_bias"] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="gemm",
+        describes=f"block-scaled dot product tile: a and b ({DOT_K} s8 codes, blocks of {DOT_BS}, one exponent "
+        "per block) aligned with guard bits (docs/KERNELS.md, align), multiplied and summed in order into an "
+        "acc_bits accumulator narrowed after every add, plus an aligned bias (gemm); modes per transaction",
+        ports=(
+            Port("a", "in", 8, True, DOT_K, "row of a: s8 codes"),
+            Port("ea", "in", 16, True, DOT_NB, "a's block exponents (EXP_ZERO = -1024 for an all-zero block)"),
+            Port("b", "in", 8, True, DOT_K, "column of b: s8 codes"),
+            Port("eb", "in", 16, True, DOT_NB, "b's block exponents"),
+            Port("guard", "in", 4, False, doc=f"align guard bits, 0..{GUARD_MAX}"),
+            Port("align_rnd", "in", 3, False, doc="rounding of align's right shifts"),
+            Port("acc_bits", "in", 6, False, doc=f"accumulator width, 2..{DOT_ACC_W}"),
+            Port("acc_sat", "in", 2, False, doc="accumulator narrowing: 0=SAT, 1=SAT_SYM, 2=WRAP"),
+            Port("bias", "in", 32, True, doc="bias code"),
+            Port("e_bias", "in", 16, True, doc="bias exponent"),
+            Port("bias_en", "in", 1, False, doc="1: add the bias"),
+            Port("bias_rnd", "in", 3, False, doc="rounding of the bias alignment"),
+            Port("acc", "out", DOT_ACC_W, True, doc="accumulator (acc_bits wide, sign-extended)"),
+            Port("e_acc", "out", 16, True, doc="accumulator exponent"),
+            Port("events", "out", 8, False, doc="narrowings that changed a value"),
+        ),
+        bins=tuple(
+            _tie_bins("align")
+            + ["align.right_beyond_62", "align.left_guard", "operand.all_zero", "block.all_zero"]
+            + ["block.partial_last_nonzero"]
+            + _sat_bins("acc")
+            + ["acc.several_events", "acc.differs_from_clipped_exact_sum"]
+            + _tie_bins("bias")
+            + ["bias.left_shift", "bias.beyond_datapath", "bias.overflow"]
+            + ["zero_row.bias_exponent_raised", "zero_row.bias_fits", "zero_row.no_bias"]
+        ),
+        corner=_dot_corner,
+        random=_dot_random,
+        expect=_dot_expect,
+        inspect=_dot_inspect,
+        hdl_parameters={"K": DOT_K, "BS": DOT_BS, "NB": DOT_NB, "ACC_W": DOT_ACC_W},
+    )
+)
