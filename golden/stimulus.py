@@ -25,6 +25,7 @@ same bins, which shows how rarely random values reach a corner.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections import Counter
@@ -205,7 +206,8 @@ def coverage_table(st: Stimulus) -> str:
     for b, n in st.coverage.items():
         lines.append(f"  {b:<{width}} {n:>6}{'  <-- not hit' if n == 0 else ''}")
     missed = sum(1 for n in st.coverage.values() if n == 0)
-    lines.append(f"  {len(st.coverage) - missed} of {len(st.coverage)} bins hit" + (f", {missed} NOT HIT" if missed else ""))
+    flag = f", {missed} NOT HIT" if missed else ""
+    lines.append(f"  {len(st.coverage) - missed} of {len(st.coverage)} bins hit{flag}")
     return "\n".join(lines)
 
 
@@ -366,7 +368,7 @@ def _blocks_of(codes: list[int]) -> list[list[int]]:
 
 def _zero_exps(codes: list[int], exps: list[int]) -> list[int]:
     """An all-zero block has exponent EXP_ZERO (the format's convention)."""
-    return [EXP_ZERO if not any(blk) else e for blk, e in zip(_blocks_of(codes), exps)]
+    return [EXP_ZERO if not any(blk) else e for blk, e in zip(_blocks_of(codes), exps, strict=True)]
 
 
 def _align_one(codes: list[int], exps: list[int], guard: int, rnd: int, axis: int) -> tuple[np.ndarray, int]:
@@ -384,7 +386,7 @@ def _aligned_ref(codes: list[int], exps: list[int], guard: int, rnd: int) -> tup
     """The spec's align, step by step, for inspection: (values, shifts, e_ref)."""
     e_ref = max(exps) - guard
     shifts = [min(62, e_ref - exps[i // DOT_BS]) for i in range(DOT_K)]
-    return [shift_round_ref(v, s, rnd) for v, s in zip(codes, shifts)], shifts, e_ref
+    return [shift_round_ref(v, s, rnd) for v, s in zip(codes, shifts, strict=True)], shifts, e_ref
 
 
 def _dot_case(a, ea, b, eb, guard=1, arnd=Rounding.RND_CONV, acc_bits=32, sat=Saturation.SAT,
@@ -465,31 +467,37 @@ def _dot_expect(c: Case) -> Case:
     return {"acc": [int(acc[0, 0])], "e_acc": [int(e_acc[0, 0])], "events": [int(events)]}
 
 
-def _dot_inspect(c: Case) -> Counter:
+def _operand_hits(c: Case, name: str) -> Counter:
+    """Align corners of one operand: ties per mode, shifts beyond 62, guard shifts, zero and
+    partial blocks, from the codes and exponents the transaction carries."""
     hits: Counter = Counter()
-    g, r, bits, sat = c["guard"][0], c["align_rnd"][0], c["acc_bits"][0], c["acc_sat"][0]
-    wide = []
-    for name in ("a", "b"):
-        codes, exps = c[name], c["e" + name]
-        vals, shifts, _ = _aligned_ref(codes, exps, g, r)
-        wide.append(vals)
-        for i, (v, s) in enumerate(zip(codes, shifts)):
-            if v and _tie(v, s):
-                hits[_tie_bin("align", v, s, r)] += 1
-            if v and max(exps) - g - exps[i // DOT_BS] > 62:
-                hits["align.right_beyond_62"] += 1
-            if v and s < 0:
-                hits["align.left_guard"] += 1
-        blocks = _blocks_of(codes)
-        if not any(codes):
-            hits["operand.all_zero"] += 1
-        elif not all(any(blk) for blk in blocks):
-            hits["block.all_zero"] += 1
-        if DOT_K % DOT_BS and any(blocks[-1]):
-            hits["block.partial_last_nonzero"] += 1
+    g, r = c["guard"][0], c["align_rnd"][0]
+    codes, exps = c[name], c["e" + name]
+    _, shifts, _ = _aligned_ref(codes, exps, g, r)
+    for i, (v, s) in enumerate(zip(codes, shifts, strict=True)):
+        if v and _tie(v, s):
+            hits[_tie_bin("align", v, s, r)] += 1
+        if v and max(exps) - g - exps[i // DOT_BS] > 62:
+            hits["align.right_beyond_62"] += 1
+        if v and s < 0:
+            hits["align.left_guard"] += 1
+    blocks = _blocks_of(codes)
+    if not any(codes):
+        hits["operand.all_zero"] += 1
+    elif not all(any(blk) for blk in blocks):
+        hits["block.all_zero"] += 1
+    if DOT_K % DOT_BS and any(blocks[-1]):
+        hits["block.partial_last_nonzero"] += 1
+    return hits
+
+
+def _dot_inspect(c: Case) -> Counter:
+    g, bits, sat = c["guard"][0], c["acc_bits"][0], c["acc_sat"][0]
+    hits = _operand_hits(c, "a") + _operand_hits(c, "b")
+    wide = [_aligned_ref(c[n], c["e" + n], g, c["align_rnd"][0])[0] for n in ("a", "b")]
     acc, n_mac = 0, 0
-    exact = sum(x * y for x, y in zip(*wide))
-    for x, y in zip(*wide):  # replay the accumulator: where does narrowing change the running sum?
+    exact = sum(x * y for x, y in zip(*wide, strict=True))
+    for x, y in zip(*wide, strict=True):  # replay the accumulator: where does narrowing change the running sum?
         if (b := _narrow_bin("acc", acc + x * y, bits, sat)) is not None:
             hits[b] += 1
             n_mac += 1
@@ -557,3 +565,388 @@ register(
         hdl_parameters={"K": DOT_K, "BS": DOT_BS, "NB": DOT_NB, "ACC_W": DOT_ACC_W},
     )
 )
+
+
+
+# -- align alone: one group of block-scaled codes to one exponent ---------------------------------------
+ALIGN_W = 24  # |q| < 2**7 shifted left by at most GUARD_MAX + ... : the wide port
+
+
+def _align_case(codes, exps, guard=1, rnd=Rounding.RND_CONV) -> Case:
+    return {"q": list(codes), "e": _zero_exps(list(codes), list(exps)), "guard": [guard], "rnd": [int(rnd)]}
+
+
+def _align_corner(rng: np.random.Generator) -> list[Case]:
+    cases = []
+    for r in ROUNDINGS:
+        for q in (2, 3, -4, -3):
+            for g in (0, 2):
+                cases.append(_align_case([5, 0, 0, 0, q * 8 + 4, 0, 0, 0, 1, -1], [0, -3 - g, 0], g, r))
+    cases.append(_align_case([1, 2, 3, 4, -7, 7, 1, 0, 0, 0], [10, -60, 0], 0))
+    cases.append(_align_case([0] * DOT_K, [0, 0, 0], 3))
+    cases.append(_align_case([1, 2, 3, 4, 0, 0, 0, 0, 5, 6], [0, 0, -2], GUARD_MAX))
+    return cases
+
+
+def _align_random(rng: np.random.Generator) -> Case:
+    c = _dot_random(rng)
+    return _align_case(c["a"], c["ea"], c["guard"][0], c["align_rnd"][0])
+
+
+def _align_expect(c: Case) -> Case:
+    wide, e_ref = _align_one(c["q"], c["e"], c["guard"][0], c["rnd"][0], -1)
+    return {"wide": [int(v) for v in wide.ravel()], "e_ref": [e_ref]}
+
+
+def _align_inspect(c: Case) -> Counter:
+    sub = {"a": c["q"], "ea": c["e"], "b": c["q"], "eb": c["e"], "guard": c["guard"], "align_rnd": c["rnd"]}
+    return Counter({k: v for k, v in _operand_hits(sub, "a").items()})
+
+
+register(
+    KernelStimulus(
+        name="align",
+        describes=f"align of one group: {DOT_K} s8 codes in blocks of {DOT_BS} (one exponent each) to "
+        "e_ref = max(e) - guard, wide = q >>r (e_ref - e_block) (docs/KERNELS.md, align)",
+        ports=(
+            Port("q", "in", 8, True, DOT_K, "s8 codes"),
+            Port("e", "in", 16, True, DOT_NB, "block exponents (EXP_ZERO = -1024: all-zero block)"),
+            Port("guard", "in", 4, False, doc=f"guard bits, 0..{GUARD_MAX}"),
+            Port("rnd", "in", 3, False, doc="rounding of the right shifts"),
+            Port("wide", "out", ALIGN_W, True, DOT_K, "aligned values at e_ref"),
+            Port("e_ref", "out", 16, True, doc="the group's exponent"),
+        ),
+        bins=tuple(
+            _tie_bins("align")
+            + ["align.right_beyond_62", "align.left_guard", "operand.all_zero", "block.all_zero"]
+            + ["block.partial_last_nonzero"]
+        ),
+        corner=_align_corner,
+        random=_align_random,
+        expect=_align_expect,
+        inspect=_align_inspect,
+        hdl_parameters={"K": DOT_K, "BS": DOT_BS, "NB": DOT_NB},
+    )
+)
+
+
+# -- add: residual sum of two block-scaled rows, requantized ----------------------------------------------
+def _add_case(a, ea, b, eb, rnd=Rounding.RND_CONV, sat=Saturation.SAT, exp_out=None) -> Case:
+    return {
+        "a": list(a), "ea": _zero_exps(list(a), list(ea)), "b": list(b), "eb": _zero_exps(list(b), list(eb)),
+        "rnd": [int(rnd)], "sat": [int(sat)], "static": [int(exp_out is not None)],
+        "exp_out": list(exp_out) if exp_out is not None else [0] * DOT_NB,
+    }  # fmt: skip
+
+
+def _add_corner(rng: np.random.Generator) -> list[Case]:
+    cases = []
+    z = [0] * DOT_K
+    for r in ROUNDINGS:
+        for q in (2, 3, -4, -3):  # static, 2 steps up: q*4 + 2 is a tie
+            cases.append(_add_case([q * 4 + 2] + [1] * 9, [0, 0, 0], [0, 1] + [0] * 8, [0, 0, 0], r,
+                                   Saturation.SAT, [2, 2, 2]))  # fmt: skip
+        # dynamic: 255 needs 8 bits + sign; 127.5 rounded up to 128 forces one more shift
+        cases.append(_add_case([127] + [0] * 9, [1, 0, 0], [1] + [0] * 9, [0, 0, 0], r))
+        for s in SATURATIONS:
+            for sign in (1, -1):
+                cases.append(_add_case([sign * 127] * DOT_K, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], r, s,
+                                       [0, 0, 0]))  # fmt: skip
+    # the SAT_SYM refusal in dynamic mode: -255 >> 1 floors to -128
+    cases.append(_add_case([-127] + [0] * 9, [1, 0, 0], [-1] + [0] * 9, [0, 0, 0], Rounding.TRN, Saturation.SAT_SYM))
+    # an operand 40 steps below the other: rounded, not shifted 40 bits left
+    cases.append(_add_case([100, 3, 0, 0, 1, 1, 1, 1, 2, 2], [10, 0, 0], [77, -77, 5, 0, 1, 1, 1, 1, 3, 3],
+                           [-30, 0, 0]))  # fmt: skip
+    cases.append(_add_case(z, [0, 0, 0], [0, 0, 0, 0, 4, 4, 4, 4, 1, 1], [0, 0, -3]))
+    cases.append(_add_case(z, [0, 0, 0], z, [0, 0, 0]))
+    return cases
+
+
+def _add_random(rng: np.random.Generator) -> Case:
+    c = _dot_random(rng)
+    static = rng.random() < 0.5
+    e_out = [max(c["ea"][i], c["eb"][i], -20) + int(rng.integers(-3, 4)) for i in range(DOT_NB)]
+    return _add_case(c["a"], c["ea"], c["b"], c["eb"], int(rng.integers(6)), int(rng.integers(3)),
+                     e_out if static else None)  # fmt: skip
+
+
+def _add_qt(codes: list[int], exps: list[int]) -> QTensor:
+    fmt = IntFormat(bits=8, signed=True, block_axis=-1, block_size=DOT_BS)
+    return QTensor(np.array(codes, np.int8).reshape(1, DOT_K), fmt, np.array(exps, np.int32).reshape(1, DOT_NB))
+
+
+def _add_out_fmt(c: Case) -> IntFormat:
+    return IntFormat(bits=8, signed=True, block_size=DOT_BS, rounding=c["rnd"][0], saturation=c["sat"][0])
+
+
+def _add_expect(c: Case) -> Case:
+    from bbct.kernels.add import add
+
+    e_out = np.array(c["exp_out"], np.int32).reshape(1, DOT_NB) if c["static"][0] else None
+    y = add(_add_qt(c["a"], c["ea"]), _add_qt(c["b"], c["eb"]), _add_out_fmt(c), e_out)
+    return {"y": [int(v) for v in y.data.ravel()], "ey": [int(v) for v in np.ravel(y.exp)], "ovf": [y.meta["overflow"]]}
+
+
+def _add_inspect(c: Case) -> Counter:
+    from bbct.kernels.add import MAX_ALIGN
+
+    hits: Counter = Counter()
+    r, sat = c["rnd"][0], c["sat"][0]
+    for blk in range(DOT_NB):
+        js = range(blk * DOT_BS, min(DOT_K, (blk + 1) * DOT_BS))
+        exps = [e for e in (c["ea"][blk], c["eb"][blk]) if e != EXP_ZERO]
+        if not exps:
+            hits["block.all_zero_both"] += 1
+            continue
+        e = max(min(exps), max(exps) - MAX_ALIGN)
+        s = []
+        for j in js:  # the exact sum at e, as the spec forms it
+            terms = []
+            for v, ev in ((c["a"][j], c["ea"][blk]), (c["b"][j], c["eb"][blk])):
+                sh = min(62, e - ev)
+                if v and sh > 0 and v % (1 << sh):
+                    hits["operand.far_rounded"] += 1
+                terms.append(shift_round_ref(v, sh, r))
+            s.append(sum(terms))
+        if js[-1] == DOT_K - 1 and DOT_K % DOT_BS and any(s):
+            hits["block.partial_last_nonzero"] += 1
+        if not any(s):
+            continue
+        sh = (c["exp_out"][blk] if c["static"][0] else c["ey"][blk]) - e
+        if not c["static"][0]:
+            amax = max(abs(v) for v in s)
+            if sh > bit_length_ref(amax) - 7:
+                hits["dynamic.round_up_extra_shift"] += 1
+        for v in s:
+            if v and _tie(v, sh):
+                hits[_tie_bin("out", v, sh, r)] += 1
+            if (b := _narrow_bin("out", shift_round_ref(v, sh, r), 8, sat)) is not None:
+                hits[b + (".static" if c["static"][0] else ".dynamic")] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="add",
+        describes=f"residual add of two rows of {DOT_K} s8 codes (blocks of {DOT_BS}, one exponent each), "
+        "requantized to s8 in the same blocks, static (exp_out) or dynamic (docs/KERNELS.md, add)",
+        ports=(
+            Port("a", "in", 8, True, DOT_K, "s8 codes of a"),
+            Port("ea", "in", 16, True, DOT_NB, "a's block exponents"),
+            Port("b", "in", 8, True, DOT_K, "s8 codes of b"),
+            Port("eb", "in", 16, True, DOT_NB, "b's block exponents"),
+            Port("rnd", "in", 3, False, doc="output format's rounding"),
+            Port("sat", "in", 2, False, doc="output format's saturation"),
+            Port("static", "in", 1, False, doc="1: requantize to exp_out; 0: dynamic block exponents"),
+            Port("exp_out", "in", 16, True, DOT_NB, "static output exponents (ignored when dynamic)"),
+            Port("y", "out", 8, True, DOT_K, "s8 sum codes"),
+            Port("ey", "out", 16, True, DOT_NB, "output block exponents"),
+            Port("ovf", "out", 8, False, doc="saturated elements"),
+        ),
+        bins=tuple(
+            _tie_bins("out")
+            + [f"{b}.static" for b in _sat_bins("out")]
+            + ["out.sat.SAT_SYM.lo.dynamic", "dynamic.round_up_extra_shift", "operand.far_rounded"]
+            + ["block.all_zero_both", "block.partial_last_nonzero"]
+        ),
+        corner=_add_corner,
+        random=_add_random,
+        expect=_add_expect,
+        inspect=_add_inspect,
+        hdl_parameters={"K": DOT_K, "BS": DOT_BS, "NB": DOT_NB},
+    )
+)
+
+
+# -- softmax: one row of T s16 scores with a padding mask --------------------------------------------------
+SM_T, SM_E_IN = 8, -9
+SM_MASK_ADD = -(1 << 16)  # below every s16 score: the masked sum saturates to the type minimum
+
+
+@functools.cache
+def _sm_params():
+    from bbct.kernels.softmax import make_softmax_params
+
+    return make_softmax_params(SM_E_IN, in_bits=16, out_bits=8)
+
+
+def _sm_case(x, mask=None) -> Case:
+    return {"x": [int(v) for v in x], "mask": list(mask) if mask is not None else [0] * SM_T}
+
+
+def _sm_corner(rng: np.random.Generator) -> list[Case]:
+    lo, hi = int_range(16, True)
+    return [
+        _sm_case([0] * SM_T),  # uniform: every probability the same
+        _sm_case([0, -355] + [-20000] * (SM_T - 2)),
+        _sm_case([hi] + [lo] * (SM_T - 1)),  # one certain winner: 1.0 saturates, exp underflows to 0
+        _sm_case([100, 200, 300, 400, 0, 0, 0, 0], [0, 0, 0, 0, 1, 1, 1, 1]),  # padded row
+        _sm_case([5, -3, 7, 0, 1, 2, 3, 4], [0] + [1] * (SM_T - 1)),  # a single position left
+        _sm_case([5, -3, 7, 0, 1, 2, 3, 4], [1] * SM_T),  # fully masked: uniform
+        _sm_case([-30000, -30000, 2000, 1000, 0, -1000, -2000, -3000]),
+    ]
+
+
+def _sm_random(rng: np.random.Generator) -> Case:
+    spread = int(rng.choice([200, 2000, 20000]))
+    x = [int(np.clip(v, -32768, 32767)) for v in rng.integers(-spread, spread + 1, SM_T)]
+    n_pad = int(rng.integers(0, SM_T)) if rng.random() < 0.3 else 0
+    return _sm_case(x, [0] * (SM_T - n_pad) + [1] * n_pad)
+
+
+def _sm_expect(c: Case) -> Case:
+    from bbct.kernels.softmax import softmax
+
+    m = np.array(c["mask"], np.int64) * SM_MASK_ADD
+    y = softmax(np.array(c["x"], np.int64).reshape(1, SM_T), m.reshape(1, SM_T), _sm_params())
+    return {"y": [int(v) for v in y.ravel()]}
+
+
+def _sm_inspect(c: Case) -> Counter:
+    from bbct.kernels.softmax import exp_int
+
+    hits: Counter = Counter()
+    lo, hi = int_range(16, True)
+    z = [max(lo, min(hi, x + m * SM_MASK_ADD)) for x, m in zip(c["x"], c["mask"], strict=True)]
+    d = np.array(z, np.int64) - max(z)
+    e = exp_int(d, _sm_params())  # bbct's own exp: which values vanish
+    n_mask = sum(c["mask"])
+    if n_mask == SM_T:
+        hits["row.fully_masked"] += 1
+    elif n_mask == SM_T - 1:
+        hits["row.one_position_left"] += 1
+    elif n_mask:
+        hits["row.padded"] += 1
+    if any(x + m * SM_MASK_ADD < lo for x, m in zip(c["x"], c["mask"], strict=True)):
+        hits["in.masked_sum_saturates"] += 1
+    if any(x in (lo, hi) for x in c["x"]):
+        hits["in.extreme_code"] += 1
+    if len(set(z)) == 1:
+        hits["row.all_equal"] += 1
+    if any(int(v) == 0 for v, m in zip(e, c["mask"], strict=True) if not m):
+        hits["exp.underflow_to_zero"] += 1
+    if (1 << 8) - 1 in c["y"]:
+        hits["out.saturates_at_one"] += 1
+    if any(y == 0 and not m for y, m in zip(c["y"], c["mask"], strict=True)):
+        hits["out.zero_probability_unmasked"] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="softmax",
+        describes=f"softmax of one row of {SM_T} s16 scores at 2**{SM_E_IN} (poly exp, u8 out at 2**-8); a "
+        f"masked position adds {SM_MASK_ADD} before the input saturation (docs/KERNELS.md, softmax)",
+        ports=(
+            Port("x", "in", 16, True, SM_T, f"scores at 2**{SM_E_IN}"),
+            Port("mask", "in", 1, False, SM_T, "1 = masked position"),
+            Port("y", "out", 8, False, SM_T, "probabilities, u8 at 2**-8"),
+        ),
+        bins=(
+            "row.fully_masked", "row.one_position_left", "row.padded", "row.all_equal",
+            "in.masked_sum_saturates", "in.extreme_code", "exp.underflow_to_zero",
+            "out.saturates_at_one", "out.zero_probability_unmasked",
+        ),  # fmt: skip
+        corner=_sm_corner,
+        random=_sm_random,
+        expect=_sm_expect,
+        inspect=_sm_inspect,
+        hdl_parameters={"T": SM_T, "E_IN": SM_E_IN, "MASK_ADD": SM_MASK_ADD},
+    )
+)
+
+
+# -- gelu: the erf polynomial, one s16 element to s8 --------------------------------------------------------
+GELU_E_IN, GELU_E_OUT, GELU_OUT = -10, -4, 8
+
+
+@functools.cache
+def _gelu_params():
+    from bbct.kernels.gelu import make_gelu_poly
+
+    return make_gelu_poly(GELU_E_IN, in_bits=16, out_bits=GELU_OUT, e_out=GELU_E_OUT)
+
+
+def _gelu_final(q: int) -> tuple[int, int]:
+    """(value, shift) of the last ``>>RND``: ``q * (2**F + E)`` and ``F + 1 + e_out - e_in``, from
+    the spec's steps with the kernel's integer constants."""
+    p = _gelu_params()
+    one = 1 << p.frac
+    u = min(abs(q), p.c_q)
+    L = shift_round_ref(p.a_q * (u - p.c_q) ** 2, p.s_a, Rounding.RND) + one
+    e = L if q > 0 else (-L if q < 0 else 0)
+    return q * (one + e), p.frac + 1 + p.e_out - p.e_in
+
+
+def _gelu_corner(rng: np.random.Generator) -> list[Case]:
+    lo, hi = int_range(16, True)
+    p = _gelu_params()
+    picks = [0, 1, -1, lo, hi, p.c_q, -p.c_q, p.c_q - 1, -(p.c_q + 1), 1024, -1024]
+    found = 0
+    for q in range(0, hi + 1):  # ties of the final shift: found by search, measured by inspect
+        v, s = _gelu_final(q)
+        if _tie(v, s):
+            picks.append(q)
+            found += 1
+            if found == 3:
+                break
+    return [{"x": [q]} for q in picks]
+
+
+def _gelu_random(rng: np.random.Generator) -> Case:
+    return {"x": [int(rng.integers(-32768, 32768))]}
+
+
+def _gelu_expect(c: Case) -> Case:
+    from bbct.kernels.gelu import gelu_poly
+
+    return {"y": [int(gelu_poly(np.array(c["x"], np.int64), _gelu_params())[0])]}
+
+
+def _gelu_inspect(c: Case) -> Counter:
+    hits: Counter = Counter()
+    q, p = c["x"][0], _gelu_params()
+    lo, hi = int_range(16, True)
+    v, s = _gelu_final(q)
+    if _tie(v, s):  # only positive inputs have one: q * (2**F + E) of a negative q never does (exhaustive)
+        hits["final.tie"] += 1
+    if abs(q) >= p.c_q:
+        hits[f"in.erf_clipped.{'neg' if q < 0 else 'pos'}"] += 1
+    if q in (lo, hi):
+        hits["in.extreme_code"] += 1
+    if q == 0:
+        hits["in.zero"] += 1
+    if saturate_ref(shift_round_ref(v, s, Rounding.RND), GELU_OUT, True, Saturation.SAT)[1]:
+        hits["out.sat.hi"] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="gelu",
+        describes=f"GELU by the erf polynomial: s16 in at 2**{GELU_E_IN}, s{GELU_OUT} out at 2**{GELU_E_OUT} "
+        "(docs/KERNELS.md, gelu); the final >>RND rounds half up",
+        ports=(
+            Port("x", "in", 16, True, doc=f"input at 2**{GELU_E_IN}"),
+            Port("y", "out", GELU_OUT, True, doc=f"GELU at 2**{GELU_E_OUT}"),
+        ),
+        bins=(
+            "final.tie", "in.erf_clipped.pos", "in.erf_clipped.neg",
+            "in.extreme_code", "in.zero", "out.sat.hi",
+        ),  # fmt: skip
+        corner=_gelu_corner,
+        random=_gelu_random,
+        expect=_gelu_expect,
+        inspect=_gelu_inspect,
+        hdl_parameters={"E_IN": GELU_E_IN, "E_OUT": GELU_E_OUT, "OUT_BITS": GELU_OUT},
+    )
+)
+
+
+def kernel_vectors(kernel: str, kind: str, count: int, seed: int, out: str | Path) -> int:
+    """``bbct vectors --kernel``: write the vectors, print the coverage summary; 0."""
+    st = generate(kernel, kind, count, seed)
+    path = write_stimulus(st, out)
+    print(coverage_table(st))
+    print(path)
+    return 0

@@ -34,7 +34,8 @@ def kernel_ports(vectors: Path, kernel: str) -> dict[str, Any]:
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise BbctError(f"{path}: cannot read the stimulus manifest ({e}); write it with bbct vectors --kernel") from None
+        why = f"cannot read the stimulus manifest ({e}); write it with bbct vectors --kernel"
+        raise BbctError(f"{path}: {why}") from None
     if doc.get("kernel") != kernel:
         raise BbctError(f"{path}: holds vectors of kernel {doc.get('kernel')!r}, not {kernel!r}")
     ports = [{**p, "path": str((vectors / p["file"]).resolve())} for p in doc["ports"]]
