@@ -91,31 +91,51 @@ def _prod(shape: list[int]) -> int:
     return n
 
 
+def parse_params(specs: list[str] | None) -> dict[str, int]:
+    """``NAME=INT`` HDL parameter overrides (``--param``)."""
+    params = {}
+    for spec in specs or []:
+        name, eq, value = spec.partition("=")
+        try:
+            if not (eq and name.isidentifier()):
+                raise ValueError
+            params[name] = int(value, 0)
+        except ValueError:
+            raise BbctError(f"--param {spec!r}: expected NAME=INTEGER, e.g. EXP_OUT=-8") from None
+    return params
+
+
 def write_testbench(
     vectors: str | Path,
-    rtl: str | Path,
+    rtl: list[str | Path],
     top: str,
     out: str | Path,
     kernel: str | None = None,
     node: str | None = None,
     latency: int = 0,
+    parameters: dict[str, int] | None = None,
     simulator: str = "icarus",
 ) -> Path:
-    """Write ``bench.json``, ``test_<top>.py`` and ``run.py`` into ``out``; returns ``run.py``."""
-    vectors, rtl, out = Path(vectors), Path(rtl), Path(out)
+    """Write ``bench.json``, ``test_<top>.py`` and ``run.py`` into ``out``; returns ``run.py``.
+
+    ``rtl``: the DUT's source files; ``parameters`` override or add HDL parameters (a kernel
+    vector set brings its own, e.g. ``OUT_BITS``)."""
+    vectors, out = Path(vectors), Path(out)
     if (kernel is None) == (node is None):
         raise BbctError("give exactly one of --kernel K and --node NAME")
-    if not rtl.is_file():
-        raise BbctError(f"--rtl {rtl}: no such file")
+    for f in rtl:
+        if not Path(f).is_file():
+            raise BbctError(f"--rtl {f}: no such file")
     if not top.isidentifier():
         raise BbctError(f"--top {top!r}: not a module name")
     if latency < 0:
         raise BbctError(f"--latency {latency}: must be >= 0")
     desc = kernel_ports(vectors, kernel) if kernel else node_ports(vectors, node)
+    desc["hdl_parameters"] = {**desc["hdl_parameters"], **(parameters or {})}
     bench = {
         "kernel": kernel,
         "node": node,
-        "rtl": str(rtl.resolve()),
+        "rtl": [str(Path(f).resolve()) for f in rtl],
         "top": top,
         "simulator": simulator,
         "latency": latency,
@@ -249,7 +269,7 @@ def main() -> int:
     runner = get_runner(BENCH["simulator"])
     build = HERE / "sim_build"
     runner.build(
-        sources=[BENCH["rtl"]],
+        sources=BENCH["rtl"],
         hdl_toplevel=BENCH["top"],
         build_dir=build,
         build_args=["-g2012"],

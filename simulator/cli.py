@@ -555,9 +555,10 @@ def _kernel_stimulus_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_testbench(args: argparse.Namespace) -> int:
-    from bbct.golden.testbench import write_testbench
+    from bbct.golden.testbench import parse_params, write_testbench
 
-    run = write_testbench(args.vectors, args.rtl, args.top, args.out, args.kernel, args.node, args.latency)
+    params = parse_params(args.param)
+    run = write_testbench(args.vectors, args.rtl, args.top, args.out, args.kernel, args.node, args.latency, params)
     print(f"wrote {run.parent / f'test_{args.top}.py'} and {run}; run: python {run}")
     return 0
 
@@ -573,13 +574,14 @@ def add_testbench(sub: Any) -> None:
     )
     p.add_argument("--kernel", default=None, help="vectors from bbct vectors --kernel K")
     p.add_argument("--node", default=None, help="vectors of this node of a model dump (bbct vectors MODEL)")
-    p.add_argument("--rtl", required=True, help="SystemVerilog file of the DUT")
+    p.add_argument("--rtl", required=True, action="append", help="SystemVerilog source of the DUT (repeatable)")
     p.add_argument("--top", required=True, help="top module name")
     p.add_argument("--vectors", required=True, help="folder with the vectors")
     p.add_argument("--out", required=True, help="folder for the test and runner")
     p.add_argument(
         "--latency", type=int, default=0, help="0: combinational DUT; L: clocked on clk, outputs L cycles later"
     )
+    p.add_argument("--param", action="append", default=None, help="HDL parameter NAME=INT (repeatable)")
     p.set_defaults(func=cmd_testbench)
 
 
