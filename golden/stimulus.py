@@ -943,6 +943,147 @@ register(
 )
 
 
+
+# -- layernorm: one row of H wide codes at a per-row exponent ---------------------------------------------
+LN_H, LN_IN, LN_OUT, LN_E_OUT = 8, 28, 8, -5
+LN_GAMMA = (1.0, 1.0, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0)
+LN_BETA = (2.0, -2.0, 0.0, 0.25, 0.5, -0.5, 0.0, 0.0)  # 1.0 is 32 codes: +-2 pushes the ends past s8
+
+
+@functools.cache
+def _ln_params(out_bits: int = LN_OUT):
+    from bbct.kernels.layernorm import make_layernorm_params
+
+    return make_layernorm_params(np.array(LN_GAMMA), np.array(LN_BETA), 1e-12, out_exp=LN_E_OUT, out_bits=out_bits)
+
+
+def _ln_steps(x: list[int], e_row: int) -> dict[str, Any]:
+    """The spec's steps for one row (math.isqrt, not bbct's): the values each shift sees."""
+    import math
+
+    from bbct.kernels.layernorm import RB
+
+    p, h = _ln_params(), LN_H
+    b = max(abs(v) for v in x).bit_length()
+    m = (59 - h.bit_length() - 2 * b) // 2
+    mu = (sum(x) * 2 ** (m + 1) + h) // (2 * h)
+    d = [(v << m) - mu for v in x]
+    var = sum(v * v for v in d)
+    eps_shift = 2 * (e_row - m) - p.eps_e
+    var = min(var + shift_round_ref(h * p.eps_m, eps_shift, Rounding.RND), (1 << 62) - 1)
+    t = max(0, (61 - var.bit_length()) // 2)
+    sigma = math.isqrt((var << 2 * t) // h)
+    recip = (1 << RB) // sigma if sigma else 0
+    n_shift = RB - p.norm_frac_bits - t
+    n = [shift_round_ref(v * recip, n_shift, Rounding.RND) for v in d]
+    y_shift = p.e_out - p.e_gamma + p.norm_frac_bits
+    return {"m": m, "eps_shift": eps_shift, "eps": h * p.eps_m, "d": d, "recip": recip, "n_shift": n_shift,
+            "n": n, "y_shift": y_shift}  # fmt: skip
+
+
+def _ln_ties(x: list[int], e_row: int) -> tuple[bool, bool]:
+    st = _ln_steps(x, e_row)
+    g = _ln_params().gamma
+    return (
+        any(_tie(v * st["recip"], st["n_shift"]) for v in st["d"]),
+        any(_tie(int(v) * int(gj), st["y_shift"]) for v, gj in zip(st["n"], g, strict=True)),
+    )
+
+
+def _ln_corner(rng: np.random.Generator) -> list[Case]:
+    top = (1 << (LN_IN - 1)) - 1
+    cases = [
+        {"x": [-3, -1, 1, 3, -3, -1, 1, 3], "e_row": [0]},
+        {"x": [7] * LN_H, "e_row": [0]},  # constant row: y = beta
+        {"x": [0] * LN_H, "e_row": [0]},
+        {"x": [top, -top, top, -top, 0, 0, 0, 0], "e_row": [-30]},  # full headroom
+        {"x": [1, 0, 0, 0, 0, 0, 0, 0], "e_row": [-20]},  # eps shifted left
+        {"x": [1, 0, 0, 0, 0, 0, 0, 0], "e_row": [-60]},  # eps beyond 62 bits: V saturates
+        {"x": [100, 0, 0, 0, 0, 0, 0, -100], "e_row": [40]},  # eps far below: shifted right away
+        {"x": [1000, 0, 0, 0, 0, 0, 0, 0], "e_row": [0]},  # one outlier: 2.65 + beta 2.0 clips at the top
+        {"x": [0, -1000, 0, 0, 0, 0, 0, 0], "e_row": [0]},  # and -2.65 - 2.0 at the bottom
+    ]
+    found = [False, False]
+    for _ in range(20000):  # rows with an exact half at the normalization or output shift
+        x = [int(v) for v in rng.integers(-300, 301, LN_H)]
+        ties = _ln_ties(x, 0)
+        for i in (0, 1):
+            if ties[i] and not found[i]:
+                cases.append({"x": x, "e_row": [0]})
+                found[i] = True
+        if all(found):
+            break
+    return cases
+
+
+def _ln_random(rng: np.random.Generator) -> Case:
+    bits = int(rng.integers(1, LN_IN))
+    return {"x": [int(v) for v in rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), LN_H)],
+            "e_row": [int(rng.integers(-40, 20))]}  # fmt: skip
+
+
+def _ln_expect(c: Case) -> Case:
+    from bbct.kernels.layernorm import layernorm
+
+    y, _ = layernorm(np.array(c["x"], np.int64).reshape(1, LN_H), np.array([[c["e_row"][0]]]), _ln_params())
+    return {"y": [int(v) for v in y.ravel()]}
+
+
+def _ln_inspect(c: Case) -> Counter:
+    from bbct.kernels.layernorm import layernorm
+
+    hits: Counter = Counter()
+    x, e_row = c["x"], c["e_row"][0]
+    if not any(x):
+        hits["row.all_zero"] += 1
+    elif len(set(x)) == 1:
+        hits["row.constant"] += 1
+    if max(abs(v) for v in x).bit_length() == LN_IN - 1:
+        hits["in.full_headroom"] += 1
+    st = _ln_steps(x, e_row)
+    if st["eps_shift"] < 0:
+        big = st["eps"].bit_length() - st["eps_shift"] > 62
+        hits["eps.beyond_62_bits_V_saturates" if big else "eps.left_shift"] += 1
+    elif st["eps_shift"] > 62:
+        hits["eps.right_shift_beyond_62"] += 1
+    ties = _ln_ties(x, e_row)
+    if ties[0]:
+        hits["norm.tie"] += 1
+    if ties[1]:
+        hits["out.tie"] += 1
+    # the values before the output saturation: the same row through a 24-bit output
+    wide, _ = layernorm(np.array(x, np.int64).reshape(1, LN_H), np.array([[e_row]]), _ln_params(24))
+    lo, hi = int_range(LN_OUT, True)
+    if (wide > hi).any():
+        hits["out.sat.hi"] += 1
+    if (wide < lo).any():
+        hits["out.sat.lo"] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="layernorm",
+        describes=f"LayerNorm of one row of {LN_H} s{LN_IN} codes at a per-row exponent e_row, eps 1e-12, "
+        f"gamma {LN_GAMMA}, beta {LN_BETA}, s{LN_OUT} out at 2**{LN_E_OUT} (docs/KERNELS.md, layernorm)",
+        ports=(
+            Port("x", "in", LN_IN, True, LN_H, "row codes"),
+            Port("e_row", "in", 16, True, doc="the row's exponent"),
+            Port("y", "out", LN_OUT, True, LN_H, f"normalized row at 2**{LN_E_OUT}"),
+        ),
+        bins=(
+            "row.all_zero", "row.constant", "in.full_headroom", "eps.left_shift", "eps.beyond_62_bits_V_saturates",
+            "eps.right_shift_beyond_62", "norm.tie", "out.tie", "out.sat.hi", "out.sat.lo",
+        ),  # fmt: skip
+        corner=_ln_corner,
+        random=_ln_random,
+        expect=_ln_expect,
+        inspect=_ln_inspect,
+        hdl_parameters={"H": LN_H, "E_OUT": LN_E_OUT},
+    )
+)
+
+
 def kernel_vectors(kernel: str, kind: str, count: int, seed: int, out: str | Path) -> int:
     """``bbct vectors --kernel``: write the vectors, print the coverage summary; 0."""
     st = generate(kernel, kind, count, seed)
