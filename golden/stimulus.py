@@ -168,8 +168,11 @@ def hex_lines(values: np.ndarray, bits: int) -> str:
 
 def write_stimulus(st: Stimulus, out_dir: str | Path) -> Path:
     """Write one ``<port>.hex`` per port and ``stimulus.json`` (last); returns the manifest path."""
+    from bbct.golden.provenance import provenance
+
     out = Path(out_dir)
     manifest = out / MANIFEST
+    stale = _listed(manifest)
     if manifest.exists():  # the old manifest goes first: a killed write leaves no valid folder
         manifest.unlink()
     ports = []
@@ -189,6 +192,7 @@ def write_stimulus(st: Stimulus, out_dir: str | Path) -> Path:
         "ports": ports,
         "hdl_parameters": st.hdl_parameters,
         "coverage": st.coverage,
+        "provenance": provenance(),
         "conventions": {
             "hex": "one value per line at the port's 'bits': two's complement if 'signed', else "
             "plain binary; count * lanes lines, transaction by transaction, lane 0 first",
@@ -196,7 +200,19 @@ def write_stimulus(st: Stimulus, out_dir: str | Path) -> Path:
             "transaction": "drive every 'in' port with transaction i's values; the 'out' ports must show theirs",
         },
     }
-    return write_text(manifest, json.dumps(doc, indent=1) + "\n")
+    path = write_text(manifest, json.dumps(doc, indent=1) + "\n")
+    for name in stale - {p["file"] for p in ports}:  # files of an earlier set this one did not rewrite
+        (out / name).unlink(missing_ok=True)
+    return path
+
+
+def _listed(manifest: Path) -> set[str]:
+    """Port files an earlier ``stimulus.json`` in the folder lists (plain names only)."""
+    try:
+        ports = json.loads(manifest.read_text()).get("ports", [])
+        return {p["file"] for p in ports if Path(str(p.get("file", ""))).name == p["file"]}
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return set()
 
 
 def coverage_table(st: Stimulus) -> str:

@@ -208,6 +208,13 @@ async def stream_vectors(dut):
     data = {p["name"]: load(p) for p in ports}
     n, latency = BENCH["count"], BENCH["latency"]
     mismatches = []
+    for p in ports + ([{"name": "clk", "bus_bits": 1}] if latency else []):
+        handle = getattr(dut, p["name"], None)
+        width = p.get("bus_bits", p.get("bits", 1) * p.get("lanes", 1))
+        if handle is None:
+            raise AssertionError(f"the DUT has no port {p['name']!r} ({width} bits); bench.json lists its ports")
+        if len(handle) != width:
+            raise AssertionError(f"port {p['name']}: the DUT's is {len(handle)} bits, the vectors need {width}")
 
     def drive(i):
         for p in ins:

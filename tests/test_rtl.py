@@ -90,3 +90,13 @@ def test_a_model_node_through_the_adapter(tmp_path, capsys, tiny_bert_onnx):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
     assert "0 mismatches" in log and "outputs compared" in log
+
+
+def test_a_port_of_the_wrong_width_is_named(tmp_path, capsys):
+    vec, tb = tmp_path / "vectors", tmp_path / "tb"
+    assert main(["vectors", "--kernel", "requantize", "--out", str(vec)]) == 0
+    assert main(["testbench", "--kernel", "requantize", "--rtl", str(RTL / "requantize.sv"), "--top",
+                 "bbct_requantize", "--vectors", str(vec), "--out", str(tb), "--latency", "1",
+                 "--param", "OUT_BITS=16"]) == 0  # fmt: skip
+    proc = _run(tb)
+    assert proc.returncode == 1 and "port y: the DUT's is 16 bits, the vectors need 8" in proc.stdout + proc.stderr

@@ -191,3 +191,11 @@ def test_layernorm_inspection_steps_reproduce_the_kernel():
             for n, g, b in zip(steps["n"], p.gamma, p.beta, strict=True)
         ]
         assert y == S._ln_expect(c)["y"], c
+
+
+def test_a_used_folder_keeps_only_the_new_set(tmp_path):
+    S.write_stimulus(S.generate("gemm", "corner", 0, 0), tmp_path)
+    S.write_stimulus(S.generate("gelu", "corner", 0, 0), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stimulus.json", "x.hex", "y.hex"]
+    doc = json.loads((tmp_path / "stimulus.json").read_text())
+    assert doc["kernel"] == "gelu" and doc["provenance"]["bbct_version"]
