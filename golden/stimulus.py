@@ -371,6 +371,7 @@ register(
 )
 
 
+
 # -- block-scaled dot product: align both operands, MAC with a narrow accumulator, bias -------------
 DOT_K, DOT_BS = 10, 4  # 10 = 4 + 4 + 2: the last block is partial
 DOT_NB = -(-DOT_K // DOT_BS)
@@ -582,6 +583,93 @@ register(
     )
 )
 
+
+
+# -- requantize, dynamic: one block exponent per block from the block's largest magnitude --------------------
+RQB_IN = 32
+
+
+def _rqb_case(x, e_in=0, rnd=Rounding.RND_CONV, sat=Saturation.SAT) -> Case:
+    return {"x": list(x), "e_in": [e_in], "rnd": [int(rnd)], "sat": [int(sat)]}
+
+
+def _rqb_corner(rng: np.random.Generator) -> list[Case]:
+    cases = []
+    for r in ROUNDINGS:
+        for s in SATURATIONS:
+            # 508 sets s = 2: q*4 + 2 beside it is a tie; 255 is 127.5 at s = 1 (rounded up: s = 2);
+            # 3 and 1 gain 5 bits (s = -5); the middle block is zero; the last block is short
+            for q in (2, 3, -4, -3):
+                cases.append(_rqb_case([508, q * 4 + 2, 0, 1, 255, -7, 0, 0, 3, 1], -4, r, s))
+            cases.append(_rqb_case([-255, 0, 0, 0, 0, 0, 0, 0, -(1 << 30), 5], 7, r, s))
+    return cases
+
+
+def _rqb_random(rng: np.random.Generator) -> Case:
+    x = [_rand_mag(rng, RQB_IN - 1) for _ in range(DOT_K)]
+    if rng.random() < 0.2:
+        blk = int(rng.integers(DOT_NB))
+        x[blk * DOT_BS : (blk + 1) * DOT_BS] = [0] * len(x[blk * DOT_BS : (blk + 1) * DOT_BS])
+    return _rqb_case(x, int(rng.integers(-30, 10)), int(rng.integers(6)), int(rng.integers(3)))
+
+
+def _rqb_expect(c: Case) -> Case:
+    from bbct.kernels.requantize import requantize
+
+    fmt = IntFormat(bits=8, signed=True, block_size=DOT_BS, rounding=c["rnd"][0], saturation=c["sat"][0])
+    q = requantize(np.array(c["x"], np.int64).reshape(1, DOT_K), np.array([[c["e_in"][0]]], np.int32), fmt)
+    return {"y": [int(v) for v in q.data.ravel()], "e_out": [int(v) for v in np.ravel(q.exp)],
+            "ovf": [q.meta["overflow"]]}  # fmt: skip
+
+
+def _rqb_inspect(c: Case) -> Counter:
+    hits: Counter = Counter()
+    r, sat = c["rnd"][0], c["sat"][0]
+    for blk, vals in enumerate(_blocks_of(c["x"])):
+        if c["e_out"][blk] == EXP_ZERO:
+            hits["block.all_zero"] += 1
+            continue
+        sh = c["e_out"][blk] - c["e_in"][0]  # the shift the block really got
+        if sh > bit_length_ref(max(abs(v) for v in vals)) - 7:
+            hits["shift.rounded_up_one_more"] += 1
+        if sh < 0:
+            hits["shift.left_gains_bits"] += 1
+        if len(vals) < DOT_BS:
+            hits["block.partial_last_nonzero"] += 1
+        for v in vals:
+            if v and _tie(v, sh):
+                hits[_tie_bin("shift", v, sh, r)] += 1
+            if (b := _narrow_bin("out", shift_round_ref(v, sh, r), 8, sat)) is not None:
+                hits[b] += 1
+    return hits
+
+
+register(
+    KernelStimulus(
+        name="requantize_dynamic",
+        describes=f"dynamic (MX-style) requantize of a row of {DOT_K} s{RQB_IN} values at e_in to s8 in blocks of "
+        f"{DOT_BS}: s = bitlen(amax) - 7, one more if amax rounds past 127 (docs/KERNELS.md, requantize, dynamic)",
+        ports=(
+            Port("x", "in", RQB_IN, True, DOT_K, "input values at e_in"),
+            Port("e_in", "in", 16, True, doc="the row's exponent"),
+            Port("rnd", "in", 3, False, doc="rounding mode"),
+            Port("sat", "in", 2, False, doc="saturation mode"),
+            Port("y", "out", 8, True, DOT_K, "s8 codes"),
+            Port("e_out", "out", 16, True, DOT_NB, "block exponents (EXP_ZERO: all-zero block)"),
+            Port("ovf", "out", 8, False, doc="saturated elements"),
+        ),
+        bins=tuple(
+            _tie_bins("shift")
+            + ["shift.rounded_up_one_more", "shift.left_gains_bits", "out.sat.SAT_SYM.lo"]
+            + ["block.all_zero", "block.partial_last_nonzero"]
+        ),
+        corner=_rqb_corner,
+        random=_rqb_random,
+        expect=_rqb_expect,
+        inspect=_rqb_inspect,
+        hdl_parameters={"K": DOT_K, "BS": DOT_BS, "NB": DOT_NB},
+    )
+)
 
 
 # -- align alone: one group of block-scaled codes to one exponent ---------------------------------------

@@ -91,6 +91,10 @@ def _reference_outputs(kernel: str, c: S.Case) -> S.Case:
         fmt = IntFormat(bits=S.RQ_OUT, block_size=1, rounding=c["rnd"][0], saturation=c["sat"][0])
         q = requantize_ref(np.array(c["x"]), np.zeros(1, np.int32), fmt, np.array(c["shift"]))
         return {"y": [int(q.data[0])], "ovf": [q.meta["overflow"]]}
+    if kernel == "requantize_dynamic":
+        fmt = IntFormat(bits=8, block_size=S.DOT_BS, rounding=c["rnd"][0], saturation=c["sat"][0])
+        q = requantize_ref(np.array(c["x"]).reshape(1, -1), np.array([c["e_in"]]), fmt)
+        return {"y": q.data.ravel().tolist(), "e_out": np.ravel(q.exp).tolist(), "ovf": [q.meta["overflow"]]}
     if kernel == "align":
         w, e = aligned(c["q"], c["e"], c["guard"][0], c["rnd"][0], -1)
         return {"wide": w.ravel().tolist(), "e_ref": [int(e.ravel()[0])]}
