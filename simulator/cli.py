@@ -527,7 +527,9 @@ def add_vectors(sub: Any) -> None:
         "dump integer inputs/outputs/tables of IR nodes for an RTL testbench",
         "Simulates the texts and writes, for every IR node matching --nodes, its integer inputs and\n"
         "outputs, their block exponents, and its constant tables ($readmemh hex, one value per line,\n"
-        "or .npy), with vectors.json listing each file's format, shape and sha256 (written last).",
+        "or .npy), with vectors.json listing each file's format, shape and sha256 (written last).\n"
+        "With --kernel K instead: corner or random stimulus for one kernel, its expected outputs (one hex\n"
+        "file per DUT port, stimulus.json) and a coverage table of its corner bins (see bbct testbench).",
     )
     _model_arg(p)
     p.add_argument("--text", action="append", default=None, help="input sentence (repeatable)")
