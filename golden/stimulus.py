@@ -371,7 +371,6 @@ register(
 )
 
 
-
 # -- block-scaled dot product: align both operands, MAC with a narrow accumulator, bias -------------
 DOT_K, DOT_BS = 10, 4  # 10 = 4 + 4 + 2: the last block is partial
 DOT_NB = -(-DOT_K // DOT_BS)
@@ -406,14 +405,33 @@ def _aligned_ref(codes: list[int], exps: list[int], guard: int, rnd: int) -> tup
     return [shift_round_ref(v, s, rnd) for v, s in zip(codes, shifts, strict=True)], shifts, e_ref
 
 
-def _dot_case(a, ea, b, eb, guard=1, arnd=Rounding.RND_CONV, acc_bits=32, sat=Saturation.SAT,
-              bias=None, e_bias=0, brnd=Rounding.RND_CONV) -> Case:  # fmt: skip
+def _dot_case(
+    a,
+    ea,
+    b,
+    eb,
+    guard=1,
+    arnd=Rounding.RND_CONV,
+    acc_bits=32,
+    sat=Saturation.SAT,
+    bias=None,
+    e_bias=0,
+    brnd=Rounding.RND_CONV,
+) -> Case:
     return {
-        "a": list(a), "ea": _zero_exps(list(a), list(ea)), "b": list(b), "eb": _zero_exps(list(b), list(eb)),
-        "guard": [guard], "align_rnd": [int(arnd)], "acc_bits": [acc_bits], "acc_sat": [int(sat)],
-        "bias": [0 if bias is None else bias], "e_bias": [e_bias], "bias_en": [int(bias is not None)],
+        "a": list(a),
+        "ea": _zero_exps(list(a), list(ea)),
+        "b": list(b),
+        "eb": _zero_exps(list(b), list(eb)),
+        "guard": [guard],
+        "align_rnd": [int(arnd)],
+        "acc_bits": [acc_bits],
+        "acc_sat": [int(sat)],
+        "bias": [0 if bias is None else bias],
+        "e_bias": [e_bias],
+        "bias_en": [int(bias is not None)],
         "bias_rnd": [int(brnd)],
-    }  # fmt: skip
+    }
 
 
 def _dot_corner(rng: np.random.Generator) -> list[Case]:
@@ -425,28 +443,35 @@ def _dot_corner(rng: np.random.Generator) -> list[Case]:
                 # a's block 1 sits 3 + g steps below block 0: shifted right by 3, value q*8 + 4 is a tie;
                 # the bias sits 2 steps above the accumulator: q*4 + 2 is a tie too
                 a = [5, 0, 0, 0, q * 8 + 4, 0, 0, 0, 1, -1]
-                cases.append(_dot_case(a, [0, -3 - g, 0], ones, [0, 0, 0], g, r, 32, Saturation.SAT,
-                                       q * 4 + 2, -2 * g - 2, r))  # fmt: skip
-                cases.append(_dot_case(ones, [0, 0, 0], a, [0, -3 - g, 0], g, r, 32, Saturation.SAT,
-                                       None, 0, r))  # fmt: skip
+                cases.append(
+                    _dot_case(a, [0, -3 - g, 0], ones, [0, 0, 0], g, r, 32, Saturation.SAT, q * 4 + 2, -2 * g - 2, r)
+                )
+                cases.append(_dot_case(ones, [0, 0, 0], a, [0, -3 - g, 0], g, r, 32, Saturation.SAT, None, 0, r))
     for s in SATURATIONS:
         for sign in (1, -1):
             big = [127] * DOT_K
             cases.append(_dot_case(big, [0, 0, 0], [sign * 127] * DOT_K, [0, 0, 0], 0, Rounding.RND_CONV, 12, s))
             # the exact sum is 0, the clipped running sum is not
-            cases.append(_dot_case([100, -100] * 5, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], 0,
-                                   Rounding.RND_CONV, 12, s))  # fmt: skip
+            cases.append(
+                _dot_case([100, -100] * 5, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], 0, Rounding.RND_CONV, 12, s)
+            )
             # the bias pushes a fitting sum over a bound; a bias far above the accumulator
-            cases.append(_dot_case([10] + [0] * 9, [0, 0, 0], [10] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 8,
-                                   s, sign * 100, 0))  # fmt: skip
-            cases.append(_dot_case([3] + [0] * 9, [0, 0, 0], [2] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 32,
-                                   s, sign * 5, 60))  # fmt: skip
+            cases.append(
+                _dot_case(
+                    [10] + [0] * 9, [0, 0, 0], [10] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 8, s, sign * 100, 0
+                )
+            )
+            cases.append(
+                _dot_case([3] + [0] * 9, [0, 0, 0], [2] + [0] * 9, [0, 0, 0], 0, Rounding.RND_CONV, 32, s, sign * 5, 60)
+            )
     zero = [0] * DOT_K
     for bits, bias in ((16, 1000), (8, 1000), (8, 1020), (8, -1020)):  # all-zero operand: the bias alone
-        cases.append(_dot_case(zero, [0, 0, 0], ones, [0, 0, 0], 1, Rounding.RND_CONV, bits, Saturation.SAT,
-                               bias, -20))  # fmt: skip
-        cases.append(_dot_case(ones, [0, 0, 0], zero, [0, 0, 0], 1, Rounding.RND, bits, Saturation.SAT_SYM,
-                               bias, -20, Rounding.RND))  # fmt: skip
+        cases.append(_dot_case(zero, [0, 0, 0], ones, [0, 0, 0], 1, Rounding.RND_CONV, bits, Saturation.SAT, bias, -20))
+        cases.append(
+            _dot_case(
+                ones, [0, 0, 0], zero, [0, 0, 0], 1, Rounding.RND, bits, Saturation.SAT_SYM, bias, -20, Rounding.RND
+            )
+        )
     cases.append(_dot_case(zero, [0, 0, 0], zero, [0, 0, 0], 3))  # no bias: 0
     # a block 70 steps below the largest: its shift is taken as 62
     cases.append(_dot_case([1, 2, 3, 4, -7, 7, 1, 0, 0, 0], [10, -60, 0], ones, [0, 0, 0], 0))
@@ -466,8 +491,19 @@ def _dot_random(rng: np.random.Generator) -> Case:
     g = int(rng.integers(0, GUARD_MAX + 1))
     e_acc = max(ea) + max(eb) - 2 * g
     bias = int(rng.integers(-(1 << 20), 1 << 20)) if rng.random() < 0.7 else None
-    return _dot_case(a, ea, b, eb, g, int(rng.integers(6)), int(rng.integers(8, DOT_ACC_W + 1)),
-                     int(rng.integers(3)), bias, e_acc + int(rng.integers(-30, 30)), int(rng.integers(6)))  # fmt: skip
+    return _dot_case(
+        a,
+        ea,
+        b,
+        eb,
+        g,
+        int(rng.integers(6)),
+        int(rng.integers(8, DOT_ACC_W + 1)),
+        int(rng.integers(3)),
+        bias,
+        e_acc + int(rng.integers(-30, 30)),
+        int(rng.integers(6)),
+    )
 
 
 def _dot_expect(c: Case) -> Case:
@@ -478,9 +514,16 @@ def _dot_expect(c: Case) -> Case:
     wb, eb = _align_one(c["b"], c["eb"], g, r, 0)
     bias = np.array(c["bias"], np.int64) if c["bias_en"][0] else None
     acc, e_acc, events = gemm(
-        wa, np.array([[ea]]), wb, np.array([[eb]]), c["acc_bits"][0], Saturation(c["acc_sat"][0]),
-        bias, c["e_bias"][0], Rounding(c["bias_rnd"][0]),
-    )  # fmt: skip
+        wa,
+        np.array([[ea]]),
+        wb,
+        np.array([[eb]]),
+        c["acc_bits"][0],
+        Saturation(c["acc_sat"][0]),
+        bias,
+        c["e_bias"][0],
+        Rounding(c["bias_rnd"][0]),
+    )
     return {"acc": [int(acc[0, 0])], "e_acc": [int(e_acc[0, 0])], "events": [int(events)]}
 
 
@@ -584,7 +627,6 @@ register(
 )
 
 
-
 # -- requantize, dynamic: one block exponent per block from the block's largest magnitude --------------------
 RQB_IN = 32
 
@@ -618,8 +660,11 @@ def _rqb_expect(c: Case) -> Case:
 
     fmt = IntFormat(bits=8, signed=True, block_size=DOT_BS, rounding=c["rnd"][0], saturation=c["sat"][0])
     q = requantize(np.array(c["x"], np.int64).reshape(1, DOT_K), np.array([[c["e_in"][0]]], np.int32), fmt)
-    return {"y": [int(v) for v in q.data.ravel()], "e_out": [int(v) for v in np.ravel(q.exp)],
-            "ovf": [q.meta["overflow"]]}  # fmt: skip
+    return {
+        "y": [int(v) for v in q.data.ravel()],
+        "e_out": [int(v) for v in np.ravel(q.exp)],
+        "ovf": [q.meta["overflow"]],
+    }
 
 
 def _rqb_inspect(c: Case) -> Counter:
@@ -737,10 +782,15 @@ register(
 # -- add: residual sum of two block-scaled rows, requantized ----------------------------------------------
 def _add_case(a, ea, b, eb, rnd=Rounding.RND_CONV, sat=Saturation.SAT, exp_out=None) -> Case:
     return {
-        "a": list(a), "ea": _zero_exps(list(a), list(ea)), "b": list(b), "eb": _zero_exps(list(b), list(eb)),
-        "rnd": [int(rnd)], "sat": [int(sat)], "static": [int(exp_out is not None)],
+        "a": list(a),
+        "ea": _zero_exps(list(a), list(ea)),
+        "b": list(b),
+        "eb": _zero_exps(list(b), list(eb)),
+        "rnd": [int(rnd)],
+        "sat": [int(sat)],
+        "static": [int(exp_out is not None)],
         "exp_out": list(exp_out) if exp_out is not None else [0] * DOT_NB,
-    }  # fmt: skip
+    }
 
 
 def _add_corner(rng: np.random.Generator) -> list[Case]:
@@ -748,19 +798,22 @@ def _add_corner(rng: np.random.Generator) -> list[Case]:
     z = [0] * DOT_K
     for r in ROUNDINGS:
         for q in (2, 3, -4, -3):  # static, 2 steps up: q*4 + 2 is a tie
-            cases.append(_add_case([q * 4 + 2] + [1] * 9, [0, 0, 0], [0, 1] + [0] * 8, [0, 0, 0], r,
-                                   Saturation.SAT, [2, 2, 2]))  # fmt: skip
+            cases.append(
+                _add_case([q * 4 + 2] + [1] * 9, [0, 0, 0], [0, 1] + [0] * 8, [0, 0, 0], r, Saturation.SAT, [2, 2, 2])
+            )
         # dynamic: 255 needs 8 bits + sign; 127.5 rounded up to 128 forces one more shift
         cases.append(_add_case([127] + [0] * 9, [1, 0, 0], [1] + [0] * 9, [0, 0, 0], r))
         for s in SATURATIONS:
             for sign in (1, -1):
-                cases.append(_add_case([sign * 127] * DOT_K, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], r, s,
-                                       [0, 0, 0]))  # fmt: skip
+                cases.append(
+                    _add_case([sign * 127] * DOT_K, [0, 0, 0], [sign * 100] * DOT_K, [0, 0, 0], r, s, [0, 0, 0])
+                )
     # the SAT_SYM refusal in dynamic mode: -255 >> 1 floors to -128
     cases.append(_add_case([-127] + [0] * 9, [1, 0, 0], [-1] + [0] * 9, [0, 0, 0], Rounding.TRN, Saturation.SAT_SYM))
     # an operand 40 steps below the other: rounded, not shifted 40 bits left
-    cases.append(_add_case([100, 3, 0, 0, 1, 1, 1, 1, 2, 2], [10, 0, 0], [77, -77, 5, 0, 1, 1, 1, 1, 3, 3],
-                           [-30, 0, 0]))  # fmt: skip
+    cases.append(
+        _add_case([100, 3, 0, 0, 1, 1, 1, 1, 2, 2], [10, 0, 0], [77, -77, 5, 0, 1, 1, 1, 1, 3, 3], [-30, 0, 0])
+    )
     cases.append(_add_case(z, [0, 0, 0], [0, 0, 0, 0, 4, 4, 4, 4, 1, 1], [0, 0, -3]))
     cases.append(_add_case(z, [0, 0, 0], z, [0, 0, 0]))
     return cases
@@ -770,8 +823,9 @@ def _add_random(rng: np.random.Generator) -> Case:
     c = _dot_random(rng)
     static = rng.random() < 0.5
     e_out = [max(c["ea"][i], c["eb"][i], -20) + int(rng.integers(-3, 4)) for i in range(DOT_NB)]
-    return _add_case(c["a"], c["ea"], c["b"], c["eb"], int(rng.integers(6)), int(rng.integers(3)),
-                     e_out if static else None)  # fmt: skip
+    return _add_case(
+        c["a"], c["ea"], c["b"], c["eb"], int(rng.integers(6)), int(rng.integers(3)), e_out if static else None
+    )
 
 
 def _add_qt(codes: list[int], exps: list[int]) -> QTensor:
@@ -947,10 +1001,16 @@ register(
             Port("y", "out", 8, False, SM_T, "probabilities, u8 at 2**-8"),
         ),
         bins=(
-            "row.fully_masked", "row.one_position_left", "row.padded", "row.all_equal",
-            "in.masked_sum_saturates", "in.extreme_code", "exp.underflow_to_zero",
-            "out.saturates_at_one", "out.zero_probability_unmasked",
-        ),  # fmt: skip
+            "row.fully_masked",
+            "row.one_position_left",
+            "row.padded",
+            "row.all_equal",
+            "in.masked_sum_saturates",
+            "in.extreme_code",
+            "exp.underflow_to_zero",
+            "out.saturates_at_one",
+            "out.zero_probability_unmasked",
+        ),
         corner=_sm_corner,
         random=_sm_random,
         expect=_sm_expect,
@@ -1035,9 +1095,13 @@ register(
             Port("y", "out", GELU_OUT, True, doc=f"GELU at 2**{GELU_E_OUT}"),
         ),
         bins=(
-            "final.tie", "in.erf_clipped.pos", "in.erf_clipped.neg",
-            "in.extreme_code", "in.zero", "out.sat.hi",
-        ),  # fmt: skip
+            "final.tie",
+            "in.erf_clipped.pos",
+            "in.erf_clipped.neg",
+            "in.extreme_code",
+            "in.zero",
+            "out.sat.hi",
+        ),
         corner=_gelu_corner,
         random=_gelu_random,
         expect=_gelu_expect,
@@ -1045,7 +1109,6 @@ register(
         hdl_parameters={"E_IN": GELU_E_IN, "E_OUT": GELU_E_OUT, "OUT_BITS": GELU_OUT},
     )
 )
-
 
 
 # -- layernorm: one row of H wide codes at a per-row exponent ---------------------------------------------
@@ -1081,8 +1144,16 @@ def _ln_steps(x: list[int], e_row: int) -> dict[str, Any]:
     n_shift = RB - p.norm_frac_bits - t
     n = [shift_round_ref(v * recip, n_shift, Rounding.RND) for v in d]
     y_shift = p.e_out - p.e_gamma + p.norm_frac_bits
-    return {"m": m, "eps_shift": eps_shift, "eps": h * p.eps_m, "d": d, "recip": recip, "n_shift": n_shift,
-            "n": n, "y_shift": y_shift}  # fmt: skip
+    return {
+        "m": m,
+        "eps_shift": eps_shift,
+        "eps": h * p.eps_m,
+        "d": d,
+        "recip": recip,
+        "n_shift": n_shift,
+        "n": n,
+        "y_shift": y_shift,
+    }
 
 
 def _ln_ties(x: list[int], e_row: int) -> tuple[bool, bool]:
@@ -1122,8 +1193,10 @@ def _ln_corner(rng: np.random.Generator) -> list[Case]:
 
 def _ln_random(rng: np.random.Generator) -> Case:
     bits = int(rng.integers(1, LN_IN))
-    return {"x": [int(v) for v in rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), LN_H)],
-            "e_row": [int(rng.integers(-40, 20))]}  # fmt: skip
+    return {
+        "x": [int(v) for v in rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), LN_H)],
+        "e_row": [int(rng.integers(-40, 20))],
+    }
 
 
 def _ln_expect(c: Case) -> Case:
@@ -1176,9 +1249,17 @@ register(
             Port("y", "out", LN_OUT, True, LN_H, f"normalized row at 2**{LN_E_OUT}"),
         ),
         bins=(
-            "row.all_zero", "row.constant", "in.full_headroom", "eps.left_shift", "eps.beyond_62_bits_V_saturates",
-            "eps.right_shift_beyond_62", "norm.tie", "out.tie", "out.sat.hi", "out.sat.lo",
-        ),  # fmt: skip
+            "row.all_zero",
+            "row.constant",
+            "in.full_headroom",
+            "eps.left_shift",
+            "eps.beyond_62_bits_V_saturates",
+            "eps.right_shift_beyond_62",
+            "norm.tie",
+            "out.tie",
+            "out.sat.hi",
+            "out.sat.lo",
+        ),
         corner=_ln_corner,
         random=_ln_random,
         expect=_ln_expect,

@@ -38,8 +38,25 @@ def _bench(tmp_path: Path, kernel: str, stimulus: str, rtl: list[Path], top: str
     argv = ["vectors", "--kernel", kernel, "--stimulus", stimulus, "--count", str(count), "--seed", "7"]
     assert main(argv + ["--out", str(vec)]) == 0
     rtl_args = [a for f in rtl for a in ("--rtl", str(f))]
-    assert main(["testbench", "--kernel", kernel, *rtl_args, "--top", top, "--vectors", str(vec), "--out", str(tb),
-                 "--latency", str(latency)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "testbench",
+                "--kernel",
+                kernel,
+                *rtl_args,
+                "--top",
+                top,
+                "--vectors",
+                str(vec),
+                "--out",
+                str(tb),
+                "--latency",
+                str(latency),
+            ]
+        )
+        == 0
+    )
     return _run(tb)
 
 
@@ -84,8 +101,27 @@ def test_a_model_node_through_the_adapter(tmp_path, capsys, tiny_bert_onnx):
     argv = ["vectors", str(tiny_bert_onnx), "--text", "w5 w6 w7", "--text", "w8", "--nodes", "L0.ffn1"]
     assert main(argv + ["--out", str(vec)]) == 0
     rtl = ["--rtl", str(RTL / "requantize.sv"), "--rtl", str(RTL / "requantize_row.sv")]
-    assert main(["testbench", "--node", "L0.ffn1", *rtl, "--top", "bbct_requantize_row", "--vectors", str(vec),
-                 "--out", str(tb), "--latency", "1", "--param", "EXP_OUT=-8"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "testbench",
+                "--node",
+                "L0.ffn1",
+                *rtl,
+                "--top",
+                "bbct_requantize_row",
+                "--vectors",
+                str(vec),
+                "--out",
+                str(tb),
+                "--latency",
+                "1",
+                "--param",
+                "EXP_OUT=-8",
+            ]
+        )
+        == 0
+    )
     proc = _run(tb)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]
@@ -95,8 +131,27 @@ def test_a_model_node_through_the_adapter(tmp_path, capsys, tiny_bert_onnx):
 def test_a_port_of_the_wrong_width_is_named(tmp_path, capsys):
     vec, tb = tmp_path / "vectors", tmp_path / "tb"
     assert main(["vectors", "--kernel", "requantize", "--out", str(vec)]) == 0
-    assert main(["testbench", "--kernel", "requantize", "--rtl", str(RTL / "requantize.sv"), "--top",
-                 "bbct_requantize", "--vectors", str(vec), "--out", str(tb), "--latency", "1",
-                 "--param", "OUT_BITS=16"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "testbench",
+                "--kernel",
+                "requantize",
+                "--rtl",
+                str(RTL / "requantize.sv"),
+                "--top",
+                "bbct_requantize",
+                "--vectors",
+                str(vec),
+                "--out",
+                str(tb),
+                "--latency",
+                "1",
+                "--param",
+                "OUT_BITS=16",
+            ]
+        )
+        == 0
+    )
     proc = _run(tb)
     assert proc.returncode == 1 and "port y: the DUT's is 16 bits, the vectors need 8" in proc.stdout + proc.stderr

@@ -102,8 +102,17 @@ def _reference_outputs(kernel: str, c: S.Case) -> S.Case:
         wa, ea = aligned(c["a"], c["ea"], c["guard"][0], c["align_rnd"][0], -1)
         wb, eb = aligned(c["b"], c["eb"], c["guard"][0], c["align_rnd"][0], 0)
         bias = np.array(c["bias"]) if c["bias_en"][0] else None
-        acc, e_acc, n = gemm_ref(wa, ea, wb, eb.reshape(1, 1), c["acc_bits"][0], Saturation(c["acc_sat"][0]), bias,
-                                 c["e_bias"][0], Rounding(c["bias_rnd"][0]))  # fmt: skip
+        acc, e_acc, n = gemm_ref(
+            wa,
+            ea,
+            wb,
+            eb.reshape(1, 1),
+            c["acc_bits"][0],
+            Saturation(c["acc_sat"][0]),
+            bias,
+            c["e_bias"][0],
+            Rounding(c["bias_rnd"][0]),
+        )
         return {"acc": [int(acc[0, 0])], "e_acc": [int(e_acc[0, 0])], "events": [n]}
     if kernel == "add":
         e_out = np.array(c["exp_out"]).reshape(1, -1) if c["static"][0] else None
@@ -167,8 +176,24 @@ def test_cli_kernel_vectors(capsys, tmp_path):
         (["testbench", "--kernel", "gelu", "--rtl", "no.sv", "--top", "t", "--vectors", "X", "--out", "Y"], "no.sv"),
         (["testbench", "--rtl", "R", "--top", "t", "--vectors", "X", "--out", "Y"], "exactly one of"),
         (["testbench", "--kernel", "gemm", "--rtl", "R", "--top", "t", "--vectors", "V", "--out", "Y"], "gelu"),
-        (["testbench", "--kernel", "gelu", "--rtl", "R", "--top", "t", "--vectors", "V", "--out", "Y", "--param",
-          "W"], "NAME=INTEGER"),  # fmt: skip
+        (
+            [
+                "testbench",
+                "--kernel",
+                "gelu",
+                "--rtl",
+                "R",
+                "--top",
+                "t",
+                "--vectors",
+                "V",
+                "--out",
+                "Y",
+                "--param",
+                "W",
+            ],
+            "NAME=INTEGER",
+        ),
         (["testbench", "--node", "L9.x", "--rtl", "R", "--top", "t", "--vectors", "V", "--out", "Y"], "vectors.json"),
     ],
 )
