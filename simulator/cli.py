@@ -501,6 +501,12 @@ def add_eval(sub: Any) -> None:
 
 # -- vectors / ir ----------------------------------------------------------------------------
 def cmd_vectors(args: argparse.Namespace) -> int:
+    if args.kernel:  # kernel stimulus: no model
+        from bbct.golden.stimulus import kernel_vectors
+
+        return kernel_vectors(args.kernel, args.stimulus, args.count, args.seed, args.out)
+    if not args.text:
+        raise BbctError("give --text SENTENCE (a model's vectors) or --kernel K (kernel stimulus)")
     from bbct.golden.provenance import provenance
     from bbct.golden.vectors import Stimulus, write_dump
     from bbct.simulator.execute import graph_inputs
@@ -546,11 +552,14 @@ def add_vectors(sub: Any) -> None:
         "integer parameters), and vectors.json listing each file's port width, signedness, encoding,\n"
         "shape and sha256 with the resolved config, provenance, texts and token ids, and overflow and\n"
         "saturation counts per node. The folder is written aside and renamed when complete; a folder\n"
-        "in use is refused unless --force. docs/KERNELS.md, 'Vector manifest', describes the files.",
+        "in use is refused unless --force. docs/KERNELS.md, 'Vector manifest', describes the files.\n"
+        "With --kernel K instead: corner or random stimulus for one kernel, its expected outputs (one hex\n"
+        "file per DUT port, stimulus.json) and a coverage table of its corner bins (see bbct testbench).",
     )
     _model_arg(p)
-    p.add_argument("--text", action="append", required=True, help="input sentence (repeatable)")
+    p.add_argument("--text", action="append", default=None, help="input sentence (repeatable)")
     p.add_argument("--nodes", action="append", default=None, help="node name glob, e.g. 'L0.*' (repeatable; all)")
+    _kernel_stimulus_args(p)
     p.add_argument("--out", required=True, help="output folder (new or empty; --force replaces an earlier dump)")
     p.add_argument("--format", default="hex", choices=("hex", "npy"), help="file format of the vectors")
     p.add_argument(
@@ -564,6 +573,52 @@ def add_vectors(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace OUT if it holds an earlier dump")
     _common(p)
     p.set_defaults(func=cmd_vectors)
+
+
+def _kernel_stimulus_args(p: argparse.ArgumentParser) -> None:
+    from bbct.golden.stimulus import KERNELS
+
+    p.add_argument(
+        "--kernel",
+        default=None,
+        choices=sorted(KERNELS),
+        help="instead of a model: directed or random stimulus for one kernel, with expected outputs and a "
+        "coverage summary (stimulus.json + one hex file per port)",
+    )
+    p.add_argument("--stimulus", default="corner", choices=("corner", "random"), help="with --kernel: which vectors")
+    p.add_argument("--count", type=int, default=0, help="with --kernel: transactions (corner: pads the directed set)")
+    p.add_argument("--seed", type=int, default=0, help="with --kernel: random seed")
+
+
+def cmd_testbench(args: argparse.Namespace) -> int:
+    from bbct.golden.testbench import parse_params, write_testbench
+
+    params = parse_params(args.param)
+    run = write_testbench(args.vectors, args.rtl, args.top, args.out, args.kernel, args.node, args.latency, params)
+    print(f"wrote {run.parent / f'test_{args.top}.py'} and {run}; run: python {run}")
+    return 0
+
+
+def add_testbench(sub: Any) -> None:
+    p = _sub(
+        sub,
+        "testbench",
+        "write a cocotb test and runner that check an RTL module against bbct's vectors",
+        "Writes bench.json, a cocotb test (test_TOP.py) and run.py (cocotb's Python runner, Icarus Verilog)\n"
+        "that stream the vectors into the DUT, compare every output and report the first mismatch\n"
+        "(transaction, expected, got in hex and bits, and its inputs).",
+    )
+    p.add_argument("--kernel", default=None, help="vectors from bbct vectors --kernel K")
+    p.add_argument("--node", default=None, help="vectors of this node of a model dump (bbct vectors MODEL)")
+    p.add_argument("--rtl", required=True, action="append", help="SystemVerilog source of the DUT (repeatable)")
+    p.add_argument("--top", required=True, help="top module name")
+    p.add_argument("--vectors", required=True, help="folder with the vectors")
+    p.add_argument("--out", required=True, help="folder for the test and runner")
+    p.add_argument(
+        "--latency", type=int, default=0, help="0: combinational DUT; L: clocked on clk, outputs L cycles later"
+    )
+    p.add_argument("--param", action="append", default=None, help="HDL parameter NAME=INT (repeatable)")
+    p.set_defaults(func=cmd_testbench)
 
 
 def cmd_ir(args: argparse.Namespace) -> int:
@@ -634,7 +689,7 @@ def add_ops(sub: Any) -> None:
     p.set_defaults(func=cmd_ops)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops]
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_testbench, add_ir, add_ops]
 
 
 def main(argv: list[str] | None = None) -> int:
