@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Properties are about bits, not time: a shared or loaded machine must not fail a test on
+# hypothesis's per-example deadline (an explicit @settings still sets its own example count).
+settings.register_profile("bbct", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("bbct")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
