@@ -600,7 +600,13 @@ def add_ops(sub: Any) -> None:
     p.set_defaults(func=cmd_ops)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops]
+def add_sweep(sub: Any) -> None:
+    from bbct.simulator.explore.commands import add_sweep as add
+
+    add(sub)
+
+
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops, add_sweep]
 
 
 def main(argv: list[str] | None = None) -> int:
