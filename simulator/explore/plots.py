@@ -148,7 +148,9 @@ def eval_plot(report: dict, path: str | Path) -> None:
     a1.set_title(f"{len(fl)} examples")
     conf = np.asarray(report["disagreement_confusion"]["counts"])
     names = report["disagreement_confusion"]["labels"]
-    a2.imshow(conf, cmap="Reds")
+    off = conf.copy()
+    np.fill_diagonal(off, 0)  # colour the disagreements only; the agreeing diagonal would swamp them
+    a2.imshow(off, cmap="Reds", vmin=0)
     for (i, j), v in np.ndenumerate(conf):
         a2.text(j, i, str(v), ha="center", va="center")
     a2.set_xticks(range(len(names)), names)
