@@ -32,7 +32,7 @@ class Task:
     labels: tuple[str, ...] | None  # None: regression
     metrics: tuple[str, ...]
     header: bool = True
-    delimiter: str = "\t"  # "," for a CSV (quoted fields allowed); GLUE TSVs are unquoted
+    delimiter: str | None = None  # None: "," for a .csv file (quoted fields allowed), else a tab (GLUE, unquoted)
 
     @property
     def is_regression(self) -> bool:
@@ -80,7 +80,7 @@ def user_task(
     labels: list[str] | tuple[str, ...] | None = None,
     regression: bool = False,
     metrics: list[str] | tuple[str, ...] | None = None,
-    delimiter: str = "\t",
+    delimiter: str | None = None,
 ) -> Task:
     """A task over the user's own file: a header row naming the ``text`` (and ``pair``) and
     ``label`` columns; ``labels`` lists the class names in the order of the model's logits,
@@ -136,10 +136,11 @@ def read_tsv(task: Task, path: str | Path) -> list[Example]:
         raise BbctError(f"{path}: no such file")
     csv.field_size_limit(1 << 24)
     out: list[Example] = []
-    quoting = csv.QUOTE_NONE if task.delimiter == "\t" else csv.QUOTE_MINIMAL
+    delim = task.delimiter or ("," if path.suffix.lower() == ".csv" else "\t")
+    quoting = csv.QUOTE_NONE if delim == "\t" else csv.QUOTE_MINIMAL
     try:
         with path.open(newline="", encoding="utf-8") as f:
-            rows = [r for r in csv.reader(f, delimiter=task.delimiter, quoting=quoting) if r]
+            rows = [r for r in csv.reader(f, delimiter=delim, quoting=quoting) if r]
     except UnicodeDecodeError as e:
         raise BbctError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if not rows:

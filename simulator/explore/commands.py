@@ -38,8 +38,6 @@ def task_from_args(args: argparse.Namespace):
     own = args.text_col is not None or args.labels is not None or args.regression
     if not own:
         return get_task(args.task)
-    data = Path(args.data) if args.data else None
-    delim = "," if data is not None and data.suffix.lower() == ".csv" else "\t"
     labels = [s.strip() for s in args.labels.split(",")] if args.labels else None
     name = args.task if args.task and args.task != "rt-polarity" else "user"
     return user_task(
@@ -49,7 +47,6 @@ def task_from_args(args: argparse.Namespace):
         label=args.label_col,
         labels=labels,
         regression=args.regression,
-        delimiter=delim,
     )
 
 
