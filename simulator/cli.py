@@ -655,7 +655,13 @@ def add_sweep(sub: Any) -> None:
     add(sub)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops, add_sweep]
+def add_search(sub: Any) -> None:
+    from bbct.simulator.explore.commands import add_search as add
+
+    add(sub)
+
+
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops, add_sweep, add_search]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,4 +169,18 @@ def summarize(data: Dataset, fl: np.ndarray, iq: np.ndarray) -> dict[str, Any]:
     res["metric"] = main
     res["drop_points"] = 100.0 * (res[f"float_{main}"] - res[f"int_{main}"])
     res["agreement"] = float(np.mean(f_pred == i_pred)) if not task.is_regression else None
+    res["logit_kl"] = None if task.is_regression else logit_kl(fl, iq)
     return res
+
+
+def logit_kl(fl: np.ndarray, iq: np.ndarray) -> float:
+    """Mean KL divergence (nats) of the integer class probabilities from the float ones: a
+    smooth measure of how far a config moves the classifier, even where no class flips."""
+
+    def logp(x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64)
+        x = x - x.max(axis=-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+    lf, lq = logp(fl), logp(iq)
+    return float(np.mean(np.sum(np.exp(lf) * (lf - lq), axis=-1)))

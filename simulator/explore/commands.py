@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bbct.golden.errors import BbctError
+
 
 def add_task_args(p: argparse.ArgumentParser, limit: bool = True) -> None:
     """--task and the user-task columns, shared by eval, sweep and search."""
@@ -165,6 +167,106 @@ def add_sweep(sub: Any) -> None:
     p.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
     _common(p)
     p.set_defaults(func=cmd_sweep)
+
+
+# -- search ----------------------------------------------------------------------------------
+def _menu(v: str) -> tuple[tuple[int, int], ...]:
+    try:
+        out = tuple((int(b), int(k)) for b, k in (item.split("/") for item in v.split(",")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected BITS/BLOCK pairs, e.g. 3/128,3/64") from None
+    if not out:
+        raise argparse.ArgumentTypeError("an empty menu")
+    return out
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from bbct.simulator.cli import _calib_texts, _model
+    from bbct.simulator.config import load_config
+    from bbct.simulator.explore.grid import base_tables
+    from bbct.simulator.explore.search import label, run_search
+    from bbct.simulator.explore.sweep import BenchSpec
+
+    if args.budget < 0:
+        raise BbctError(f"--budget {args.budget}: the accuracy-drop budget must be >= 0 points")
+    base, _ = base_tables(args.base, Path.cwd(), "--base")
+    cfg = load_config(dict(base))
+    task = task_from_args(args)
+    model = _model(args)
+    dataset_from_args(args, args.limit)  # the test split must exist before hours of search
+    from bbct.simulator.tasks import load_dataset
+
+    load_dataset(task, args.data, args.train_split, args.train_examples)
+    calib, source = _calib_texts(args) if cfg.needs_calibration else ([], "")
+    common = dict(
+        model=str(model.resolve()),
+        task=task,
+        data=str(Path(args.data).resolve()) if args.data else None,
+        calib_texts=tuple(calib),
+        calib_source=source,
+        max_length=args.max_length,
+        batch=args.batch,
+        layer_examples=1,
+    )
+    train = BenchSpec(split=args.train_split, limit=args.train_examples, **common)
+    test = BenchSpec(split=args.split, limit=args.limit, **common)
+    s = run_search(
+        str(model.resolve()),
+        base,
+        train,
+        test,
+        Path(args.out),
+        args.budget,
+        granularity=args.granularity,
+        menu=args.menu,
+        workers=args.workers,
+        scheduler=args.scheduler,
+    )
+    t = s["test"]
+    print(f"\nchosen on {s['train_examples']} train examples ({s['granularity']} granularity): {label(s['chosen'])}")
+    print(f"train: drop {s['train']['drop_points']:.2f} points at {s['train']['weight_compression']:.2f}x")
+    if t.get("error"):
+        raise BbctError(f"the chosen config fails on the test split: {t['error']}")
+    print(
+        f"test ({t['examples']} examples): float {t['float_accuracy']:.4f}, integer {t['int_accuracy']:.4f}, "
+        f"drop {t['drop_points']:.2f} points at {t['weight_compression']:.2f}x "
+        f"({t['weight_bits_per_param']:.2f} bits per weight)"
+    )
+    print(f"config: {s['config']}  (bbct eval --config {s['config']})")
+    print(f"report: {Path(args.out) / 'search.json'}")
+    return 0
+
+
+def add_search(sub: Any) -> None:
+    from bbct.simulator.cli import _common, _finite, _model_arg, _positive, _sub
+
+    p = _sub(
+        sub,
+        "search",
+        "mixed precision: per-class or per-layer weight formats maximising compression within a drop budget",
+        "Finds weight bits and block sizes per op class (or per layer) that maximise weight compression\n"
+        "while the accuracy drop stays within --budget points, choosing on a slice of the train split\n"
+        "only: each group's sensitivity (KL of the integer class probabilities from the float ones, per\n"
+        "byte saved) orders the moves greedily; the largest prefix of them whose measured train drop fits\n"
+        "the budget is found by bisection. Writes OUT/search.toml (a config bbct eval takes) and\n"
+        "OUT/search.json, then evaluates the winner once on the test split. Every evaluation is a sweep\n"
+        "point: resumable, on Dask workers.",
+    )
+    _model_arg(p)
+    p.add_argument("--budget", type=_finite, required=True, help="accuracy drop allowed, in points (0.5 = 0.5 %%)")
+    p.add_argument("--target", default="compression", choices=("compression",), help="what to maximise")
+    p.add_argument("--base", default="w4a8", help="config every group starts from (preset or TOML file)")
+    p.add_argument("--granularity", default="class", choices=("class", "layer"), help="groups of weights")
+    p.add_argument("--menu", type=_menu, default="3/128,3/64,3/32,2/64", help="cheaper formats, BITS/BLOCK")
+    p.add_argument("--train-split", default="train", help="split the search chooses on (never the test split)")
+    p.add_argument("--train-examples", type=_positive, default=512, help="first N examples of --train-split")
+    p.add_argument("--out", required=True, help="output folder (resumable)")
+    add_task_args(p)
+    p.add_argument("--batch", type=_positive, default=32, help="sentences per batch")
+    p.add_argument("--workers", type=int, default=None, help="local Dask workers (None: cores; 0: no Dask)")
+    p.add_argument("--scheduler", default=None, help="an existing Dask scheduler, e.g. tcp://127.0.0.1:8786")
+    _common(p)
+    p.set_defaults(func=cmd_search)
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -140,22 +140,7 @@ def load_grid(path: str | Path) -> Grid:
     unknown = sorted(set(data) - {"base", "axes"})
     if unknown:
         raise ConfigError(f"{p}: unknown top-level key(s) {unknown}; a grid has 'base' and [axes]")
-    base = data.get("base", "w8a8")
-    if isinstance(base, str):
-        if base in PRESETS:
-            tables, name = {"preset": base}, base
-        else:
-            f = (p.parent / base) if not Path(base).is_absolute() else Path(base)
-            if not f.is_file():
-                raise ConfigError(f"{p}: base = {base!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-            try:
-                tables, name = tomllib.loads(f.read_text(encoding="utf-8")), f.stem
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-                raise ConfigError(f"{f}: not valid TOML: {str(e).splitlines()[0]}") from None
-    elif isinstance(base, dict):
-        tables, name = base, str(base.get("name", "base"))
-    else:
-        raise ConfigError(f"{p}: base = {base!r}: expected a preset name, a config file or a table")
+    tables, name = base_tables(data.get("base", "w8a8"), p.parent, f"{p}: base")
     load_config(dict(tables))  # the base alone must be a valid config
     axes_t = data.get("axes", {})
     if not isinstance(axes_t, dict):
@@ -171,6 +156,24 @@ def load_grid(path: str | Path) -> Grid:
             except ConfigError as e:
                 raise ConfigError(f"{p}: axis {a.name} = {v!r}: {e}") from None
     return grid
+
+
+def base_tables(base: Any, folder: Path, where: str) -> tuple[dict[str, Any], str]:
+    """Config tables and name of a base: a preset name, a config TOML file (relative to
+    ``folder``) or a table of config tables."""
+    if isinstance(base, str):
+        if base in PRESETS:
+            return {"preset": base}, base
+        f = Path(base) if Path(base).is_absolute() else folder / base
+        if not f.is_file():
+            raise ConfigError(f"{where} = {base!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        try:
+            return tomllib.loads(f.read_text(encoding="utf-8")), f.stem
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{f}: not valid TOML: {str(e).splitlines()[0]}") from None
+    if isinstance(base, dict):
+        return base, str(base.get("name", "base"))
+    raise ConfigError(f"{where} = {base!r}: expected a preset name, a config file or a table")
 
 
 def config_key(cfg: Config, model_sha256: str, data_key: str) -> str:

@@ -252,34 +252,36 @@ def run_sweep(
     return table
 
 
-def _run_dask(spec, todo, record, workers, scheduler, client) -> None:
+def _client(workers: int | None, scheduler: str | None) -> tuple[Any, Any]:
+    """A Dask client of the scheduler at ``scheduler``, or of a new local cluster of
+    ``workers`` processes (None: one per core) on the loopback interface; and that cluster."""
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, LocalCluster
     except ImportError:
         raise BbctError("parallel sweeps need Dask: pip install 'bbct[explore]' (or --workers 0)") from None
-    cluster = None
+    if scheduler:
+        if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
+            raise BbctError(f"--scheduler {scheduler!r}: expected an address like tcp://127.0.0.1:8786")
+        try:
+            return Client(scheduler, timeout="20s"), None
+        except OSError as e:
+            raise BbctError(f"--scheduler {scheduler}: cannot connect: {e}") from None
+    n = workers or os.cpu_count() or 1
+    # one single-threaded process per worker: the kernels are Numba/NumPy, the GIL would
+    # serialise threads; no memory limit, so a busy shared machine does not restart workers
+    cluster = LocalCluster(
+        n_workers=n, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None, memory_limit=0
+    )
+    return Client(cluster), cluster
+
+
+def _run_dask(spec, todo, record, workers, scheduler, client) -> None:
+    from distributed import as_completed
+
     own = client is None
+    cluster = None
     if client is None:
-        if scheduler:
-            if not scheduler.startswith(("tcp://", "tls://", "inproc://", "ucx://")):
-                raise BbctError(f"--scheduler {scheduler!r}: expected an address like tcp://127.0.0.1:8786")
-            try:
-                client = Client(scheduler, timeout="20s")
-            except OSError as e:
-                raise BbctError(f"--scheduler {scheduler}: cannot connect: {e}") from None
-        else:
-            n = workers or os.cpu_count() or 1
-            # one single-threaded process per worker: the kernels are Numba/NumPy, the GIL would
-            # serialise threads; no memory limit, so a busy shared machine does not restart workers
-            cluster = LocalCluster(
-                n_workers=n,
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                memory_limit=0,
-            )
-            client = Client(cluster)
+        client, cluster = _client(workers, scheduler)
     by_key = {}
     try:
         futures = []
