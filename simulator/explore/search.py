@@ -202,6 +202,13 @@ def run_search(
         lo, hi = 0, len(order)
         order = [tuple(m) for m in order]
         if base_row["drop_points"] > budget:
+            import sys
+
+            print(
+                f"bbct: warning: the base config already drops {base_row['drop_points']:.2f} points on train, "
+                f"over the budget of {budget}: keeping it",
+                file=sys.stderr,
+            )
             hi = 0  # nothing cheaper than the base fits; the base is reported as it is
         elif feasible(hi):
             lo = hi
@@ -242,7 +249,9 @@ def run_search(
         ],
         "order": [list(m) for m in order],
         "bisection": steps,
+        "order_taken": [list(m) for m in order[:lo]],
         "chosen": [list(m) for m in chosen],
+        "base_over_budget": base_row["drop_points"] > budget,
         "train": {k: train_row.get(k) for k in ("drop_points", "weight_compression", "weight_bits_per_param")},
         "test": {
             k: test_row.get(k)
