@@ -90,7 +90,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     t0 = time.time()
     table = run_sweep(sweep, workers=workers, scheduler=args.scheduler)
     wall = time.time() - t0
-    rows = [r for r in table.rows.values() if r["key"] in {k for k, *_ in sweep.plan()}]
+    keys = {k for k, *_ in sweep.plan()}  # this grid's points (the folder may hold others)
+    rows = [r for r in table.rows.values() if r["key"] in keys]
     bad = [r for r in rows if r.get("error")]
     y = "drop_points"
     front = pareto_plot(rows, out / "pareto.png", y=y)

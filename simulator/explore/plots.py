@@ -152,7 +152,8 @@ def eval_plot(report: dict, path: str | Path) -> None:
     np.fill_diagonal(off, 0)  # colour the disagreements only; the agreeing diagonal would swamp them
     a2.imshow(off, cmap="Reds", vmin=0)
     for (i, j), v in np.ndenumerate(conf):
-        a2.text(j, i, str(v), ha="center", va="center")
+        dark = off[i, j] > off.max() / 2
+        a2.text(j, i, str(v), ha="center", va="center", color="white" if dark else "black")
     a2.set_xticks(range(len(names)), names)
     a2.set_yticks(range(len(names)), names)
     a2.set_xlabel("integer class")

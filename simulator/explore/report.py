@@ -6,8 +6,10 @@ sentences, so only the discordant ones (right in float, wrong in integers: ``b``
 way: ``c``) carry information. McNemar's exact test conditions on ``m = b + c``: under no
 difference ``b ~ Binomial(m, 1/2)``. The drop is ``(b - c) / n = m (2p - 1) / n`` with
 ``p = b / m``, so the Clopper-Pearson interval of ``p`` maps to an exact interval of the
-drop. A paired bootstrap of the task's main metric is given beside it (any metric, not only
-accuracy; percentile interval of 2,000 resamples of the sentences, seed 0).
+drop. That interval is conditional on the number of discordant sentences (it cannot exceed
+``m / n``), so a paired bootstrap of the task's main metric is given beside it, which lets
+``m`` vary too (any metric, not only accuracy; percentile interval of 2,000 resamples of the
+sentences, seed 0).
 """
 
 from __future__ import annotations
