@@ -18,6 +18,7 @@ from bbct.simulator.cli import main
 from bbct.simulator.errors import ConfigError
 from bbct.simulator.explore.grid import load_grid
 from bbct.simulator.explore.plots import pareto_front
+from bbct.simulator.explore.search import to_toml
 from bbct.simulator.explore.sweep import BenchSpec, Sweep, run_sweep
 from bbct.simulator.tasks import get_task
 
@@ -117,26 +118,13 @@ def test_sweep_rows_resume_and_pareto(tiny_bert_onnx, tmp_path, capsys):
     # one point checked against `bbct eval` of the same config written as a TOML file
     p = by[(3, 16, 6)]
     cfg = tmp_path / "point.toml"
-    cfg.write_text(_toml(p["config"]))
+    cfg.write_text(to_toml(p["config"]))
     js = tmp_path / "e.json"
     args = ["eval", str(tiny_bert_onnx), "--task", "sst-2", "--data", str(tmp_path / "data"), "--config", str(cfg)]
     assert main(args + ["--json", str(js)]) == 0
     e = json.loads(js.read_text())
     for k in ("int_accuracy", "float_accuracy", "agreement", "weight_compression", "overflow_count"):
         assert e[k] == p[k], k
-
-
-def _toml(tables: dict, prefix: str = "") -> str:
-    flat = {k: v for k, v in tables.items() if not isinstance(v, dict)}
-    out = "".join(f"{k} = {json.dumps(v)}\n" for k, v in flat.items())
-    for k, v in tables.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            inner = _toml(v, name)
-            if any(not isinstance(x, dict) for x in v.values()):
-                out += f"[{name}]\n"
-            out += inner
-    return out
 
 
 def test_sweep_cli_writes_table_and_plots(tiny_bert_onnx, tmp_path, capsys):

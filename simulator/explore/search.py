@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from bbct.golden.errors import BbctError
 from bbct.simulator.config import MATMUL_CLASSES
 from bbct.simulator.explore.grid import Axis
 
@@ -184,7 +185,7 @@ def run_search(
         rows = evaluate(train, [()] + singles, "train")
         base_row = rows[()]
         if base_row.get("error"):
-            raise_error(f"the base config fails: {base_row['error']}")
+            raise BbctError(f"the base config fails: {base_row['error']}")
         ok = {m[0]: r for m, r in rows.items() if m and not r.get("error")}
         order = greedy_order(base_row, ok)
         steps = []
@@ -270,9 +271,3 @@ def run_search(
     }
     write_json(out / "search.json", summary)
     return summary
-
-
-def raise_error(msg: str) -> None:
-    from bbct.golden.errors import BbctError
-
-    raise BbctError(msg)

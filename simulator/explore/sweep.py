@@ -221,9 +221,9 @@ def run_sweep(
     }
     if len(plan) > len(todo):
         print(f"{len(plan) - len(todo)} of {len(plan)} points already in {sweep.out / 'rows.jsonl'}", file=sys.stderr)
-    bar = progress(total=len(plan), desc="sweep", unit="point", initial=len(plan) - len(todo))
-    if hasattr(bar, "n") and not hasattr(bar, "format_dict"):  # LogProgress has no `initial`
-        bar.n = len(plan) - len(todo)
+    bar = progress(total=len(plan), desc="sweep", unit="point")
+    if len(plan) > len(todo):
+        bar.update(len(plan) - len(todo))  # the points already in the table count as done
 
     def record(values: tuple, row: dict[str, Any], tables: dict[str, Any]) -> None:
         row = {
