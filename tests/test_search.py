@@ -123,3 +123,22 @@ def test_to_toml_round_trips_through_load_config():
     assert tomllib.loads(to_toml(tables)) == tables
     cfg = load_config(tomllib.loads(to_toml(tables)))
     assert cfg.settings("intermediate", 0).weight_bits == 3 and cfg.settings("query", 2).weight_bits == 5
+
+
+def test_benches_of_one_model_share_their_calibration(task_dir):
+    """A search's train and test Benches calibrate once: the statistics depend on the model,
+    the calibration texts and the length, not on the split evaluated."""
+    from bbct.simulator.config import load_config
+    from bbct.simulator.explore.bench import Bench
+    from bbct.simulator.tasks import load_dataset, user_task
+
+    model, folder = task_dir
+    task = user_task(text="text", labels=LABELS)
+    calib = ["w5 w6 w7", "w8 w9"]
+    cfg = load_config("w8a8-static")
+    a = Bench(model, load_dataset(task, folder, "train", 8), calib)
+    b = Bench(model, load_dataset(task, folder, "test", 8), calib)
+    assert a.calibration(cfg) is b.calibration(cfg) and a.calibration(cfg).sentences == 2
+    c = Bench(model, load_dataset(task, folder, "test", 8), calib + ["w10"])
+    assert c.calibration(cfg) is not a.calibration(cfg)
+    assert a.evaluate(cfg).summary["examples"] == 8

@@ -23,6 +23,8 @@ from bbct.simulator.config import Config, load_config
 from bbct.simulator.lower import Calibration, compression, lower
 from bbct.simulator.tasks import Dataset, metric, predictions
 
+_CALIBRATIONS: dict[tuple, Calibration] = {}
+
 
 @dataclass
 class Evaluation:
@@ -72,11 +74,16 @@ class Bench:
             raise BbctError(f"config {cfg.name!r} has static scales or GPTQ weights: calibration sentences are needed")
         gptq = cfg.uses_gptq
         if gptq not in self._calib:
-            from bbct.simulator.calibrate import calibrate
-            from bbct.simulator.session import batches
+            # shared by the Benches of one process (a search's train and test splits): the
+            # statistics depend on the model, the texts and the length only
+            key = (str(self.model_path.resolve()), repr(self.calib_texts), self.sim.max_length, gptq)
+            if key not in _CALIBRATIONS:
+                from bbct.simulator.calibrate import calibrate
+                from bbct.simulator.session import batches
 
-            feeds = [self.sim.encode(b) for b in batches(list(self.calib_texts), 32)]
-            self._calib[gptq] = calibrate(self.sim.fgraph, feeds, gptq=gptq, source=self.calib_source)
+                feeds = [self.sim.encode(b) for b in batches(list(self.calib_texts), 32)]
+                _CALIBRATIONS[key] = calibrate(self.sim.fgraph, feeds, gptq=gptq, source=self.calib_source)
+            self._calib[gptq] = _CALIBRATIONS[key]
         return self._calib[gptq]
 
     def lower(self, cfg: Config | str | dict) -> Any:
