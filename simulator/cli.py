@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from bbct.golden.errors import BbctError
-from bbct.golden.paths import TASK, bbct_home, data_dir, default_model
+from bbct.golden.paths import bbct_home, data_dir, default_model
 
 MAX_LEN = 64
 
@@ -101,6 +101,7 @@ def _calib_texts(args: argparse.Namespace) -> tuple[list, str]:
     """Calibration texts and where they came from: ``--calib FILE``, else the first
     ``--calib N`` sentences of the prepared calibration split (drawn from train, never test)."""
     from bbct.golden.data import read_split
+    from bbct.simulator.explore.commands import task_from_args
     from bbct.simulator.tasks import get_task, read_tsv
 
     spec = str(args.calib)
@@ -113,11 +114,15 @@ def _calib_texts(args: argparse.Namespace) -> tuple[list, str]:
     if n < 1:
         raise BbctError(f"--calib {spec}: the number of calibration sentences must be >= 1")
     folder = Path(args.data) if getattr(args, "data", None) else data_dir()
+    if folder.is_file():  # a user task's data file: calibrate on train.tsv beside it
+        folder = folder.parent
     if (folder / "calib.tsv").exists():
         return read_split(folder, "calib")[0][:n], f"{folder / 'calib.tsv'} (first {n})"
     if (folder / "train.tsv").exists():
-        task = get_task(getattr(args, "task", "sst-2"))
-        return [e.text_a for e in read_tsv(task, folder / "train.tsv")][:n], f"{folder / 'train.tsv'} (first {n})"
+        task = task_from_args(args) if hasattr(args, "text_col") else get_task(getattr(args, "task", "sst-2"))
+        ex = read_tsv(task, folder / "train.tsv")[:n]
+        texts = [(e.text_a, e.text_b) if e.text_b is not None else e.text_a for e in ex]
+        return texts, f"{folder / 'train.tsv'} (first {n})"
     raise BbctError(f"no calib.tsv or train.tsv in {folder} for calibration: give --calib FILE")
 
 
@@ -318,28 +323,41 @@ def cmd_run(args: argparse.Namespace) -> int:
                 qs = " ".join(f"{v:+.4f}" for v in q[i])
                 tail = f"{f[i, 0]:+.4f}/{q[i, 0]:+.4f}" if single else f"{int(np.argmax(f[i]))}/{int(np.argmax(q[i]))}"
                 print(f"{t[:48]:<50} {fs:<26} {qs:<26} {tail}")
+    report = {
+        "model": str(sim.model_path),
+        "config": sim.config.to_dict(),
+        "texts": args.text,
+        "pairs": args.pair,
+        "truncated_inputs": truncated,
+        "calibration": sim.calibration.source if sim.calibration is not None else None,
+        "compared_over": "real tokens (attention mask)",
+        "layers": [r.to_dict() for r in rows],
+        "first_below": first.node if first else None,
+        "threshold_db": args.threshold,
+        "overflow_count": total,
+        "overflow_by_node": overflow,
+        "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
+        "outputs": outputs,
+        **sim.compression(),
+    }
     if args.json:
-        write_json(
-            args.json,
-            {
-                "model": str(sim.model_path),
-                "config": sim.config.to_dict(),
-                "texts": args.text,
-                "pairs": args.pair,
-                "truncated_inputs": truncated,
-                "calibration": sim.calibration.source if sim.calibration is not None else None,
-                "compared_over": "real tokens (attention mask)",
-                "layers": [r.to_dict() for r in rows],
-                "first_below": first.node if first else None,
-                "threshold_db": args.threshold,
-                "overflow_count": total,
-                "overflow_by_node": overflow,
-                "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
-                "outputs": outputs,
-                **sim.compression(),
-            },
-        )
+        write_json(args.json, report)
         print(f"\nwrote {args.json}")
+    if args.plot:
+        from bbct.golden.atomic import json_safe
+        from bbct.simulator.explore.plots import layers_plot
+
+        others = []
+        for path in args.compare or []:
+            try:
+                others.append(json.loads(Path(path).read_text(encoding="utf-8")))
+            except (OSError, json.JSONDecodeError) as e:
+                raise BbctError(f"--compare {path}: not a `bbct run --json` report: {e}") from None
+            if "layers" not in others[-1]:
+                raise BbctError(f"--compare {path}: not a `bbct run --json` report (no 'layers')")
+        # drawn from the report as JSON holds it, the numbers a reader of --json sees
+        layers_plot([json.loads(json.dumps(json_safe(report)))] + others, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -382,33 +400,33 @@ def add_run(sub: Any) -> None:
     p.add_argument("--threshold", type=_finite, default=20.0, help="report the first tensor below this SQNR (dB)")
     p.add_argument("--batch", type=_positive, default=32, help="sentences simulated at a time (bounds the memory)")
     p.add_argument("--json", default=None, help="also write the table and outputs as JSON")
+    p.add_argument("--plot", default=None, help="PNG: SQNR and cosine along the network, first tensor below marked")
+    p.add_argument(
+        "--compare",
+        action="append",
+        default=None,
+        help="another config's `bbct run --json` report to draw beside this one in --plot (repeatable)",
+    )
     _common(p)
     p.set_defaults(func=cmd_run)
 
 
 # -- eval ------------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
-    from bbct.golden.data import read_split
-    from bbct.golden.progress import progress
-    from bbct.simulator.tasks import get_task, metric, predictions, read_tsv
+    from bbct.golden.provenance import provenance
+    from bbct.simulator.config import load_config
+    from bbct.simulator.explore import report
+    from bbct.simulator.explore.bench import Bench
+    from bbct.simulator.explore.commands import dataset_from_args
 
-    task = get_task(args.task)
-    if task.name == TASK and not args.data:
-        texts, labels = read_split(data_dir(), args.split)
-        pairs = None
-    else:
-        if not args.data:
-            raise BbctError(f"task {task.name} needs --data FOLDER with GLUE TSVs")
-        ex = read_tsv(task, Path(args.data) / f"{args.split}.tsv")
-        texts, pairs = [e.text_a for e in ex], [e.text_b for e in ex] if task.text_b else None
-        labels = np.array([e.label for e in ex])
-    if args.limit is not None:
-        texts, labels = texts[: args.limit], labels[: args.limit]
-        pairs = pairs[: args.limit] if pairs else None
-    if not texts:
-        raise BbctError(f"the {args.split} split of {task.name} has no examples")
+    data = dataset_from_args(args, args.limit)
+    task = data.task
     t0 = time.time()
-    sim = _simulator(args)
+    cfg = load_config(args.config)
+    calib, source = _calib_texts(args) if cfg.needs_calibration else (None, "")
+    bench = Bench(_model(args), data, calib, source, max_length=args.max_length, batch=args.batch)
+    bench.lower(cfg)
+    sim = bench.sim
     t_setup = time.time() - t0
     if "logits" not in sim.graph.outputs:
         raise BbctError(
@@ -416,55 +434,79 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"the model gives {sorted(sim.graph.outputs)}"
         )
     n_logits = _logit_count(sim)
-    want = 1 if task.is_regression else task.num_labels
+    want = task.num_labels
     if n_logits != want:
         raise BbctError(
             f"{sim.model_path}: the model has {n_logits} logit(s), task {task.name} needs {want} "
             f"({'a regression score' if task.is_regression else f'{want} classes'})"
         )
     _warn_accumulators(sim)
-    truncated = _warn_truncated(sim, list(zip(texts, pairs, strict=True)) if pairs else list(texts))
-    fl, il, ovf = [], [], 0
+    truncated = _warn_truncated(sim, data.inputs())
     t0 = time.time()
-    for i in progress(range(0, len(texts), args.batch), desc=f"eval {task.name} {sim.config.name}", unit="batch"):
-        chunk = texts[i : i + args.batch]
-        feeds = sim.encode(list(zip(chunk, pairs[i : i + args.batch], strict=True)) if pairs else chunk)
-        f = sim.float_outputs(feeds)["logits"]
-        r = sim.run(feeds)
-        fl.append(f)
-        il.append(r.outputs["logits"].dequantize())
-        ovf += r.overflow_count
+    ev = bench.evaluate(cfg, layer_examples=args.layer_examples, progress=True)
     t_run = time.time() - t0
-    f_pred = predictions(task, np.concatenate(fl))
-    i_pred = predictions(task, np.concatenate(il))
+    s = ev.summary
     res: dict[str, Any] = {
         "model": str(sim.model_path),
         "task": task.name,
+        "data": data.source,
         "split": args.split,
         "config": sim.config.name,
-        "examples": len(texts),
+        "examples": len(data),
     }
     for m in task.metrics:
-        res[f"float_{m}"] = metric(m, labels, f_pred)
-        res[f"int_{m}"] = metric(m, labels, i_pred)
-    main = task.metrics[0]
-    res["drop_points"] = 100.0 * (res[f"float_{main}"] - res[f"int_{main}"])
-    res["agreement"] = float(np.mean(f_pred == i_pred)) if not task.is_regression else None
-    res["overflow_count"] = int(ovf)
+        res[f"float_{m}"] = s[f"float_{m}"]
+        res[f"int_{m}"] = s[f"int_{m}"]
+    res["drop_points"] = s["drop_points"]
+    res["agreement"] = s["agreement"]
+    if task.is_regression:
+        res["drop_ci95"] = report.bootstrap_drop(data, ev.float_logits, ev.int_logits)
+    else:
+        labels = np.asarray(data.labels).astype(np.int64)
+        f_pred, i_pred = np.argmax(ev.float_logits, -1), np.argmax(ev.int_logits, -1)
+        exact = task.metrics[0] == "accuracy"
+        res["drop_ci95"] = report.mcnemar(labels, f_pred, i_pred) if exact else None
+        res["drop_ci95_bootstrap"] = report.bootstrap_drop(data, ev.float_logits, ev.int_logits)
+    res["overflow_count"] = s["overflow_count"]
     res["truncated_inputs"] = truncated
     res["calibration"] = sim.calibration.source if sim.calibration is not None else None
     res.update(sim.compression())
     res["seconds"] = {"setup": round(t_setup, 1), "run": round(t_run, 1)}
     res["config_settings"] = sim.config.to_dict()
+    res["flipped"] = report.flips(data, ev.float_logits, ev.int_logits)
+    res["disagreement_confusion"] = report.confusion(data, ev.float_logits, ev.int_logits)
+    res["layers_over"] = f"{s['layer_examples']} examples, real tokens"
+    res["worst_layer_sqnr_db"] = s["worst_layer_sqnr_db"]
+    res["layers"] = [r.to_dict() for r in ev.layers]
+    res["logits"] = {"float": ev.float_logits.tolist(), "int": ev.int_logits.tolist()}
+    res["provenance"] = provenance(sim.model_path)
     for k in ("float_accuracy", "int_accuracy", "drop_points", "agreement", "weight_compression", "overflow_count"):
         if k in res:
             v = res[k]
             print(f"{k:<20} {v:.4f}" if isinstance(v, float) else f"{k:<20} {v}")
+    ci = res["drop_ci95"] or res.get("drop_ci95_bootstrap")
+    if ci:
+        lo, hi = ci["ci95_points"]
+        print(f"{'drop 95% interval':<20} [{lo:+.2f}, {hi:+.2f}] points ({ci['method'].split(' (')[0]})")
+    if res["flipped"]:
+        print(f"\n{len(res['flipped'])} examples changed class (float -> integer):")
+        for f in res["flipped"][:10]:
+            print(f"  #{f['index']:<5} {f['float_class']}->{f['int_class']}  {f['text'][:70]}")
     if args.json:
         from bbct.golden.atomic import write_json
 
         write_json(args.json, res)
         print(f"wrote {args.json}")
+    if args.plot:
+        from bbct.simulator.explore.plots import eval_plot
+
+        if task.is_regression:
+            raise BbctError("--plot draws classes: not for a regression task")
+        # drawn from the report as written (strict JSON), the same numbers a reader of --json sees
+        from bbct.golden.atomic import json_safe
+
+        eval_plot(json.loads(json.dumps(json_safe(res))), args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
@@ -489,12 +531,19 @@ def add_eval(sub: Any) -> None:
         "compression (block exponents counted) and overflow events. The prepared RT test split by\n"
         "default; GLUE TSVs with --task and --data.",
     )
+    from bbct.simulator.explore.commands import add_task_args
+
     _model_arg(p)
-    p.add_argument("--task", default=TASK, help="rt-polarity (prepared) or a GLUE task with --data")
-    p.add_argument("--split", default="test", help="split file name (test for RT, dev for GLUE)")
+    add_task_args(p)
     p.add_argument("--batch", type=_positive, default=32, help="sentences per batch")
-    p.add_argument("--limit", type=_positive, default=None, help="evaluate only the first N examples (None: all)")
+    p.add_argument(
+        "--layer-examples",
+        type=_positive,
+        default=None,
+        help="per-layer SQNR over the first N examples (None: the whole split)",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON")
+    p.add_argument("--plot", default=None, help="PNG: float vs integer logits and the confusion of disagreements")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -689,7 +738,30 @@ def add_ops(sub: Any) -> None:
     p.set_defaults(func=cmd_ops)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_testbench, add_ir, add_ops]
+def add_sweep(sub: Any) -> None:
+    from bbct.simulator.explore.commands import add_sweep as add
+
+    add(sub)
+
+
+def add_search(sub: Any) -> None:
+    from bbct.simulator.explore.commands import add_search as add
+
+    add(sub)
+
+
+SUBCOMMANDS = [
+    add_prepare,
+    add_golden,
+    add_run,
+    add_eval,
+    add_vectors,
+    add_testbench,
+    add_ir,
+    add_ops,
+    add_sweep,
+    add_search,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

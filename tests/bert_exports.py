@@ -42,12 +42,16 @@ def export_tiny(
     head: str = "cls",
     seed: int = 0,
     token_types: bool = True,
+    num_labels: int = 2,
+    init_range: float = 0.02,
 ) -> Path:
     """Export a tiny random BERT; returns the ONNX path.
 
     ``head``: ``"cls"`` BertForSequenceClassification (output ``logits``), ``"base"``
     BertModel (``last_hidden_state``), ``"pool"`` BertModel with both ``last_hidden_state``
     and ``pooler_output``. ``token_types=False`` exports without a token_type_ids input.
+    ``num_labels`` sets the classifier's classes; a wider ``init_range`` (the std of the random
+    weights) spreads the logits over inputs, so quantization flips some classes.
     Beside the ONNX file: tokenizer.json, config.json (labelled a tiny random BERT) and
     torch_weights.npz (the PyTorch parameters, to check the import's weights exactly).
     """
@@ -56,6 +60,8 @@ def export_tiny(
 
     transformers.logging.set_verbosity_error()
     name = f"tiny-{exporter}-op{opset}-{attention}-{act}-{head}" + ("" if token_types else "-notypes")
+    if (num_labels, init_range) != (2, 0.02):
+        name += f"-{num_labels}cls-init{init_range}"
     out = folder / name
     onnx_path = out / "model.onnx"
     if onnx_path.exists():
@@ -69,6 +75,8 @@ def export_tiny(
         intermediate_size=64,
         max_position_embeddings=64,
         hidden_act=act,
+        num_labels=num_labels,
+        initializer_range=init_range,
     )
     torch.manual_seed(seed)
     model = transformers.BertForSequenceClassification(cfg) if head == "cls" else transformers.BertModel(cfg)
