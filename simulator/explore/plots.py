@@ -83,6 +83,8 @@ def sensitivity_plot(rows: Sequence[dict], axes: Sequence[str], path: str | Path
     fig, axs = plt.subplots(1, n, figsize=(3.2 * n + 1, 4), squeeze=False)
     for ax, name in zip(axs[0], axes, strict=False):
         vals = list(dict.fromkeys(r[name] for r in ok if name in r))
+        if all(isinstance(v, (int, float)) for v in vals):
+            vals.sort()  # numbers in order; names (methods, modes) as the grid lists them
         ys = [[r[y] for r in ok if r.get(name) == v] for v in vals]
         pos = np.arange(len(vals))
         means = [float(np.mean(v)) for v in ys]
