@@ -305,6 +305,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not total:
         print("overflow/saturation events: 0")
+    _print_given(sim)
     outputs = {}
     for role in floats:
         f, q = _concat(floats[role]), _concat(ints[role])
@@ -335,6 +336,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 "overflow_count": total,
                 "overflow_by_node": overflow,
                 "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
+                "given_quantization": sim.graph.info.get("given_quantization"),
                 "outputs": outputs,
                 **sim.compression(),
             },
@@ -349,6 +351,15 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts)
     s = max(p.shape[1] for p in parts)
     return np.concatenate([np.pad(p, [(0, 0), (0, s - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
+
+
+def _print_given(sim: Any) -> None:
+    """A quantized model's report: which tensors' quantization it gave, which bbct chose."""
+    from bbct.simulator.qdq import format_given
+
+    text = format_given(sim.graph.info)
+    if text:
+        print("\n" + text)
 
 
 def _warn_accumulators(sim: Any) -> None:
@@ -550,6 +561,7 @@ def cmd_ir(args: argparse.Namespace) -> int:
     sim = _simulator(args)
     _warn_accumulators(sim)
     print(sim.graph.dump())
+    _print_given(sim)
     return 0
 
 

@@ -130,3 +130,18 @@ def given_report(fg: F.FGraph) -> dict[str, object]:
         if isinstance(n, F.QuantLinear):
             honoured[n.name] = f"input {n.x_quant.short()}, weight {n.w_quant.short()}"
     return {"honoured": honoured, "not_honoured": dict(fg.info.get("quant_not_honoured") or {})}
+
+
+def format_given(info: dict) -> str:
+    """The report's lines on given quantization ('' for a float model): which tensors'
+    quantization the model gave and bbct honours, and which bbct's config chose instead."""
+    g = info.get("given_quantization") or {}
+    honoured, other = g.get("honoured", {}), g.get("not_honoured", {})
+    if not honoured and not other:
+        return ""
+    lines = [f"given quantization honoured ({len(honoured)} linear layers; every other tensor: bbct's config):"]
+    lines += [f"  {k}: {v}" for k, v in honoured.items()]
+    if other:
+        lines.append(f"given quantization not honoured ({len(other)} tensors, bbct's config instead):")
+        lines += [f"  {k}: {v}" for k, v in other.items()]
+    return "\n".join(lines)
