@@ -90,7 +90,7 @@ def quantize_tiny(src: Path, out: Path, per_channel: bool, act: str = "QUInt8", 
         quant_format=QuantFormat.QDQ,
         per_channel=per_channel,
         activation_type=getattr(QuantType, act),
-        weight_type=QuantType.QInt8,
+        weight_type=kw.pop("weight_type", QuantType.QInt8),
         op_types_to_quantize=["MatMul", "Gemm"],
         **kw,
     )
@@ -169,7 +169,24 @@ def test_every_integer_gemm_is_matmulinteger(qdq_model):
     """Each GEMM of a given-quantization linear, minus its bias, is bit-equal to
     onnxruntime's MatMulInteger of the same uint8 input codes and int8 weight codes (and to
     NumPy's int64 product)."""
-    fg, g, _, res = _traced(qdq_model)
+    _check_gemms(*_traced(qdq_model))
+
+
+def test_int4_weights(tiny_bert_onnx, tmp_path):
+    """int4 weights (onnxruntime's quantizer writes com.microsoft Q/DQ for them below opset
+    21): the codes stay in -8..7, the GEMMs equal MatMulInteger's, the logits onnxruntime's."""
+    from onnxruntime.quantization import QuantType
+
+    path = quantize_tiny(tiny_bert_onnx, tmp_path / "i4" / "model.onnx", True, weight_type=QuantType.QInt4)
+    fg, g, feeds, res = _traced(path)
+    ql = [n for n in fg.nodes if isinstance(n, F.QuantLinear)]
+    assert len(ql) == LINEARS and all(n.w_quant.qmin == -8 and n.w_quant.codes.max() <= 7 for n in ql)
+    _check_gemms(fg, g, feeds, res)
+    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < 0.02
+
+
+def _check_gemms(fg: F.FGraph, g: ir.Graph, feeds: dict, res) -> None:
     by_name = {n.name: n for n in g.nodes}
     checked = 0
     for n in g.nodes:

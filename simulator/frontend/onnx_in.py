@@ -215,6 +215,8 @@ class _Importer:
     # -- step 1 ---------------------------------------------------------------------------------
     def check_ops(self) -> None:
         for n in self.nodes:
+            if n.domain == "com.microsoft" and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue  # onnxruntime's twins of the standard ops (its quantizer writes them for 4/16 bits)
             if n.domain not in ("", "ai.onnx"):
                 raise UnsupportedGraphError(
                     f"node {n.name!r} ({n.op_type}): op of domain {n.domain!r}; only the standard ONNX domain "
