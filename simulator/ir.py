@@ -200,6 +200,20 @@ class AffineQuantize(Node):
 
 
 @dataclass(frozen=True, eq=False)
+class DynamicQuantize(Node):
+    """Run-time uint8 quantization of a whole tensor with a power-of-two scale (the integer
+    stand-in for ``DynamicQuantizeLinear``'s float scale): centered codes ``q - zp`` at the
+    exponent ``k`` found from the integer range (:func:`bbct.kernels.affine.dynamic_quantize`)."""
+
+    rounding: Rounding = Rounding.RND_CONV
+    given: str = ""
+    op: ClassVar[str] = "dynamic_quantize"
+
+    def attrs(self) -> str:
+        return f"u8 pow2 scale from the integer range {self.rounding.name} (model: {self.given})"
+
+
+@dataclass(frozen=True, eq=False)
 class RescaleChannels(Node):
     """Per output channel ``n`` (``multiplier[n] * 2**-shift[n] ~= unit[n]``, the accumulator's unit):
     ``y = sat((acc * multiplier[n]) >>r (shift[n] + e_out - e_acc))``
@@ -209,6 +223,7 @@ class RescaleChannels(Node):
     multiplier: np.ndarray | None = None
     shift: np.ndarray | None = None
     e_out: int = 0
+    relative: bool = False  # e_out is relative to the input's (run-time) exponent of each row
     fmt: IntFormat = IntFormat(bits=32)
     op: ClassVar[str] = "rescale_channels"
 
@@ -219,7 +234,8 @@ class RescaleChannels(Node):
         _req(bool(np.all((m > 0) & (m < (1 << 31)))), self, "multipliers must be in 1..2**31-1")
 
     def attrs(self) -> str:
-        return f"x*m[{self.multiplier.size}]*2^-s -> {self.fmt.short()} @2^{self.e_out}"
+        at = f"2^(e_in{self.e_out:+d})" if self.relative else f"2^{self.e_out}"
+        return f"x*m[{self.multiplier.size}]*2^-s -> {self.fmt.short()} @{at}"
 
 
 @dataclass(frozen=True, eq=False)

@@ -184,6 +184,7 @@ class GivenQuant:
     axis: int | None = None
     codes: np.ndarray | None = None
     source: str = ""
+    dynamic: bool = False  # DynamicQuantizeLinear: uint8, scale and zero point from the tensor at run time
 
     @property
     def bits(self) -> int:
@@ -194,6 +195,8 @@ class GivenQuant:
         return self.qmin < 0
 
     def short(self) -> str:
+        if self.dynamic:
+            return "u8 dynamic (scale and zero point of the whole tensor at run time)"
         s = np.asarray(self.scale)
         kind = f"per-channel[{s.size}]" if s.ndim else f"scale={float(s):.6g} zp={int(self.zero_point)}"
         return f"{'s' if self.signed else 'u'}{self.bits} {kind}"
@@ -201,9 +204,28 @@ class GivenQuant:
     def fake_quant(self, x: np.ndarray) -> np.ndarray:
         """``DequantizeLinear(QuantizeLinear(x))`` as onnxruntime computes it in float32:
         ``x / scale`` rounded half to even, plus the zero point, clipped, then scaled back."""
+        if self.dynamic:
+            return dynamic_fake_quant(x)
         s, z = np.float32(self.scale), np.asarray(self.zero_point, np.float32)
         q = np.clip(np.rint(np.asarray(x, np.float32) / s) + z, self.qmin, self.qmax)
         return ((q - z) * s).astype(np.float64)
+
+
+def dynamic_fake_quant(x: np.ndarray, pow2: bool = False) -> np.ndarray:
+    """``DequantizeLinear(DynamicQuantizeLinear(x))`` as onnxruntime computes it in float32:
+    ``scale = (max(x, 0) - min(x, 0)) / 255`` over the whole tensor, ``zp = round(-min / scale)``.
+    ``pow2``: the scale rounded up to a power of two, the float model of bbct's integer scheme
+    (:func:`bbct.kernels.affine.dynamic_quantize`), to measure what that choice costs."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(min(0.0, float(x.min()))), np.float32(max(0.0, float(x.max())))
+    s = np.float32((hi - lo) / np.float32(255))
+    if s == 0:
+        return np.zeros(x.shape)
+    if pow2:
+        s = np.float32(2.0 ** np.ceil(np.log2((float(hi) - float(lo)) / 255)))
+    z = np.clip(np.rint(-lo / s), 0, 255)
+    q = np.clip(np.rint(x / s) + z, 0, 255)
+    return ((q - z) * s).astype(np.float64)
 
 
 @_register

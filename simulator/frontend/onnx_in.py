@@ -39,7 +39,6 @@ PROBES = ((2, 5, 0), (3, 7, 1))  # (batch, seq, seed): distinct sizes so batch a
 SHORT_PROBES = ((2, 3, 0), (3, 4, 1))  # for a model with fewer than 7 positions (its own limit is checked at run)
 
 QUANTIZED_OPS = (
-    "DynamicQuantizeLinear",
     "MatMulInteger",
     "QLinearMatMul",
     "QGemm",
@@ -129,6 +128,7 @@ for _t, _d in (
     ("Flatten", "views"),
     ("QuantizeLinear", "given activation quantization (with its DequantizeLinear)"),
     ("DequantizeLinear", "given activation quantization; a constant's (weights) is read as its codes"),
+    ("DynamicQuantizeLinear", "run-time activation quantization (quantize_dynamic; MatMulInteger rewritten to QDQ)"),
     *((t, "element-wise arithmetic of a fused pattern") for t in ELEMENTWISE),
 ):
     HANDLERS[_t] = Handler(_generic, _d)
@@ -444,7 +444,7 @@ class _Importer:
                     f"node {n.name!r} ({n.op_type}): op {n.op_type} is not supported on the activation path "
                     "(`bbct ops` lists what is)"
                 )
-            for extra in n.output[1:]:
+            for extra in n.output[1:] if n.op_type != "DynamicQuantizeLinear" else ():
                 if (
                     extra
                     and any(extra in m.input for m in self.nodes)
@@ -625,6 +625,9 @@ def load_graph(path_or_model: str | Path | onnx.ModelProto) -> F.FGraph:
         onnx.checker.check_model(m)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise BbctError(f"{where}: malformed ONNX model: {str(e).splitlines()[0]}") from None
+    from bbct.simulator.frontend.intops import rewrite_integer_ops
+
+    m = rewrite_integer_ops(m)
     try:
         return _Importer(m, where).run()
     except UnsupportedGraphError as e:

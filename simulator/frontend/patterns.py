@@ -141,7 +141,22 @@ def _fake_quant(rw: Rewriter) -> bool:
     from bbct.simulator.frontend.onnx_in import given_quant
 
     for dq in rw.nodes:
-        if not (isinstance(dq, F.OnnxOp) and dq.op_type == "DequantizeLinear" and dq.positions == (0,)):
+        if not (isinstance(dq, F.OnnxOp) and dq.op_type == "DequantizeLinear" and dq.positions[:1] == (0,)):
+            continue
+        dyn = rw.onnx(dq.inputs[0], "DynamicQuantizeLinear")
+        if dyn is not None:
+            src = rw.ctx.imp.prod[dq.inputs[0]]
+            if list(dq.inputs) != list(src.output):
+                raise dq.error("DequantizeLinear of a DynamicQuantizeLinear must read its three outputs")
+            g = F.GivenQuant(
+                scale=np.float32(1.0), zero_point=np.int64(0), qmin=0, qmax=255, source=src.name, dynamic=True
+            )
+            rw.replace([dq], F.FakeQuant(name=dq.name, inputs=(dyn.inputs[0],), sources=(dq.sources[0],), given=g))
+            if not rw.users(dyn.name):
+                rw.nodes = [n for n in rw.nodes if n is not dyn]
+                rw._index()
+            return True
+        if dq.positions != (0,):
             continue
         q = rw.onnx(dq.inputs[0], "QuantizeLinear")
         if q is None or q.positions != (0,):
