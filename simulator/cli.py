@@ -588,6 +588,32 @@ def add_ir(sub: Any) -> None:
     p.set_defaults(func=cmd_ir)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from bbct.simulator.export import export_qdq
+
+    sim = _simulator(args)
+    done = export_qdq(sim.model_path, sim.fgraph, sim.graph, sim.config, args.out)
+    print(f"wrote {done['out']}: {len(done['weights'])} integer weights as DequantizeLinear (opset 21)")
+    print(f"{len(done['kernels'])} nodes marked as bbct integer kernels that QDQ cannot express (doc_string)")
+    return 0
+
+
+def add_export(sub: Any) -> None:
+    p = _sub(
+        sub,
+        "export",
+        "write bbct's integer model as ONNX QDQ (opset 21), loadable by onnxruntime",
+        "Lowers MODEL under --config and writes it with every stored integer weight and table as\n"
+        "codes + DequantizeLinear (power-of-two block scales exactly, opset 21 block_size). Activations\n"
+        "and bbct's integer nonlinear kernels have no QDQ form: those nodes stay float and are marked\n"
+        "(doc_string, metadata_props bbct_integer_kernels).",
+    )
+    _model_arg(p)
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    _common(p)
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_ops(args: argparse.Namespace) -> int:
     from bbct.simulator.frontend.fgraph import NODE_TYPES
     from bbct.simulator.frontend.onnx_in import supported_ops
@@ -612,7 +638,7 @@ def add_ops(sub: Any) -> None:
     p.set_defaults(func=cmd_ops)
 
 
-SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_ops]
+SUBCOMMANDS = [add_prepare, add_golden, add_run, add_eval, add_vectors, add_ir, add_export, add_ops]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -589,6 +589,8 @@ class PatternContext:
         n = self.imp.prod.get(t)
         if n is None or n.op_type != "DequantizeLinear" or self.imp.kind.get(t) != CONST:
             return None
+        if _attrs(n).get("block_size", 0):  # blocked scales: the exact float values, quantized by the config
+            return None
         vals = [self.imp.value(i) if i else None for i in list(n.input) + [""] * (3 - len(n.input))]
         return given_quant(n, vals[1], vals[2], vals[0])
 
