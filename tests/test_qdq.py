@@ -34,6 +34,7 @@ from bbct.simulator.frontend.onnx_in import given_quant, load_graph
 from bbct.simulator.lower import lower
 
 LINEARS = 14  # 2 layers x (q, k, v, attention output, ffn1, ffn2) + pooler + classifier
+TOL = 0.003  # logits vs onnxruntime's run of the quantized model (see test_end_to_end_against_onnxruntime)
 
 
 # -- the kernel ---------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_int4_weights(tiny_bert_onnx, tmp_path):
     assert len(ql) == LINEARS and all(n.w_quant.qmin == -8 and n.w_quant.codes.max() <= 7 for n in ql)
     _check_gemms(fg, g, feeds, res)
     want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
-    assert np.abs(res.outputs["logits"].dequantize() - want).max() < 0.02
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
 
 
 def _check_gemms(fg: F.FGraph, g: ir.Graph, feeds: dict, res, dynamic: bool = False) -> None:
@@ -242,7 +243,8 @@ def test_stored_int32_bias_is_recovered(qdq_model):
 def test_end_to_end_against_onnxruntime(qdq_model, tiny_bert_onnx):
     """bbct's integer logits against onnxruntime running the same quantized model.
 
-    Tolerance: 0.02 absolute on logits of magnitude ~0.07 (SQNR >= 20 dB). Why not closer:
+    Tolerance: 0.003 absolute on logits of magnitude ~0.065, and SQNR >= 30 dB (measured:
+    3e-4..5e-4, 43..48 dB; int4 weights 1.2e-3, 36 dB). Why not closer:
     the GEMMs are onnxruntime's to the bit, but their inputs are bbct's integer activations
     (LayerNorm, softmax, GELU and the residual sums are bbct's kernels at the default config,
     not float), and the quantizer's formats on tensors other than linear inputs (the MatMul
@@ -254,7 +256,7 @@ def test_end_to_end_against_onnxruntime(qdq_model, tiny_bert_onnx):
     got = res.outputs["logits"].dequantize()
     err = got - want
     sqnr = 10 * np.log10((want**2).sum() / max((err**2).sum(), 1e-30))
-    assert np.abs(err).max() < 0.02 and sqnr > 20, (np.abs(err).max(), sqnr)
+    assert np.abs(err).max() < TOL and sqnr > 30, (np.abs(err).max(), sqnr)
     report = g.info["given_quantization"]
     assert len(report["honoured"]) == LINEARS
     assert any("MatMul_output_0" in k for k in report["not_honoured"])
@@ -268,7 +270,7 @@ def test_int16_activations(tiny_bert_onnx, tmp_path):
     ql = [n for n in fg.nodes if isinstance(n, F.QuantLinear)]
     assert len(ql) == LINEARS and all(n.x_quant.qmin == -32768 for n in ql)
     want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
-    assert np.abs(res.outputs["logits"].dequantize() - want).max() < 0.02
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
 
 
 def test_partly_quantized_model(tiny_bert_onnx, tmp_path):
@@ -281,7 +283,7 @@ def test_partly_quantized_model(tiny_bert_onnx, tmp_path):
     assert len(ql) == len(nodes) == 3
     assert sum(isinstance(n, ir.AffineQuantize) for n in g.nodes) == 3
     want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
-    assert np.abs(res.outputs["logits"].dequantize() - want).max() < 0.02
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
 
 
 def test_blocked_scales_are_refused_by_name():

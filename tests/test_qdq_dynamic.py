@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_qdq import LINEARS, _check_gemms, _traced
+from test_qdq import LINEARS, TOL, _check_gemms, _traced
 
 from bbct.kernels.affine import dynamic_quantize, dynamic_quantize_ref
 from bbct.kernels.formats import Rounding
@@ -80,16 +80,16 @@ def test_dynamic_import_and_gemms(dynamic_model):
 def test_dynamic_against_onnxruntime(dynamic_model, monkeypatch):
     """End to end against onnxruntime's run of the quantized model, and what the
     power-of-two scale costs on its own (bbct's float model with ORT's scale vs with the
-    power-of-two one). Tolerance 0.02 on logits of ~0.07, as for the static models: the
+    power-of-two one). Tolerance as for the static models (0.003, 30 dB; measured 4e-4, 48 dB): the
     rest of the pipeline is bbct's integer kernels."""
     _, g, feeds, res = _traced(dynamic_model)
     want = ort.InferenceSession(str(dynamic_model)).run(["logits"], feeds)[0]
     got = res.outputs["logits"].dequantize()
-    assert np.abs(got - want).max() < 0.02 and _sqnr(want, got) > 20
+    assert np.abs(got - want).max() < TOL and _sqnr(want, got) > 30
     fg = load_graph(dynamic_model)
     exact = run_float(fg, feeds)["logits"]
     assert _sqnr(want, exact) > 40  # bbct's float model of the dynamic graph is onnxruntime's
     monkeypatch.setattr(F, "dynamic_fake_quant", functools.partial(F.dynamic_fake_quant, pow2=True))
     pow2 = run_float(fg, feeds)["logits"]
-    assert 15 < _sqnr(exact, pow2) < 80  # the scheme changes the result, measurably, not wildly
+    assert 35 < _sqnr(exact, pow2) < 80  # measured 47.6..51.5 dB: it changes the result, not wildly
     assert all("dynamic" in v for v in g.info["given_quantization"]["honoured"].values())
