@@ -144,12 +144,16 @@ def _traced(path: Path, config: Config | None = None):
 def _matmul_integer(a: np.ndarray, b: np.ndarray, za: np.ndarray, zb: np.ndarray) -> np.ndarray:
     """onnxruntime's MatMulInteger (uint8 x uint8, zero points) in a one-node model.
 
+    ``a`` uint8 or int8; ``b`` int8.
+
     int8 weight codes are fed as ``code + 128`` with zero point ``zp + 128``: the same integer
     products. onnxruntime's uint8 x int8 path on AVX2 without VNNI adds pairs of products in
     saturating int16 (its quantizer's ``reduce_range`` option exists for this), so it is not an
     exact oracle for full-range codes; its uint8 x uint8 path widens first and is exact."""
     b = (b.astype(np.int16) + 128).astype(np.uint8)
     zb = (zb.astype(np.int16) + 128).astype(np.uint8)
+    if a.dtype == np.int8:  # int8 activations (QOperator's default): the same shift
+        a, za = (a.astype(np.int16) + 128).astype(np.uint8), np.array(int(za) + 128, np.uint8)
     node = helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["y"])
     graph = helper.make_graph(
         [node],
@@ -201,11 +205,11 @@ def _check_gemms(fg: F.FGraph, g: ir.Graph, feeds: dict, res, dynamic: bool = Fa
             zp = dynamic_quantize(x.data, _exp_full(x), aq.rounding)[2]
         else:
             zp = aq.zero_point
-        a = (c + zp).astype(np.uint8)
+        a = (c + zp).astype(np.int8 if getattr(aq, "qmin", 0) < 0 else np.uint8)
         fnode = next(f for f in fg.nodes if isinstance(f, F.QuantLinear) and n.name == _short(g, f))
         zw = np.asarray(fnode.w_quant.zero_point).astype(np.int8)
         b = fnode.w_quant.codes.astype(np.int8)
-        want = _matmul_integer(a, b, np.array(zp, np.uint8), zw)
+        want = _matmul_integer(a, b, np.array(zp, a.dtype), zw)
         acc = res.tensors[n.name].data
         if n.bias is not None:  # the bias as the GEMM aligned it (contract of kernels/gemm.py)
             acc = acc - _aligned_bias(n, res.tensors[n.name].exp)
@@ -300,3 +304,35 @@ def test_cli_reports_given_and_chosen(qdq_model, capsys):
     assert "affine_quantize" in out and "rescale_channels" in out
     assert f"given quantization honoured ({LINEARS} linear layers; every other tensor: bbct's config)" in out
     assert "given quantization not honoured" in out
+
+
+def _qoperator(src: Path, out: Path, op_types: list[str] | None) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    reader = type("Reader", (_Reader, CalibrationDataReader), {})()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantize_static(str(src), str(out), reader, quant_format=QuantFormat.QOperator, op_types_to_quantize=op_types)
+    shutil.copy(src.parent / "tokenizer.json", out.parent / "tokenizer.json")
+    return out
+
+
+def test_qoperator_format(tiny_bert_onnx, tmp_path):
+    """QOperator (QLinearMatMul, onnxruntime's QGemm with its int32 bias; int8 activations):
+    rewritten op by op to QDQ, then honoured like a QDQ model; GEMMs and logits as there."""
+    path = _qoperator(tiny_bert_onnx, tmp_path / "qop" / "model.onnx", ["MatMul", "Gemm"])
+    ops = {n.op_type for n in onnx.load(path).graph.node}
+    assert {"QLinearMatMul", "QGemm"} <= ops
+    fg, g, feeds, res = _traced(path)
+    ql = [n for n in fg.nodes if isinstance(n, F.QuantLinear)]
+    assert len(ql) == LINEARS and all(n.x_quant.qmin == -128 for n in ql)
+    _check_gemms(fg, g, feeds, res)
+    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
+
+
+def test_qoperator_data_movement_is_refused_by_name(tiny_bert_onnx, tmp_path):
+    """Every op quantized (QLinearAdd, QLinearSoftmax, and Transpose/Reshape of int8 codes
+    between them): refused in one line naming the node, the op and why."""
+    path = _qoperator(tiny_bert_onnx, tmp_path / "qop_all" / "model.onnx", None)
+    with pytest.raises(UnsupportedGraphError, match=r"node '.*' \(DequantizeLinear\): .*quantized data movement"):
+        load_graph(path)

@@ -11,7 +11,11 @@ the import, into the same values in QDQ form::
     DequantizeLinear(DynamicQuantizeLinear(x)) @ DequantizeLinear(W_q, w_scale, w_zp) -> y
     Gather(DequantizeLinear(T_q), ids)
 
-(``y`` keeps its name, so the golden comparison still finds it). The rewritten model computes
+(``y`` keeps its name, so the golden comparison still finds it). The QOperator format
+(``QLinearMatMul``, and onnxruntime's ``QGemm``, ``QLinearAdd``, ``QLinearMul``,
+``QLinearSoftmax``) is rewritten the same way, op by op: each quantized input through a
+DequantizeLinear, the float op, a QuantizeLinear to the output's scale; the QuantizeLinear ->
+DequantizeLinear pairs between ops are then the given activation formats. The rewritten model computes
 the same real numbers as the original; onnxruntime's float32 sums may differ in the last bits.
 A ``MatMulInteger`` in any other arrangement is left alone and refused by the importer.
 """
@@ -30,17 +34,61 @@ def _consumers(g: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
     return out
 
 
+# QOperator op -> (float op, input triples (x, scale, zero point), output (scale, zero point))
+QOPS: dict[str, tuple[str, tuple[tuple[int, int, int], ...], tuple[int, int] | None]] = {
+    "QLinearMatMul": ("MatMul", ((0, 1, 2), (3, 4, 5)), (6, 7)),
+    "QLinearAdd": ("Add", ((0, 1, 2), (3, 4, 5)), (6, 7)),
+    "QLinearMul": ("Mul", ((0, 1, 2), (3, 4, 5)), (6, 7)),
+    "QLinearSoftmax": ("Softmax", ((0, 1, 2),), (3, 4)),
+    "QGemm": ("Gemm", ((0, 1, 2), (3, 4, 5)), (7, 8)),
+}
+
+
+def _qop_nodes(n: onnx.NodeProto) -> list[onnx.NodeProto]:
+    """One QOperator node as DequantizeLinear(s) -> float op -> QuantizeLinear."""
+    float_op, triples, out = QOPS[n.op_type]
+    ins = list(n.input) + [""] * 9
+    nodes, args = [], []
+    for k, (x, sc, zp) in enumerate(triples):
+        t = f"{n.name or n.output[0]}_bbct_in{k}"
+        nodes.append(helper.make_node("DequantizeLinear", [i for i in (ins[x], ins[sc], ins[zp]) if i], [t], name=t))
+        args.append(t)
+    keep = {"QGemm": ("alpha", "transA", "transB"), "QLinearSoftmax": ("axis",)}.get(n.op_type, ())
+    attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute if a.name in keep}
+    if n.op_type == "QGemm" and ins[6]:  # int32 bias at scale a_scale * b_scale
+        scale, t = f"{n.name}_bbct_bias_scale", f"{n.name}_bbct_bias"
+        nodes.append(helper.make_node("Mul", [ins[1], ins[4]], [scale], name=scale))
+        nodes.append(helper.make_node("DequantizeLinear", [ins[6], scale], [t], name=t))
+        args.append(t)
+    quantized_out = out is not None and ins[out[0]]
+    y = f"{n.output[0]}_bbct_float" if quantized_out else n.output[0]
+    nodes.append(helper.make_node(float_op, args, [y], name=n.name, **attrs))
+    if quantized_out:
+        q_in = [y, ins[out[0]]] + ([ins[out[1]]] if ins[out[1]] else [])
+        nodes.append(helper.make_node("QuantizeLinear", q_in, [n.output[0]], name=f"{n.name}_bbct_q"))
+    return nodes
+
+
 def rewrite_integer_ops(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model with its dynamic linear layers and quantized tables in QDQ form (a copy), or
     the model itself when it has none."""
     g = model.graph
-    if not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in g.node) and not any(
+    if not any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear", *QOPS) for n in g.node) and not any(
         n.op_type == "Gather" and _int_table(g, n.input[0]) for n in g.node
     ):
         return model
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
+    nodes = []
+    for n in g.node:  # QOperator ops first: their quantized tables then read a DequantizeLinear
+        qop = n.op_type in QOPS and n.domain in ("", "ai.onnx", "com.microsoft")
+        if qop and not (n.op_type == "QLinearSoftmax" and any(a.name == "opset" and a.i < 13 for a in n.attribute)):
+            nodes.extend(_qop_nodes(n))  # (QLinearSoftmax of opset < 13, 2-D semantics: left to be refused)
+        else:
+            nodes.append(n)
+    del g.node[:]
+    g.node.extend(nodes)
     inits = {i.name for i in g.initializer}
     prod = {o: n for n in g.node for o in n.output}
     cons = _consumers(g)

@@ -160,7 +160,13 @@ def _fake_quant(rw: Rewriter) -> bool:
             continue
         q = rw.onnx(dq.inputs[0], "QuantizeLinear")
         if q is None or q.positions != (0,):
-            raise dq.error("DequantizeLinear of an activation must read a QuantizeLinear of constant parameters")
+            p = rw.prod.get(dq.inputs[0])
+            via = (
+                f" (it reads {p.op_type} of integer codes: quantized data movement is not supported)"
+                if isinstance(p, F.OnnxOp)
+                else ""
+            )
+            raise dq.error(f"DequantizeLinear of an activation must read a QuantizeLinear of constant parameters{via}")
         src = rw.ctx.imp.prod[dq.inputs[0]]
         zp = q.operand(2)
         g = given_quant(src, q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
