@@ -590,6 +590,7 @@ class PatternContext:
         if n is None or n.op_type != "DequantizeLinear" or self.imp.kind.get(t) != CONST:
             return None
         if _attrs(n).get("block_size", 0):  # blocked scales: the exact float values, quantized by the config
+            self.note(t, f"blocked weight scales ({n.name}): bbct's config quantizes the exact dequantized values")
             return None
         vals = [self.imp.value(i) if i else None for i in list(n.input) + [""] * (3 - len(n.input))]
         return given_quant(n, vals[1], vals[2], vals[0])
