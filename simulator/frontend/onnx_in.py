@@ -224,7 +224,8 @@ class _Importer:
                 )
             if n.op_type in QUANTIZED_OPS:
                 raise UnsupportedGraphError(
-                    f"node {n.name!r} ({n.op_type}): quantized graphs are not supported yet; give the float model"
+                    f"node {n.name!r} ({n.op_type}): this quantized op is supported only as onnxruntime's quantizer "
+                    "arranges it (QDQ pairs, quantize_dynamic, QOperator); give the float model or a QDQ one"
                 )
 
     def classify(self) -> None:
