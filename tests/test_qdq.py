@@ -336,3 +336,20 @@ def test_qoperator_data_movement_is_refused_by_name(tiny_bert_onnx, tmp_path):
     path = _qoperator(tiny_bert_onnx, tmp_path / "qop_all" / "model.onnx", None)
     with pytest.raises(UnsupportedGraphError, match=r"node '.*' \(DequantizeLinear\): .*quantized data movement"):
         load_graph(path)
+
+
+def test_multiplier_width_is_configurable(qdq_model):
+    """``given_mult_bits`` sets the width of every multiplier made from a given scale; 12 bits
+    still agree with onnxruntime within the tolerance; out of 8..31 is a config error."""
+    from bbct.simulator.config import load_config
+    from bbct.simulator.errors import ConfigError
+
+    cfg = load_config({"default": {"given_mult_bits": 12, "gelu_method": "lut"}})
+    _, g, feeds, res = _traced(qdq_model, cfg)
+    mults = [int(n.multiplier) for n in g.nodes if isinstance(n, ir.AffineQuantize)]
+    mults += [int(m) for n in g.nodes if isinstance(n, ir.RescaleChannels) for m in n.multiplier]
+    assert mults and all(1 << 11 <= m < 1 << 12 for m in mults)
+    want = ort.InferenceSession(str(qdq_model)).run(["logits"], feeds)[0]
+    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
+    with pytest.raises(ConfigError, match="given_mult_bits"):
+        load_config({"default": {"given_mult_bits": 40}})
