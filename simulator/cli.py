@@ -310,6 +310,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not total:
         print("overflow/saturation events: 0")
+    _print_given(sim)
     outputs = {}
     for role in floats:
         f, q = _concat(floats[role]), _concat(ints[role])
@@ -337,6 +338,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "overflow_count": total,
         "overflow_by_node": overflow,
         "accumulator_warnings": sim.graph.info.get("acc_warnings", []),
+        "given_quantization": sim.graph.info.get("given_quantization"),
         "outputs": outputs,
         **sim.compression(),
     }
@@ -367,6 +369,15 @@ def _concat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts)
     s = max(p.shape[1] for p in parts)
     return np.concatenate([np.pad(p, [(0, 0), (0, s - p.shape[1])] + [(0, 0)] * (p.ndim - 2)) for p in parts])
+
+
+def _print_given(sim: Any) -> None:
+    """A quantized model's report: which tensors' quantization it gave, which bbct chose."""
+    from bbct.simulator.qdq import format_given
+
+    text = format_given(sim.graph.info)
+    if text:
+        print("\n" + text)
 
 
 def _warn_accumulators(sim: Any) -> None:
@@ -688,6 +699,7 @@ def cmd_ir(args: argparse.Namespace) -> int:
     sim = _simulator(args)
     _warn_accumulators(sim)
     print(sim.graph.dump())
+    _print_given(sim)
     return 0
 
 
@@ -712,6 +724,32 @@ def add_ir(sub: Any) -> None:
     )
     _common(p)
     p.set_defaults(func=cmd_ir)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from bbct.simulator.export import export_qdq
+
+    sim = _simulator(args)
+    done = export_qdq(sim.model_path, sim.fgraph, sim.graph, sim.config, args.out)
+    print(f"wrote {done['out']}: {len(done['weights'])} integer weights as DequantizeLinear (opset 21)")
+    print(f"{len(done['kernels'])} nodes marked as bbct integer kernels that QDQ cannot express (doc_string)")
+    return 0
+
+
+def add_export(sub: Any) -> None:
+    p = _sub(
+        sub,
+        "export",
+        "write bbct's integer model as ONNX QDQ (opset 21), loadable by onnxruntime",
+        "Lowers MODEL under --config and writes it with every stored integer weight and table as\n"
+        "codes + DequantizeLinear (power-of-two block scales exactly, opset 21 block_size). Activations\n"
+        "and bbct's integer nonlinear kernels have no QDQ form: those nodes stay float and are marked\n"
+        "(doc_string, metadata_props bbct_integer_kernels).",
+    )
+    _model_arg(p)
+    p.add_argument("--out", required=True, help="the ONNX file to write")
+    _common(p)
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_ops(args: argparse.Namespace) -> int:
@@ -758,6 +796,7 @@ SUBCOMMANDS = [
     add_vectors,
     add_testbench,
     add_ir,
+    add_export,
     add_ops,
     add_sweep,
     add_search,

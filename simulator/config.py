@@ -102,6 +102,7 @@ class OpSettings:
     tanh_out_bits: int = 16
     tanh_lut_addr_bits: int = 10
     output_bits: int = 16  # logits / last hidden state at the model boundary
+    given_mult_bits: int = 24  # multiplier width of a model's given float scale (QDQ import), 8..31
 
     def __post_init__(self) -> None:
         _check_range("weight_bits", self.weight_bits, 2, 16)
@@ -121,6 +122,7 @@ class OpSettings:
         _check_range("softmax_out_bits", self.softmax_out_bits, 2, 16)
         _check_range("layernorm_out_bits", self.layernorm_out_bits, 4, 24)
         _check_range("output_bits", self.output_bits, 4, 32)
+        _check_range("given_mult_bits", self.given_mult_bits, 8, 31)
         for k in ("gelu_lut_addr_bits", "tanh_lut_addr_bits"):
             _check_range(k, getattr(self, k), 2, 16)
         _check_range("softmax_lut_addr_bits", self.softmax_lut_addr_bits, 2, SOFTMAX_MAX_LUT_ADDR_BITS)

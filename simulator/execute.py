@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bbct.kernels.add import add
+from bbct.kernels.affine import affine_quantize, dynamic_quantize
 from bbct.kernels.align import align
 from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
@@ -113,6 +114,25 @@ def _rescale(n: ir.Rescale, x: QTensor) -> tuple[QTensor, int]:
     return _fixed(y.astype(n.fmt.dtype), n.fmt, n.e_out), int(ov)
 
 
+def _affine_quantize(n: ir.AffineQuantize, x: QTensor) -> tuple[QTensor, int]:
+    c, ov = affine_quantize(x.data, _exp_full(x), n.multiplier, n.shift, n.zero_point, n.qmin, n.qmax, n.rounding)
+    # one exponent (0) per row: the unit is the given scale, which the gemm needs aligned
+    return _wide(c, np.zeros(c.shape[:-1] + (1,), np.int32), n.bits), int(ov)
+
+
+def _dynamic_quantize(n: ir.DynamicQuantize, x: QTensor) -> tuple[QTensor, int]:
+    c, k, _ = dynamic_quantize(x.data, _exp_full(x), n.rounding)
+    return _wide(c, np.full(c.shape[:-1] + (1,), k, np.int32), 10), 0
+
+
+def _rescale_channels(n: ir.RescaleChannels, x: QTensor) -> tuple[QTensor, int]:
+    shift = n.shift + n.e_out - (0 if n.relative else _exp_full(x).astype(np.int64))
+    y, ov = requantize_mult(x.data, n.multiplier, shift, n.fmt.bits, n.fmt.signed, n.fmt.rounding, n.fmt.saturation)
+    if n.relative:  # one exponent per row: the input's, moved by e_out
+        return _wide(y, np.asarray(x.exp, np.int32) + np.int32(n.e_out), n.fmt.bits), int(ov)
+    return _fixed(y, n.fmt, n.e_out), int(ov)
+
+
 def _split(n: ir.SplitHeads, x: QTensor) -> tuple[QTensor, int]:
     b, s, h = x.data.shape
     d = h // n.num_heads
@@ -205,6 +225,9 @@ HANDLERS: dict[type, Callable[..., tuple[QTensor, int]]] = {
     ir.MatMul: _matmul,
     ir.Requant: _requant,
     ir.Rescale: _rescale,
+    ir.AffineQuantize: _affine_quantize,
+    ir.RescaleChannels: _rescale_channels,
+    ir.DynamicQuantize: _dynamic_quantize,
     ir.SplitHeads: _split,
     ir.MergeHeads: _merge,
     ir.Mask: _mask,

@@ -168,6 +168,77 @@ class Rescale(Node):
 
 
 @dataclass(frozen=True, eq=False)
+class AffineQuantize(Node):
+    """Block-scaled codes -> centered codes ``q - zero_point`` of a given affine format:
+    ``q = clip(((x * multiplier) >>r (shift - e)) + zero_point, qmin, qmax)``
+    (:func:`bbct.kernels.affine.affine_quantize`); the output's exponent is 0, its unit the
+    given scale. ``given`` names the scale and zero point the model states (for the dump)."""
+
+    multiplier: int = 1
+    shift: int = 0
+    zero_point: int = 0
+    qmin: int = -128
+    qmax: int = 127
+    rounding: Rounding = Rounding.RND_CONV
+    given: str = ""
+    op: ClassVar[str] = "affine_quantize"
+
+    def validate(self) -> None:
+        _req(0 < self.multiplier < (1 << 31), self, f"multiplier={self.multiplier} must be in 1..2**31-1")
+        _req(self.qmin <= self.zero_point <= self.qmax, self, f"zero_point={self.zero_point} outside qmin..qmax")
+
+    @property
+    def bits(self) -> int:
+        """Signed width of the centered codes."""
+        return max(abs(self.qmin - self.zero_point), abs(self.qmax - self.zero_point)).bit_length() + 1
+
+    def attrs(self) -> str:
+        return (
+            f"x*{self.multiplier}*2^-{self.shift} +zp {self.zero_point} -> [{self.qmin},{self.qmax}] "
+            f"{self.rounding.name} (given {self.given})"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class DynamicQuantize(Node):
+    """Run-time uint8 quantization of a whole tensor with a power-of-two scale (the integer
+    stand-in for ``DynamicQuantizeLinear``'s float scale): centered codes ``q - zp`` at the
+    exponent ``k`` found from the integer range (:func:`bbct.kernels.affine.dynamic_quantize`)."""
+
+    rounding: Rounding = Rounding.RND_CONV
+    given: str = ""
+    op: ClassVar[str] = "dynamic_quantize"
+
+    def attrs(self) -> str:
+        return f"u8 pow2 scale from the integer range {self.rounding.name} (model: {self.given})"
+
+
+@dataclass(frozen=True, eq=False)
+class RescaleChannels(Node):
+    """Per output channel ``n`` (``multiplier[n] * 2**-shift[n] ~= unit[n]``, the accumulator's unit):
+    ``y = sat((acc * multiplier[n]) >>r (shift[n] + e_out - e_acc))``
+    to ``fmt`` at the fixed exponent ``e_out``: an accumulator in units of the given scales
+    ``s_x * s_w[n]`` brought to a power-of-two exponent (the multipliers made at lowering)."""
+
+    multiplier: np.ndarray | None = None
+    shift: np.ndarray | None = None
+    e_out: int = 0
+    relative: bool = False  # e_out is relative to the input's (run-time) exponent of each row
+    fmt: IntFormat = IntFormat(bits=32)
+    op: ClassVar[str] = "rescale_channels"
+
+    def validate(self) -> None:
+        m, s = self.multiplier, self.shift
+        _req(m is not None and s is not None and m.ndim == 1 and m.shape == s.shape, self, "1-D multiplier and shift")
+        _req(m.dtype.kind == "i" and s.dtype.kind == "i", self, "integer multiplier and shift")
+        _req(bool(np.all((m > 0) & (m < (1 << 31)))), self, "multipliers must be in 1..2**31-1")
+
+    def attrs(self) -> str:
+        at = f"2^(e_in{self.e_out:+d})" if self.relative else f"2^{self.e_out}"
+        return f"x*m[{self.multiplier.size}]*2^-s -> {self.fmt.short()} @{at}"
+
+
+@dataclass(frozen=True, eq=False)
 class SplitHeads(Node):
     """(B, S, H) -> (B, heads, S, d), or (B, heads, d, S) when ``transpose`` (keys)."""
 

@@ -411,6 +411,7 @@ class _Emitter:
             "input_ids": ids,
             "onnx_outputs": {_output_role(self.fg, o): o for o in self.fg.outputs},
             "acc_warnings": acc_warnings(self.nodes, self.fg.info.get("max_positions")),
+            "given_quantization": _qdq.given_report(self.fg),
         }
         return ir.Graph(
             nodes=tuple(self.nodes),
@@ -618,6 +619,13 @@ def _linear(e: _Emitter, n: F.Linear) -> str:
             bias_rounding=s.rounding_mode,
         )
     )
+    return _narrow_linear(e, n, acc)
+
+
+def _narrow_linear(e: _Emitter, n: F.Linear, acc: str) -> str:
+    """Narrow a linear's accumulator for what reads it: GELU or tanh input, model output, activation."""
+    r = e.role(n)
+    s = e.settings(n)
     kind, user = _out_linear_fmt(e, n)
     ndim = e.ndim(n.name)
     if kind == "gelu":
@@ -909,6 +917,9 @@ def lower(fg: F.FGraph, config: Config, calib: Calibration | None = None) -> ir.
     config.check_layers(1 + max((r.layer for r in roles.values() if r.layer is not None), default=-1))
     config.check_selectors([(n.op, (roles[n.name].short, n.name)) for n in fg.nodes])
     return _Emitter(fg, config, calib, roles).run()
+
+
+from bbct.simulator import qdq as _qdq  # noqa: E402,F401  (registers the rules of given quantization)
 
 
 def linear_inputs(fg: F.FGraph) -> list[str]:

@@ -168,6 +168,110 @@ class Linear(FNode):
         return f"W={self.weight.shape}{' +b' if self.bias is not None else ''}"
 
 
+@dataclass(frozen=True, eq=False)
+class GivenQuant:
+    """Quantization parameters a quantizer wrote into the model (ONNX ``QuantizeLinear`` /
+    ``DequantizeLinear``): ``value = (code - zero_point) * scale``, codes in ``qmin..qmax``.
+
+    ``scale`` and ``zero_point`` are scalars or 1-D along ``axis`` (per channel); ``codes``
+    holds the stored integers of a constant (a weight) and is None for an activation.
+    ``source`` names the ONNX node that states them (for the report)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    qmin: int
+    qmax: int
+    axis: int | None = None
+    codes: np.ndarray | None = None
+    source: str = ""
+    dynamic: bool = False  # DynamicQuantizeLinear: uint8, scale and zero point from the tensor at run time
+
+    @property
+    def bits(self) -> int:
+        return int(self.qmax - self.qmin).bit_length()
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    def short(self) -> str:
+        if self.dynamic:
+            return "u8 dynamic (scale and zero point of the whole tensor at run time)"
+        s = np.asarray(self.scale)
+        kind = f"per-channel[{s.size}]" if s.ndim else f"scale={float(s):.6g} zp={int(self.zero_point)}"
+        return f"{'s' if self.signed else 'u'}{self.bits} {kind}"
+
+    def fake_quant(self, x: np.ndarray) -> np.ndarray:
+        """``DequantizeLinear(QuantizeLinear(x))`` as onnxruntime computes it in float32:
+        ``x / scale`` rounded half to even, plus the zero point, clipped, then scaled back."""
+        if self.dynamic:
+            return dynamic_fake_quant(x)
+        s, z = np.float32(self.scale), np.asarray(self.zero_point, np.float32)
+        q = np.clip(np.rint(np.asarray(x, np.float32) / s) + z, self.qmin, self.qmax)
+        return ((q - z) * s).astype(np.float64)
+
+
+def dynamic_fake_quant(x: np.ndarray, pow2: bool = False) -> np.ndarray:
+    """``DequantizeLinear(DynamicQuantizeLinear(x))`` as onnxruntime computes it in float32:
+    ``scale = (max(x, 0) - min(x, 0)) / 255`` over the whole tensor, ``zp = round(-min / scale)``.
+    ``pow2``: the scale rounded up to a power of two, the float model of bbct's integer scheme
+    (:func:`bbct.kernels.affine.dynamic_quantize`), to measure what that choice costs."""
+    x = np.asarray(x, np.float32)
+    lo, hi = np.float32(min(0.0, float(x.min()))), np.float32(max(0.0, float(x.max())))
+    s = np.float32((hi - lo) / np.float32(255))
+    if s == 0:
+        return np.zeros(x.shape)
+    if pow2:
+        s = np.float32(2.0 ** np.ceil(np.log2((float(hi) - float(lo)) / 255)))
+    z = np.clip(np.rint(-lo / s), 0, 255)
+    q = np.clip(np.rint(x / s) + z, 0, 255)
+    return ((q - z) * s).astype(np.float64)
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class FakeQuant(FNode):
+    """``DequantizeLinear(QuantizeLinear(x))`` of an activation with the given parameters."""
+
+    given: GivenQuant | None = None
+    op: ClassVar[str] = "fake_quant"
+    describes: ClassVar[str] = "QuantizeLinear -> DequantizeLinear pair on an activation (given scale, zero point)"
+
+    def validate(self) -> None:
+        if self.given is None or np.asarray(self.given.scale).ndim != 0:
+            raise self.error("an activation's quantization must be per tensor (one scale, one zero point)")
+
+    def attrs(self) -> str:
+        return self.given.short()
+
+
+@_register
+@dataclass(frozen=True, eq=False)
+class QuantLinear(Linear):
+    """A linear layer whose input and weight quantization the model gives: ``x`` is
+    quantized with ``x_quant`` (per tensor), the weight is ``w_quant.codes`` (K, N) with
+    per-tensor or per-output-channel (``axis=1``) scales; ``bias`` stays float: lowering
+    quantizes it at the accumulator's scale ``s_x * s_w``, which recovers the int32 codes of
+    a bias the quantizer stored that way (onnxruntime's ``Gemm``)."""
+
+    x_quant: GivenQuant | None = None
+    w_quant: GivenQuant | None = None
+    op: ClassVar[str] = "quant_linear"
+    describes: ClassVar[str] = "a linear layer whose input and weight come through QuantizeLinear/DequantizeLinear"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.x_quant is None or self.w_quant is None or self.w_quant.codes is None:
+            raise self.error("needs the input's and the weight's given quantization")
+        if self.w_quant.codes.shape != self.weight.shape:
+            raise self.error(f"weight codes {self.w_quant.codes.shape} for weight {self.weight.shape}")
+        if np.asarray(self.w_quant.scale).ndim and self.w_quant.axis != 1:
+            raise self.error("per-channel weight scales must be along the output channels")
+
+    def attrs(self) -> str:
+        return f"{super().attrs()} x:{self.x_quant.short()} w:{self.w_quant.short()}"
+
+
 @_register
 @dataclass(frozen=True, eq=False)
 class Add(FNode):

@@ -73,6 +73,11 @@ def _linear(n: F.Linear, x: np.ndarray) -> np.ndarray:
     return y if n.bias is None else y + n.bias
 
 
+def _quant_linear(n: F.QuantLinear, x: np.ndarray) -> np.ndarray:
+    """The given input quantization, then the dequantized weight (== ``n.weight``)."""
+    return _linear(n, n.x_quant.fake_quant(x))
+
+
 def _mean_pool(n: F.MeanPool, x: np.ndarray, m: np.ndarray) -> np.ndarray:
     m = np.asarray(m, np.float64)
     return (x * m[:, :, None]).sum(1) / np.maximum(m.sum(1), 1e-9)[:, None]
@@ -86,6 +91,8 @@ EVAL: dict[type, Callable[..., np.ndarray]] = {
     F.Embedding: lambda n, i: n.table[i].astype(np.float64),
     F.EmbeddingSum: _embedding_sum,
     F.Linear: _linear,
+    F.QuantLinear: _quant_linear,
+    F.FakeQuant: lambda n, x: n.given.fake_quant(x),
     F.Add: lambda n, a, b: a + b,
     F.LayerNorm: lambda n, x: layer_norm(x, n.gamma, n.beta, n.eps),
     F.Gelu: lambda n, x: gelu(x, n.approximate),

@@ -39,9 +39,6 @@ PROBES = ((2, 5, 0), (3, 7, 1))  # (batch, seq, seed): distinct sizes so batch a
 SHORT_PROBES = ((2, 3, 0), (3, 4, 1))  # for a model with fewer than 7 positions (its own limit is checked at run)
 
 QUANTIZED_OPS = (
-    "QuantizeLinear",
-    "DequantizeLinear",
-    "DynamicQuantizeLinear",
     "MatMulInteger",
     "QLinearMatMul",
     "QGemm",
@@ -129,6 +126,9 @@ for _t, _d in (
     ("Dropout", "inference no-op (removed)"),
     ("Cast", "float-to-float casts (removed)"),
     ("Flatten", "views"),
+    ("QuantizeLinear", "given activation quantization (with its DequantizeLinear)"),
+    ("DequantizeLinear", "given activation quantization; a constant's (weights) is read as its codes"),
+    ("DynamicQuantizeLinear", "run-time activation quantization (quantize_dynamic; MatMulInteger rewritten to QDQ)"),
     *((t, "element-wise arithmetic of a fused pattern") for t in ELEMENTWISE),
 ):
     HANDLERS[_t] = Handler(_generic, _d)
@@ -147,6 +147,45 @@ def _gather(imp: _Importer, n: onnx.NodeProto) -> F.FNode:
             name=n.output[0], inputs=(idx,), sources=(n.name,), table=table.astype(np.float32), table_name=data
         )
     return _generic(imp, n)
+
+
+def qrange(dtype: np.dtype | str) -> tuple[int, int]:
+    """Code range of an ONNX quantized type (int4/uint4 come as ml_dtypes from onnx)."""
+    name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    bits = {"int4": 4, "uint4": 4, "int8": 8, "uint8": 8, "int16": 16, "uint16": 16, "int32": 32}.get(name)
+    if bits is None:
+        raise UnsupportedGraphError(f"quantized type {name} is not supported (int4/8/16, uint4/8/16, int32)")
+    if name.startswith("u"):
+        return 0, (1 << bits) - 1
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def given_quant(n: onnx.NodeProto, scale: np.ndarray, zp: np.ndarray | None, codes: np.ndarray | None) -> F.GivenQuant:
+    """The parameters of a QuantizeLinear/DequantizeLinear node (``zp`` None: 0 of uint8,
+    or of ``codes``' type); blocked scales are refused naming the node."""
+    a = _attrs(n)
+    if a.get("block_size", 0):
+        raise UnsupportedGraphError(
+            f"node {n.name!r} ({n.op_type}): blocked scales (block_size={a['block_size']}) are not supported yet"
+        )
+    scale = np.asarray(scale)
+    if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+        raise UnsupportedGraphError(f"node {n.name!r} ({n.op_type}): scale must be positive and finite")
+    dtype = zp.dtype if zp is not None else (codes.dtype if codes is not None else np.dtype(np.uint8))
+    if "output_dtype" in a and zp is None:
+        dtype = helper.tensor_dtype_to_np_dtype(a["output_dtype"])
+    qmin, qmax = qrange(dtype)
+    z = np.zeros(scale.shape, np.int64) if zp is None else np.asarray(zp).astype(np.int64)
+    axis = int(a.get("axis", 1)) if scale.ndim else None
+    return F.GivenQuant(
+        scale=scale.astype(np.float32),
+        zero_point=z,
+        qmin=qmin,
+        qmax=qmax,
+        axis=axis,
+        codes=None if codes is None else np.asarray(codes).astype(np.int64),
+        source=n.name or n.output[0],
+    )
 
 
 def supported_ops() -> dict[str, str]:
@@ -171,10 +210,13 @@ class _Importer:
         self.tables: dict[str, int] = {}  # graph input -> rows of the largest table it indexes
         self._inferred: dict[str, tuple[int, ...]] | None = None
         self.probes = PROBES
+        self.quant_notes: dict[str, str] = {}  # given activation quantization not honoured -> why
 
     # -- step 1 ---------------------------------------------------------------------------------
     def check_ops(self) -> None:
         for n in self.nodes:
+            if n.domain == "com.microsoft" and n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue  # onnxruntime's twins of the standard ops (its quantizer writes them for 4/16 bits)
             if n.domain not in ("", "ai.onnx"):
                 raise UnsupportedGraphError(
                     f"node {n.name!r} ({n.op_type}): op of domain {n.domain!r}; only the standard ONNX domain "
@@ -182,7 +224,8 @@ class _Importer:
                 )
             if n.op_type in QUANTIZED_OPS:
                 raise UnsupportedGraphError(
-                    f"node {n.name!r} ({n.op_type}): quantized graphs are not supported yet; give the float model"
+                    f"node {n.name!r} ({n.op_type}): this quantized op is supported only as onnxruntime's quantizer "
+                    "arranges it (QDQ pairs, quantize_dynamic, QOperator); give the float model or a QDQ one"
                 )
 
     def classify(self) -> None:
@@ -402,7 +445,7 @@ class _Importer:
                     f"node {n.name!r} ({n.op_type}): op {n.op_type} is not supported on the activation path "
                     "(`bbct ops` lists what is)"
                 )
-            for extra in n.output[1:]:
+            for extra in n.output[1:] if n.op_type != "DynamicQuantizeLinear" else ():
                 if (
                     extra
                     and any(extra in m.input for m in self.nodes)
@@ -530,6 +573,7 @@ class _Importer:
             "producer": self.model.producer_name,
             "vocab_size": self.tables.get(ids),
             "type_vocab_size": next((self.tables.get(k) for k, v in self.roles.items() if v == "token_type_ids"), None),
+            "quant_not_honoured": dict(self.quant_notes),
         }
         return F.FGraph(tuple(nodes), dict(self.roles), outputs, ig, info)
 
@@ -539,6 +583,21 @@ class PatternContext:
 
     def __init__(self, imp: _Importer) -> None:
         self.imp = imp
+
+    def given(self, t: str) -> F.GivenQuant | None:
+        """The stored codes and parameters of constant ``t`` when a DequantizeLinear of
+        constants computes it (a quantized weight), else None."""
+        n = self.imp.prod.get(t)
+        if n is None or n.op_type != "DequantizeLinear" or self.imp.kind.get(t) != CONST:
+            return None
+        if _attrs(n).get("block_size", 0):  # blocked scales: the exact float values, quantized by the config
+            self.note(t, f"blocked weight scales ({n.name}): bbct's config quantizes the exact dequantized values")
+            return None
+        vals = [self.imp.value(i) if i else None for i in list(n.input) + [""] * (3 - len(n.input))]
+        return given_quant(n, vals[1], vals[2], vals[0])
+
+    def note(self, t: str, why: str) -> None:
+        self.imp.quant_notes[t] = why
 
     def shape(self, t: str, probe: int = 0) -> tuple[int, ...]:
         return tuple(np.shape(self.imp.probe[probe][t]))
@@ -570,6 +629,9 @@ def load_graph(path_or_model: str | Path | onnx.ModelProto) -> F.FGraph:
         onnx.checker.check_model(m)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise BbctError(f"{where}: malformed ONNX model: {str(e).splitlines()[0]}") from None
+    from bbct.simulator.frontend.intops import rewrite_integer_ops
+
+    m = rewrite_integer_ops(m)
     try:
         return _Importer(m, where).run()
     except UnsupportedGraphError as e:

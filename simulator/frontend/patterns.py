@@ -135,6 +135,99 @@ def _last_axis(n: F.OnnxOp, ndim: int) -> bool:
 
 
 # -- no-ops ---------------------------------------------------------------------------------------
+# -- given quantization (QDQ models) ----------------------------------------------------------------
+@pattern("fake_quant", "QuantizeLinear -> DequantizeLinear of an activation -> fake_quant (given scale, zero point)")
+def _fake_quant(rw: Rewriter) -> bool:
+    from bbct.simulator.frontend.onnx_in import given_quant
+
+    for dq in rw.nodes:
+        if not (isinstance(dq, F.OnnxOp) and dq.op_type == "DequantizeLinear" and dq.positions[:1] == (0,)):
+            continue
+        dyn = rw.onnx(dq.inputs[0], "DynamicQuantizeLinear")
+        if dyn is not None:
+            src = rw.ctx.imp.prod[dq.inputs[0]]
+            if list(dq.inputs) != list(src.output):
+                raise dq.error("DequantizeLinear of a DynamicQuantizeLinear must read its three outputs")
+            g = F.GivenQuant(
+                scale=np.float32(1.0), zero_point=np.int64(0), qmin=0, qmax=255, source=src.name, dynamic=True
+            )
+            rw.replace([dq], F.FakeQuant(name=dq.name, inputs=(dyn.inputs[0],), sources=(dq.sources[0],), given=g))
+            if not rw.users(dyn.name):
+                rw.nodes = [n for n in rw.nodes if n is not dyn]
+                rw._index()
+            return True
+        if dq.positions != (0,):
+            continue
+        q = rw.onnx(dq.inputs[0], "QuantizeLinear")
+        if q is None or q.positions != (0,):
+            p = rw.prod.get(dq.inputs[0])
+            via = (
+                f" (it reads {p.op_type} of integer codes: quantized data movement is not supported)"
+                if isinstance(p, F.OnnxOp)
+                else ""
+            )
+            raise dq.error(f"DequantizeLinear of an activation must read a QuantizeLinear of constant parameters{via}")
+        src = rw.ctx.imp.prod[dq.inputs[0]]
+        zp = q.operand(2)
+        g = given_quant(src, q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
+        dz = dq.operand(2)
+        if not np.array_equal(np.asarray(dq.operand(1), np.float32), g.scale) or (
+            isinstance(dz, np.ndarray) and not np.array_equal(dz.astype(np.int64), g.zero_point)
+        ):
+            raise dq.error("DequantizeLinear's scale or zero point differs from its QuantizeLinear's")
+        rw.replace([dq], F.FakeQuant(name=dq.name, inputs=(q.inputs[0],), sources=(dq.sources[0],), given=g))
+        if not rw.users(q.name) and q.name not in rw.outputs:
+            rw.nodes = [n for n in rw.nodes if n is not q]
+            rw._index()
+        return True
+    return False
+
+
+def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
+    """``u`` is a MatMul/Gemm of ``x`` by a constant weight the model stores quantized."""
+    return (
+        isinstance(u, F.OnnxOp)
+        and u.op_type in ("MatMul", "Gemm")
+        and u.positions == (0,)
+        and u.inputs[0] == x
+        and rw.ctx.given(u.const_names.get(1, "")) is not None
+    )
+
+
+def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
+    for n in rw.nodes:
+        if not isinstance(n, F.FakeQuant):
+            continue
+        users = rw.users(n.name)
+        given = [u for u in users if _reads_given_weight(rw, u, n.name)]
+        if not late and given:
+            others = [u for u in users if u not in given]
+            if not others and n.name not in rw.outputs:
+                continue  # kept: quant_linear honours it
+            if others:  # e.g. a residual sum reading the quantized LayerNorm output
+                rw.ctx.note(
+                    n.name,
+                    f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
+                    f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
+                )
+                rw.nodes = [
+                    replace(u, inputs=tuple(n.inputs[0] if i == n.name else i for i in u.inputs)) if u in others else u
+                    for u in rw.nodes
+                ]
+                rw._index()
+                return True
+        why = "not the input of a linear layer with a quantized weight" if not late else "not fused into a linear"
+        rw.ctx.note(n.name, f"{n.given.short()} from {n.given.source}: {why}; bbct's config quantizes it")
+        rw.alias(n, n.inputs[0])
+        return True
+    return False
+
+
+@pattern("drop_fake_quant", "a fake_quant that no linear with a quantized weight reads: bbct's config quantizes it")
+def _drop_fake_quant_early(rw: Rewriter) -> bool:
+    return _drop_fake_quant(rw, late=False)
+
+
 @pattern("noop", "Identity, Dropout and float-to-float Cast are removed")
 def _noop(rw: Rewriter) -> bool:
     for n in rw.nodes:
@@ -241,6 +334,59 @@ def _linear(rw: Rewriter) -> bool:
 
 
 # -- layernorm ----------------------------------------------------------------------------------
+@pattern("quant_linear", "fake_quant -> linear by a DequantizeLinear weight -> quant_linear (given quantization)")
+def _quant_linear(rw: Rewriter) -> bool:
+    for n in rw.nodes:
+        if type(n) is not F.Linear:
+            continue
+        fq = rw.prod.get(n.inputs[0])
+        wq = rw.ctx.given(n.weight_name)
+        if not isinstance(fq, F.FakeQuant) or wq is None:
+            continue
+        codes, w = wq.codes, np.asarray(n.weight, np.float32)
+        deq = _dequant(wq)
+        if deq.shape == w.shape and np.array_equal(deq, w):
+            axis = wq.axis
+        elif deq.T.shape == w.shape and np.array_equal(deq.T, w):  # Gemm transB
+            codes, axis = codes.T, None if wq.axis is None else 1 - wq.axis % 2
+        else:
+            continue  # a scaled weight (Gemm alpha): left to the late drop, then bbct's config
+        if wq.axis is not None and axis != 1:
+            raise n.error("per-channel weight scales along the reduction axis are not supported")
+        wq = replace(wq, codes=np.ascontiguousarray(codes), axis=axis)
+        new = F.QuantLinear(
+            name=n.name,
+            inputs=(fq.inputs[0],),
+            sources=n.sources,
+            weight=n.weight,
+            bias=n.bias,
+            weight_name=n.weight_name,
+            x_quant=fq.given,
+            w_quant=wq,
+        )
+        if len(rw.users(fq.name)) == 1 and fq.name not in rw.outputs:
+            rw.replace([fq, n], new)
+        else:
+            rw.replace([n], new)
+        return True
+    return False
+
+
+def _dequant(g: F.GivenQuant) -> np.ndarray:
+    """A constant's float value from its codes, as DequantizeLinear computes it (float32)."""
+    shape = [1] * g.codes.ndim
+    if g.axis is not None:
+        shape[g.axis] = -1
+    s = np.asarray(g.scale, np.float32).reshape(shape)
+    z = np.asarray(g.zero_point).reshape(shape)
+    return ((g.codes - z).astype(np.float32) * s).astype(np.float32)
+
+
+@pattern("drop_fake_quant_late", "a fake_quant left unfused (a scaled Gemm weight): bbct's config quantizes it")
+def _drop_fake_quant_late(rw: Rewriter) -> bool:
+    return _drop_fake_quant(rw, late=True)
+
+
 @pattern("layernorm", "LayerNormalization(axis=-1), or ReduceMean/Sub/Pow/ReduceMean/Add/Sqrt/Div[/Mul/Add]")
 def _layernorm(rw: Rewriter) -> bool:
     for n in rw.nodes:

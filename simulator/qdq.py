@@ -1,0 +1,211 @@
+"""Lowering of a model's given quantization (ONNX QDQ): float scales become integers here.
+
+A :class:`~bbct.simulator.frontend.fgraph.QuantLinear` (a linear layer whose input and weight
+come through ``QuantizeLinear``/``DequantizeLinear``) lowers to::
+
+    x (bbct codes @2^e) -affine_quantize-> c_x = q_x - zp_x      (mult_x * 2^-shift_x ~= 1 / s_x)
+    c_x @ (W_q - zp_w) + bias_q  -> acc, exact integers           (== MatMulInteger(q_x, W_q, zp_x, zp_w) + bias_q)
+    acc -rescale_channels-> fixed @2^e_out                        (mult_n * 2^-shift_n ~= s_x s_w[n] / 2^e_out)
+    -> narrowed as any linear's accumulator (GELU/tanh input, output, activation by the config)
+
+Each float scale becomes a multiplier of ``given_mult_bits`` bits (config, default 24: the
+precision of the float32 scale itself) and a shift, once, TFLite-style; rounding at every
+shift is the op's ``rounding`` (default ``RND_CONV``, half to even as ``QuantizeLinear``).
+The bias is quantized at the accumulator's unit ``s_x * s_w[n]`` (float32 product, as
+onnxruntime's quantizer stores a Gemm bias), which gives back a stored int32 bias exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from bbct.kernels.requantize import quantize_multiplier
+from bbct.simulator import ir
+from bbct.simulator.errors import ConfigError
+from bbct.simulator.frontend import fgraph as F
+from bbct.simulator.lower import _Emitter, _fixed_exp_for_range, _fixed_fmt, _narrow_linear, rule
+
+RESCALE_EXTRA_BITS = 2  # the rescaled accumulator keeps 2 bits below its finest channel unit
+
+
+def centered_weight(wq: F.GivenQuant) -> np.ndarray:
+    """``W_q - zp_w`` (K, N) as int64; per-channel zero points along axis 1."""
+    z = np.asarray(wq.zero_point, np.int64)
+    return np.ascontiguousarray(wq.codes.astype(np.int64) - (z.reshape(1, -1) if z.ndim else z))
+
+
+def channel_scales(n: F.QuantLinear) -> np.ndarray:
+    """The accumulator's unit per output channel: ``s_x * s_w[n]`` (float32 product, float64)."""
+    sw = np.broadcast_to(np.asarray(n.w_quant.scale, np.float32), (n.out_features,))
+    return (np.float32(n.x_quant.scale) * sw).astype(np.float64)
+
+
+def _count_weight(e: _Emitter, short: str, w: np.ndarray, wq: F.GivenQuant) -> None:
+    """Storage of a given weight: its codes at their width, one float32 scale per channel."""
+    n_scales = int(np.asarray(wq.scale).size)
+    e.storage.append(
+        {"name": short, "numel": int(w.size), "bits": wq.bits, "scale_bits": 32 * n_scales, "matrix": True}
+    )
+
+
+@rule(F.QuantLinear)
+def _quant_linear(e: _Emitter, n: F.QuantLinear) -> str:
+    r = e.role(n)
+    s = e.settings(n)
+    xq, wq = n.x_quant, n.w_quant
+    if xq.dynamic:
+        return _dynamic_linear(e, n)
+    x = e.value[n.inputs[0]]
+    mult, shift = quantize_multiplier(1.0 / float(xq.scale), s.given_mult_bits)
+    zp = int(xq.zero_point)
+    key = ("affine", x, mult, shift, zp, xq.qmin, xq.qmax, s.rounding_mode)
+    xa = _input_quantizer(
+        e,
+        n,
+        key,
+        lambda name: ir.AffineQuantize(
+            name=name,
+            inputs=(x,),
+            multiplier=mult,
+            shift=shift,
+            zero_point=zp,
+            qmin=xq.qmin,
+            qmax=xq.qmax,
+            rounding=s.rounding_mode,
+            given=f"{xq.short()} from {xq.source}",
+        ),
+    )
+    w = centered_weight(wq)
+    unit = channel_scales(n)
+    bias = None
+    if n.bias is not None:
+        bias = np.rint(np.asarray(n.bias, np.float64) / unit).astype(np.int64)
+        if bias.size and int(np.abs(bias).max()) >= 1 << (s.bias_bits - 1):
+            raise ConfigError(
+                f"node {r.short}: bias code {int(np.abs(bias).max())} at the given scale s_x*s_w needs more than "
+                f"bias_bits={s.bias_bits}"
+            )
+    if bias is not None:
+        e.count(r.short + ".bias", bias.size, s.bias_bits, 0, None)
+    cx = max(abs(xq.qmin - zp), abs(xq.qmax - zp))
+    return _gemm_rescale(e, n, xa, w, (bias, 0), unit, cx, relative=False)
+
+
+def _input_quantizer(e: _Emitter, n: F.QuantLinear, key: tuple, make: Callable[[str], ir.Node]) -> str:
+    """The node quantizing a linear's input, made once for the linears that share it (Q, K, V)."""
+    if key not in e.aligned:
+        src = e.prod.get(n.inputs[0])
+        base = e.roles[src.name].short if src is not None else n.inputs[0]
+        e.aligned[key] = e.add(make(e.unique(f"{base}.q")))
+    return e.aligned[key]
+
+
+def _dynamic_linear(e: _Emitter, n: F.QuantLinear) -> str:
+    """``DynamicQuantizeLinear`` + ``MatMulInteger`` + scale ``Mul``: the run-time float scale
+    has no integer-only equivalent, so the input takes the nearest integer scheme, a
+    power-of-two scale from the integer range (``dynamic_quantize``); the accumulator's unit
+    is then ``2**k * s_w[n]`` with ``k`` known at run time, so the per-channel multipliers
+    come from the weight scales alone and the run-time ``k`` is a shift."""
+    r = e.role(n)
+    s = e.settings(n)
+    wq = n.w_quant
+    x = e.value[n.inputs[0]]
+    given = f"DynamicQuantizeLinear {n.x_quant.source}"
+    xa = _input_quantizer(
+        e,
+        n,
+        ("dynamic", x, s.rounding_mode),
+        lambda name: ir.DynamicQuantize(name=name, inputs=(x,), rounding=s.rounding_mode, given=given),
+    )
+    w = centered_weight(wq)
+    unit = np.broadcast_to(np.asarray(wq.scale, np.float32), (n.out_features,)).astype(np.float64)
+    bias, bias_exp = None, 0
+    if n.bias is not None:  # at the unit s_w[n] * 2**bias_exp; the GEMM shifts it to 2**k
+        b = np.asarray(n.bias, np.float64) / unit
+        amax = float(np.abs(b).max(initial=0.0))
+        bias_exp = _fixed_exp_for_range(s.bias_bits, amax) if amax > 0 else 0
+        bias = np.rint(b / 2.0**bias_exp).astype(np.int64)
+        e.count(r.short + ".bias", bias.size, s.bias_bits, 0, None)
+    return _gemm_rescale(e, n, xa, w, (bias, bias_exp), unit, 255, relative=True)
+
+
+def _gemm_rescale(
+    e: _Emitter,
+    n: F.QuantLinear,
+    xa: str,
+    w: np.ndarray,
+    bias: tuple[np.ndarray | None, int],
+    unit: np.ndarray,
+    cx: int,
+    relative: bool,
+) -> str:
+    """The exact integer GEMM of centered codes (``|x| <= cx``), then the accumulator, in
+    units of ``unit[n]`` (times ``2**k`` at run time when ``relative``), brought to a
+    power-of-two exponent 2 bits below the finest unit by one multiplier per channel."""
+    r = e.role(n)
+    s = e.settings(n)
+    codes, bias_exp = bias
+    _count_weight(e, r.short, w, n.w_quant)
+    acc = e.add(
+        ir.Linear(
+            name=r.short + ".acc",
+            inputs=(xa,),
+            weight=w,
+            w_exp=0,
+            bias=codes,
+            bias_exp=bias_exp,
+            bias_bits=s.bias_bits,
+            acc_bits=s.acc_bits,
+            acc_saturation=s.acc_saturation_mode,
+            bias_rounding=s.rounding_mode,
+        )
+    )
+    bound = n.in_features * cx * int(np.abs(w).max(initial=0))
+    bound += int(np.abs(codes).max(initial=0)) << max(0, bias_exp) if codes is not None else 0
+    if bound.bit_length() + s.given_mult_bits > 62:  # the accumulator times a multiplier: int64 datapath
+        raise ConfigError(
+            f"node {r.short}: accumulator of up to {bound.bit_length()} bits times a {s.given_mult_bits}-bit "
+            f"multiplier exceeds the int64 datapath: lower given_mult_bits to {62 - bound.bit_length()}"
+        )
+    e_out = math.floor(math.log2(float(unit.min()))) - RESCALE_EXTRA_BITS
+    ms = [quantize_multiplier(float(u), s.given_mult_bits) for u in unit]
+    out_bits = (bound * float(unit.max()) / 2.0**e_out).__ceil__().bit_length() + 1
+    y = e.add(
+        ir.RescaleChannels(
+            name=r.short + ".rescaled",
+            inputs=(acc,),
+            multiplier=np.array([m for m, _ in ms], np.int64),
+            shift=np.array([sh for _, sh in ms], np.int64),
+            e_out=e_out,
+            relative=relative,
+            fmt=_fixed_fmt(min(62, max(s.acc_bits, out_bits)), s),
+        )
+    )
+    return _narrow_linear(e, n, y)
+
+
+def given_report(fg: F.FGraph) -> dict[str, object]:
+    """Which tensors' quantization the model gave (and bbct honours), and which it did not."""
+    honoured = {}
+    for n in fg.nodes:
+        if isinstance(n, F.QuantLinear):
+            honoured[n.name] = f"input {n.x_quant.short()}, weight {n.w_quant.short()}"
+    return {"honoured": honoured, "not_honoured": dict(fg.info.get("quant_not_honoured") or {})}
+
+
+def format_given(info: dict) -> str:
+    """The report's lines on given quantization ('' for a float model): which tensors'
+    quantization the model gave and bbct honours, and which bbct's config chose instead."""
+    g = info.get("given_quantization") or {}
+    honoured, other = g.get("honoured", {}), g.get("not_honoured", {})
+    if not honoured and not other:
+        return ""
+    lines = [f"given quantization honoured ({len(honoured)} linear layers; every other tensor: bbct's config):"]
+    lines += [f"  {k}: {v}" for k, v in honoured.items()]
+    if other:
+        lines.append(f"given quantization not honoured ({len(other)} tensors, bbct's config instead):")
+        lines += [f"  {k}: {v}" for k, v in other.items()]
+    return "\n".join(lines)
