@@ -76,6 +76,10 @@ PORTS: dict[type, Callable[[Any, _Walk], Port]] = {
     ir.LayerNorm: lambda n, src: _fmt_port(n.out_fmt),
     ir.L2Normalize: lambda n, src: _fmt_port(n.out_fmt),
     ir.MeanPool: lambda n, src: Port(n.params.out_bits, True),
+    # a model's given quantization: centered codes q - zp of the given range
+    ir.AffineQuantize: lambda n, src: Port(n.bits, True),
+    ir.DynamicQuantize: lambda n, src: Port(9, True),  # q - zp with q, zp in 0..255
+    ir.RescaleChannels: lambda n, src: _fmt_port(n.fmt),
 }
 
 
@@ -107,6 +111,12 @@ def constant_port(node: ir.Node, key: str) -> Port:
         return Port(node.stored.fmt.mant_bits if isinstance(node, ir.Linear) else node.table.fmt.mant_bits, False)
     if isinstance(node, ir.Embed) and key == "table":
         return _fmt_port(node.table.fmt)
+    if isinstance(node, ir.Linear) and node.stored is None:  # a model's given codes (QDQ import)
+        if key == "bias":
+            return Port(node.bias_bits, True)
+        # the given weight codes minus their zero point: 9 bits for uint8/int8 with a zero point
+        peak = int(np.abs(np.asarray(node.weight)).max(initial=0))
+        return Port(max(peak.bit_length() + 1, 2), True)
     if isinstance(node, ir.Linear):
         s = node.stored.fmt
         mant = s.mant_bits if s.scale == ScaleKind.MULT else 0
@@ -115,6 +125,8 @@ def constant_port(node: ir.Node, key: str) -> Port:
             "weight": Port(s.bits + mant + weight_guard(node), True),
             "bias": Port(node.bias_bits, True),
         }[key]
+    if isinstance(node, ir.RescaleChannels) and key in ("multiplier", "shift"):
+        return Port(31, False) if key == "multiplier" else Port(EXP_BITS, True)  # M < 2**31; shifts as exponents
     p = getattr(node, "params", None)
     if key == "params.table":  # GELU / tanh LUT entries at the output format
         return Port(p.out_bits, p.signed)
@@ -132,6 +144,8 @@ def constant_port(node: ir.Node, key: str) -> Port:
 def weight_guard(node: ir.Linear) -> int:
     """The guard bits the aligned ``weight`` keeps: ``max(stored exponents) - w_exp`` (0 for an
     all-zero weight), i.e. the config's ``weight_guard``."""
+    if node.stored is None:  # given codes: the weight is multiplied as stored
+        return 0
     e = np.asarray(node.stored.exp)
     real = e[e != EXP_ZERO]
     return int(real.max()) - int(node.w_exp) if real.size else 0

@@ -353,3 +353,20 @@ def test_multiplier_width_is_configurable(qdq_model):
     assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
     with pytest.raises(ConfigError, match="given_mult_bits"):
         load_config({"default": {"given_mult_bits": 40}})
+
+
+def test_vectors_of_a_quantized_model(qdq_model, tmp_path):
+    """The given-quantization nodes dump at port widths that hold their codes (a value outside
+    its port stops the dump), and the manifest names the affine and rescale nodes' files."""
+    import json
+
+    from bbct.simulator.cli import main
+
+    out = tmp_path / "vec"
+    assert main(["vectors", str(qdq_model), "--text", "w5 w6 w7", "--text", "w8", "--out", str(out)]) == 0
+    doc = json.loads((out / "vectors.json").read_text())
+    op_of = {n["node"]: n["op"] for n in doc["nodes"]}
+    outs = {op_of[f["node"]]: f for f in doc["files"] if f["port"] == "out"}
+    assert {"affine_quantize", "rescale_channels", "linear"} <= set(outs)
+    aq = outs["affine_quantize"]
+    assert aq["signed"] and aq["bits"] == 9  # uint8 codes minus a zero point: -255..255

@@ -93,3 +93,17 @@ def test_dynamic_against_onnxruntime(dynamic_model, monkeypatch):
     pow2 = run_float(fg, feeds)["logits"]
     assert 35 < _sqnr(exact, pow2) < 80  # measured 47.6..51.5 dB: it changes the result, not wildly
     assert all("dynamic" in v for v in g.info["given_quantization"]["honoured"].values())
+
+
+def test_vectors_of_a_dynamic_model(dynamic_model, tmp_path):
+    """Run-time quantized codes dump as 9-bit signed (q - zp, both 0..255)."""
+    import json
+
+    from bbct.simulator.cli import main
+
+    out = tmp_path / "vec"
+    assert main(["vectors", str(dynamic_model), "--text", "w5 w6 w7", "--out", str(out)]) == 0
+    doc = json.loads((out / "vectors.json").read_text())
+    op_of = {n["node"]: n["op"] for n in doc["nodes"]}
+    dq = [f for f in doc["files"] if f["port"] == "out" and op_of[f["node"]] == "dynamic_quantize"]
+    assert dq and all(f["bits"] == 9 and f["signed"] for f in dq)
