@@ -335,6 +335,10 @@ def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
 
 
 _BLAS = ThreadpoolController()
+# Below this many multiply-adds a product runs on one BLAS thread: waking the other threads
+# costs more than they save, and far more when other processes keep the cores busy
+# (64 x 384 x 384 took 60 ms on two threads of a loaded machine, under 1 ms on one).
+_BLAS_THREADED_MACS = 1 << 28
 
 
 def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, ...]) -> np.ndarray:
@@ -343,10 +347,17 @@ def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, 
     A 2-D ``b`` (a linear layer's weights) multiplies all rows of ``a`` in one 2-D BLAS call:
     numpy's stacked matmul issues one small call per batch item, each spinning up the BLAS
     threads, which collapses when another process shares the cores. Products with batch axes
-    on both sides (attention) are many small matrices: they run on one BLAS thread."""
+    on both sides (attention) are many small matrices: they run on one BLAS thread, as do
+    2-D products below ``_BLAS_THREADED_MACS``."""
     k_, n_ = b.shape[-2], b.shape[-1]
     if b.ndim == 2:
-        accf = (a.reshape(-1, k_).astype(ft) @ b.astype(ft)).reshape(a.shape[:-1] + (n_,))
+        a2 = a.reshape(-1, k_).astype(ft)
+        if a2.shape[0] * k_ * n_ >= _BLAS_THREADED_MACS:
+            accf = a2 @ b.astype(ft)
+        else:
+            with _BLAS.limit(limits=1, user_api="blas"):
+                accf = a2 @ b.astype(ft)
+        accf = accf.reshape(a.shape[:-1] + (n_,))
     else:
         with _BLAS.limit(limits=1, user_api="blas"):
             accf = np.matmul(a.astype(ft), b.astype(ft))
