@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             _print_rows(f"growth: RT classifier {args.model.name}, batch 8 x seq {seq}, {args.threads} threads", rows)
             _print_profiles(rows)
             growth.append({"model": args.model.name, "random_weights": False, "batch": 8, "seq": seq, "rows": rows})
-        big = random_bert_base(ROOT / "bench" / "models")
+        big = random_bert_base(Path(tempfile.gettempdir()) / "bbct-bench-models")  # ~440 MB, outside the repo
         rows = run_engines(engines, big, 8, 128, args, env)
         _ratios(rows)
         _print_rows(
