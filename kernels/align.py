@@ -22,12 +22,18 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from bbct.kernels.blocks import effective_block
+from bbct.kernels.blockshift import shift_block
 from bbct.kernels.formats import QTensor, Rounding, expand_blocks, shift_round, shift_round_ref
 
 
-def _expand(q: QTensor, guard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def _check_guard(guard: int) -> None:
     if not isinstance(guard, (int, np.integer)) or not 0 <= int(guard) <= 30:
         raise ValueError(f"align: guard={guard!r} must be an integer in 0..30")
+
+
+def _expand(q: QTensor, guard: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    _check_guard(guard)
     e = expand_blocks(np.asarray(q.exp, np.int64), q.shape, q.fmt.block_axis, q.fmt.block_size)
     m = None
     if q.mant is not None:
@@ -59,6 +65,36 @@ def _align_flat(x, m, s, mode, out):
         out[i] = shift_round(v, sh, mode)
 
 
+@nb.njit(cache=True)
+def _align_rows(x, e, bs, guard, mode, out, e_ref):
+    """One group per row of ``x`` (rows, n), blocks of ``bs`` along it with exponents ``e``
+    (rows, nblocks): the module docstring's rule, one shift per block."""
+    rows, n = x.shape
+    for r in range(rows):
+        top = e[r, 0]
+        for b in range(1, e.shape[1]):
+            top = max(top, e[r, b])
+        ref = top - guard
+        e_ref[r] = ref
+        for b in range(e.shape[1]):
+            j0 = b * bs
+            shift_block(x, r, j0, min(n, j0 + bs), np.int64(ref) - e[r, b], mode, out)
+
+
+def _last_axis_rows(q: QTensor, reduce_axes: tuple[int, ...]) -> bool:
+    """Groups are rows along the last axis, which is also the block axis, scales POW2."""
+    nd = q.data.ndim
+    e = np.asarray(q.exp)
+    return (
+        nd >= 1
+        and q.mant is None
+        and tuple(sorted({a % nd for a in reduce_axes})) == (nd - 1,)
+        and q.fmt.block_axis % nd == nd - 1
+        and e.ndim == nd
+        and e.shape[-1] in (1, -(-q.shape[-1] // effective_block(q.shape[-1], q.fmt.block_size)) if q.shape[-1] else 1)
+    )
+
+
 def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding) -> tuple[np.ndarray, np.ndarray]:
     """Bring ``q`` to one exponent per group of the non-reduced axes (module docstring).
 
@@ -71,6 +107,20 @@ def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Roundi
     Returns:
         ``(wide int64, e_ref int32)``; bit-identical to :func:`align_ref`.
     """
+    if _last_axis_rows(q, reduce_axes) and q.data.size:
+        _check_guard(guard)
+        x = np.ascontiguousarray(q.data)
+        n = x.shape[-1]
+        top = max(int(x.max()), -int(x.min()))
+        if top.bit_length() + int(guard) > 62:
+            raise ValueError(f"align: |q*mant| up to {top} shifted left by guard={guard} exceeds 62 bits")
+        ex = np.asarray(q.exp)
+        e2 = np.broadcast_to(ex, x.shape[:-1] + ex.shape[-1:]).reshape(-1, ex.shape[-1]).astype(np.int64)
+        out = np.empty(x.shape, np.int64)
+        e_ref = np.empty(e2.shape[0], np.int64)
+        bs = n if ex.shape[-1] == 1 else effective_block(n, q.fmt.block_size)
+        _align_rows(x.reshape(-1, n), e2, bs, int(guard), int(rounding), out.reshape(-1, n), e_ref)
+        return out, e_ref.astype(np.int32).reshape(x.shape[:-1] + (1,))
     e, x, m = _expand(q, guard)
     e_ref = _e_ref(e, reduce_axes, guard)
     s = np.ascontiguousarray(np.broadcast_to(e_ref, x.shape) - e).ravel()

@@ -50,7 +50,10 @@ How it is computed fast, without changing a bit of that contract:
    ``B[m, n] = sum_k |a[m, k]| |b[k, n]| <= min(rowmax|a|_m * colsum|b|_n,
    rowsum|a|_m * colmax|b|_n)``. If ``B[m, n] <= 2**(acc_bits-1) - 1`` no narrowing changes
    any prefix, so the sequential result is the exact sum of step 1. Both bound factors are
-   integers whose product is <= P < 2**53, so this test is itself exact in float64.
+   integers whose product is <= P < 2**53, so this test is exact in int64. When the largest
+   row factor times the largest column factor already stays in range, no output is tested.
+   A 2-D ``b`` (a linear layer) is one 2-D BLAS call over all rows of ``a``, never a
+   stacked one (:func:`_float_matmul`).
 3. Outputs whose bound does not prove step 2 are recomputed by the sequential int64 Numba
    loop (the contract verbatim, counting events). If ``P >= 2**53`` the loop runs for all.
 4. The aligned bias is a table (one row per distinct shift). An entry with
@@ -64,6 +67,7 @@ from __future__ import annotations
 
 import numba as nb
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from bbct.kernels.formats import (
     EXP_ZERO,
@@ -143,23 +147,55 @@ def _gemm_seq_at(a, b, idx, rid, tab, force, use_bias, lo, hi, wrap, bits, out):
 
 
 @nb.njit(cache=True)
-def _finish(accf, rid, tab, force, use_bias, skip, lo, hi, wrap, bits, out):
+def _finish(accf, rid, tab, force, use_bias, rmax, rsum, cmax, csum, hi, lo, wrap, bits, out, skip):
     """Exact float sums (module docstring, steps 1-2) -> int64, plus the aligned bias with
-    narrowing. Outputs marked in ``skip`` are left for :func:`_gemm_seq_at`."""
+    narrowing. An output whose prefix-sum bound (step 2) exceeds ``hi`` is marked in ``skip``
+    and left for :func:`_gemm_seq_at`; returns (events, marked outputs). The bound factors
+    are int64 row/column statistics of ``|a|`` and ``|b|`` whose products are <= P < 2**53."""
     bt, m_, n_ = accf.shape
     n_over = 0
+    n_skip = 0
+    check = rmax.shape[0] > 0
     for t in range(bt):
+        tb = t if csum.shape[0] > 1 else 0
         for i in range(m_):
             r = rid[t * m_ + i]
             for j in range(n_):
-                if skip is not None and skip[t, i, j]:
-                    continue
+                if check:
+                    p1 = rmax[t, i] * csum[tb, j]
+                    p2 = rsum[t, i] * cmax[tb, j]
+                    if (p1 if p1 < p2 else p2) > hi:
+                        skip[t, i, j] = True
+                        n_skip += 1
+                        continue
                 s = np.int64(accf[t, i, j])  # an integer below 2**53: exact conversion
                 if use_bias:
                     s, ov = _plus_bias(s, tab, force, r, j, lo, hi, wrap, bits)
                     n_over += ov
                 out[t, i, j] = s
-    return n_over
+    return n_over, n_skip
+
+
+@nb.njit(cache=True)
+def _abs_stats(x, axis):
+    """Per-row (``axis`` = 2: over k of (T, M, K)) or per-column (``axis`` = 1: over k of
+    (T, K, N)) max and sum of ``|x|``, as int64 (|x| < 2**62 and the sums are <= P < 2**53
+    whenever they are used)."""
+    t_, d1, d2 = x.shape
+    n_ = d1 if axis == 2 else d2
+    mx = np.zeros((t_, n_), np.int64)
+    sm = np.zeros((t_, n_), np.int64)
+    for t in range(t_):
+        for p in range(d1):
+            for q in range(d2):
+                v = x[t, p, q]
+                if v < 0:
+                    v = -v
+                o = p if axis == 2 else q
+                if v > mx[t, o]:
+                    mx[t, o] = v
+                sm[t, o] += v
+    return mx, sm
 
 
 _DATAPATH = 1 << 62  # |operand|, |bias|, |aligned bias| below this: exact int64 arithmetic
@@ -298,6 +334,38 @@ def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
     return a, b, bias, e_bias, batch, e_acc.astype(np.int32), amax * bmax * max(k, 1)
 
 
+_BLAS = ThreadpoolController()
+# Below this many multiply-adds a product runs on one BLAS thread: waking the other threads
+# costs more than they save, and far more when other processes keep the cores busy
+# (64 x 384 x 384 took 60 ms on two threads of a loaded machine, under 1 ms on one).
+_BLAS_THREADED_MACS = 1 << 28
+
+
+def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, ...]) -> np.ndarray:
+    """``a @ b`` in float type ``ft`` (exact by step 1), broadcast to ``out_shape``.
+
+    A 2-D ``b`` (a linear layer's weights) multiplies all rows of ``a`` in one 2-D BLAS call:
+    numpy's stacked matmul issues one small call per batch item, each spinning up the BLAS
+    threads, which collapses when another process shares the cores. Products with batch axes
+    on both sides (attention) are many small matrices: they run on one BLAS thread, as do
+    2-D products below ``_BLAS_THREADED_MACS``."""
+    k_, n_ = b.shape[-2], b.shape[-1]
+    if b.ndim == 2:
+        a2 = a.reshape(-1, k_).astype(ft)
+        if a2.shape[0] * k_ * n_ >= _BLAS_THREADED_MACS:
+            accf = a2 @ b.astype(ft)
+        else:
+            with _BLAS.limit(limits=1, user_api="blas"):
+                accf = a2 @ b.astype(ft)
+        accf = accf.reshape(a.shape[:-1] + (n_,))
+    else:
+        with _BLAS.limit(limits=1, user_api="blas"):
+            accf = np.matmul(a.astype(ft), b.astype(ft))
+    if accf.shape != out_shape:  # b carried batch axes that a did not
+        accf = np.broadcast_to(accf, out_shape)
+    return accf
+
+
 def gemm(
     a: np.ndarray,
     ea: np.ndarray,
@@ -341,27 +409,22 @@ def gemm(
     acc = np.empty((a3.shape[0], m_, n_), np.int64)
     if bound < EXACT_F64:
         ft = np.float32 if bound < EXACT_F32 else np.float64  # exact: module docstring, step 1
-        accf = np.matmul(a.astype(ft), b.astype(ft))
-        if accf.shape != out_shape:  # b carried batch axes that a did not
-            accf = np.broadcast_to(accf, out_shape)
-        accf = accf.reshape(-1, m_, n_)
-        skip, idx = None, None
+        accf = _float_matmul(a, b, ft, out_shape).reshape(-1, m_, n_)
+        a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
+        empty = np.zeros((0, 0), np.int64)
+        rmax = rsum = cmax = csum = empty
         if bound > hi:  # step 2: find the outputs whose prefix sums might leave the range
-            aa, ab = np.abs(a3).astype(np.float64), np.abs(b3).astype(np.float64)
-            pb = np.minimum(
-                aa.max(axis=2)[:, :, None] * ab.sum(axis=1)[:, None, :],
-                aa.sum(axis=2)[:, :, None] * ab.max(axis=1)[:, None, :],
-            )
-            skip = np.ascontiguousarray(np.broadcast_to(pb, acc.shape) > hi)
-            idx = np.argwhere(skip)
-            if not len(idx):
-                skip = None
-        n_over += _finish(accf, rid, tab, force, use_bias, skip, lo, hi, wrap, acc_bits, acc)
-        if skip is not None:
-            a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
-            n_over += _gemm_seq_at(
-                a3c, b3c, idx.astype(np.int64), rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc
-            )
+            rmax, rsum = _abs_stats(a3c, 2)
+            cmax, csum = _abs_stats(b3c, 1)
+            # one global test first: the bound of every output is at most either product
+            if min(int(rmax.max()) * int(csum.max()), int(rsum.max()) * int(cmax.max())) <= hi:
+                rmax = rsum = cmax = csum = empty
+        skip = np.zeros(acc.shape if rmax.size else (0, 0, 0), np.bool_)
+        ov, n_skip = _finish(accf, rid, tab, force, use_bias, rmax, rsum, cmax, csum, hi, lo, wrap, acc_bits, acc, skip)
+        n_over += ov
+        if n_skip:
+            idx = np.argwhere(skip).astype(np.int64)
+            n_over += _gemm_seq_at(a3c, b3c, idx, rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc)
     else:
         a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
         n_over += _gemm_seq(a3c, b3c, rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc)

@@ -36,6 +36,8 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.blocks import block_rows, blocks_shape, effective_block, rows_restore, rows_view
+from bbct.kernels.blockshift import bitlen as _bitlen
+from bbct.kernels.blockshift import rshift_consts as _rshift_consts
 from bbct.kernels.formats import (
     EXP_ZERO,
     FormatError,
@@ -137,6 +139,108 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
     return n_over
 
 
+@nb.njit(cache=True, inline="always")
+def _narrow_block(x, r, j0, j1, s, mode, lo, hi, wrap, bits, out):
+    """``out[r, j0:j1] = sat(x >>r s)`` for one block's shift ``s`` (right shifts beyond 62
+    taken as 62); returns the overflow count. Same values as :func:`_shift_narrow`."""
+    n_over = 0
+    if s <= 0:
+        for j in range(j0, j1):
+            y, over = _shift_narrow(x[r, j], s, mode, lo, hi, wrap, bits)
+            n_over += over
+            out[r, j] = y
+        return n_over
+    if s > 62:
+        s = 62
+    c, t, u, odd = _rshift_consts(s, mode)
+    for j in range(j0, j1):
+        v = x[r, j]
+        sg = v >> 63
+        q = (v + c + (sg & t) + (sg & 1) * u + ((v >> s) & odd)) >> s
+        y = saturate(q, lo, hi, wrap, bits)
+        n_over += y != q
+        out[r, j] = y
+    return n_over
+
+
+@nb.njit(cache=True)
+def _static_blocks(x, e_blk, e_out, bs, mode, lo, hi, wrap, bits, out):
+    """Static narrowing when the input exponent is one per output block (``e_blk``)."""
+    rows, n = x.shape
+    n_over = 0
+    for r in range(rows):
+        for b in range(e_out.shape[1]):
+            j0 = b * bs
+            s = np.int64(e_out[r, b]) - np.int64(e_blk[r, b])
+            n_over += _narrow_block(x, r, j0, min(n, j0 + bs), s, mode, lo, hi, wrap, bits, out)
+    return n_over
+
+
+@nb.njit(cache=True)
+def _dynamic_blocks(x, e_blk, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
+    """:func:`_dynamic_rows` when the input exponent is one per output block (``e_blk``), so
+    there is nothing to check, in two vectorizable passes per block."""
+    rows, n = x.shape
+    n_over = 0
+    for r in range(rows):
+        for b in range(e_out.shape[1]):
+            j0 = b * bs
+            j1 = min(n, j0 + bs)
+            amax = np.int64(0)
+            for j in range(j0, j1):
+                amax = max(amax, abs(x[r, j]))
+            if amax == 0:
+                e_out[r, b] = EXP_ZERO
+                for j in range(j0, j1):
+                    out[r, j] = 0
+                continue
+            s = _bitlen(amax) - (bits - 1 if signed else bits)
+            if shift_round(amax, s, mode) > hi:
+                s += 1
+            e_out[r, b] = e_blk[r, b] + s
+            n_over += _narrow_block(x, r, j0, j1, s, mode, lo, hi, wrap, bits, out)
+    return n_over
+
+
+def _per_row(e_in: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
+    """The input exponents as one per row ``(rows,)`` of the (rows, n) view along the last
+    axis, when ``e_in`` has size 1 on it (the usual case after a matmul); else None."""
+    e = np.asarray(e_in)
+    if not shape or axis % len(shape) != len(shape) - 1 or e.ndim != len(shape) or e.shape[-1] != 1:
+        return None
+    return np.ascontiguousarray(np.broadcast_to(e, shape[:-1] + (1,))).reshape(-1).astype(np.int64)
+
+
+def requantize_blocks(
+    rows: np.ndarray, e_blk: np.ndarray, fmt: IntFormat, exp_out: np.ndarray | None, shape: tuple[int, ...]
+) -> QTensor:
+    """:func:`requantize` of ``rows`` (int64 (rows, n): ``x`` of ``shape`` with its last axis,
+    the block axis, as rows; ``|x| < 2**62``) whose input exponent is one per output block,
+    ``e_blk`` (rows, nblocks). Bit-identical to :func:`requantize` of the same values."""
+    if fmt.scale != ScaleKind.POW2:
+        raise FormatError("requantize produces POW2 formats; use requantize_mult for a multiplier rescale")
+    rows = require_int("requantize: x", rows).astype(np.int64, copy=False)
+    if rows.size and max(int(rows.max()), -int(rows.min())) >= _LIMIT:
+        raise ValueError(f"requantize: |x| must be < 2**62, got {max(int(rows.max()), -int(rows.min()))}")
+    n = rows.shape[1]
+    bs = max(effective_block(n, fmt.block_size), 1)
+    nblk = -(-n // bs) if n else 0
+    lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
+    out = np.empty(rows.shape, fmt.dtype)
+    bshape = blocks_shape(shape, -1, fmt.block_size)
+    e_blk = np.broadcast_to(require_int("requantize: e_blk", e_blk), (rows.shape[0], nblk))
+    mode = int(fmt.rounding)
+    if exp_out is not None:
+        eo = block_rows(require_int("requantize: exp_out", exp_out), shape, -1, fmt.block_size)
+        n_over = _static_blocks(rows, e_blk, eo, bs, mode, lo, hi, wrap, fmt.bits, out)
+        exp = np.ascontiguousarray(np.broadcast_to(np.asarray(exp_out, np.int32), bshape))
+    else:
+        eo = np.empty((rows.shape[0], nblk), np.int64)
+        n_over = _dynamic_blocks(rows, e_blk, bs, mode, lo, hi, wrap, fmt.bits, fmt.signed, out, eo)
+        exp = eo.astype(np.int32).reshape(bshape)
+    return QTensor(out.reshape(shape), fmt, exp, None, {"overflow": int(n_over)})
+
+
 def _setup(x, e_in, fmt):
     x = require_int("requantize: x", x).astype(np.int64, copy=False)
     e_in = require_int("requantize: e_in", e_in)
@@ -161,14 +265,12 @@ def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndar
     """
     x, e_full = _setup(x, e_in, fmt)
     axis = fmt.block_axis
+    e_row = _per_row(e_in, x.shape, axis)
+    if e_row is not None:
+        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+        return requantize_blocks(rows, e_row[:, None], fmt, exp_out, x.shape)
     rows, moved = rows_view(x, axis)
-    e_arr = np.asarray(e_in)
-    if axis % x.ndim == x.ndim - 1 and e_arr.ndim == x.ndim and e_arr.shape[-1] == 1:
-        # one exponent per row (the usual case after a matmul): a stride-0 view, not a copy
-        per_row = np.ascontiguousarray(np.broadcast_to(e_arr, x.shape[:-1] + (1,))).reshape(-1, 1)
-        e_rows = np.broadcast_to(per_row, rows.shape)
-    else:
-        e_rows = rows_view(e_full, axis)[0]
+    e_rows = rows_view(e_full, axis)[0]
     bs = effective_block(rows.shape[1], fmt.block_size)
     lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
     out = np.empty(rows.shape, fmt.dtype)  # codes fit fmt.dtype after saturation
@@ -252,6 +354,19 @@ def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
     return n_over
 
 
+@nb.njit(cache=True)
+def _mult_rows(x, m, s_row, mode, lo, hi, wrap, bits, out):
+    """:func:`_mult_flat` for one multiplier and one shift per row of ``x`` (rows, n): the
+    product row, then one per-block narrowing (``out`` holds the product first)."""
+    rows, n = x.shape
+    n_over = 0
+    for r in range(rows):
+        for j in range(n):
+            out[r, j] = x[r, j] * m
+        n_over += _narrow_block(out, r, 0, n, s_row[r], mode, lo, hi, wrap, bits, out)
+    return n_over
+
+
 def _mult_setup(x, multiplier, shift):
     x = require_int("requantize_mult: x", x).astype(np.int64, copy=False)
     m = np.broadcast_to(require_int("requantize_mult: multiplier", np.asarray(multiplier)), x.shape)
@@ -279,8 +394,19 @@ def requantize_mult(
     ``rounding`` (shifts beyond 62 taken as 62, negative shifts are exact left shifts) and
     narrowed to ``bits`` with ``saturation``. The TFLite/gemmlowp fixed-point rescale idiom.
     """
-    x, m, s = _mult_setup(x, multiplier, shift)
     lo, hi, wrap = sat_bounds(bits, signed, saturation)
+    xa, ma = require_int("requantize_mult: x", x), require_int("requantize_mult: multiplier", np.asarray(multiplier))
+    s_row = _per_row(require_int("requantize_mult: shift", np.asarray(shift)), xa.shape, -1)
+    if ma.size == 1 and s_row is not None and xa.size:  # one multiplier, one shift per row
+        xr = np.ascontiguousarray(xa, np.int64).reshape(-1, xa.shape[-1])
+        m = int(ma.ravel()[0])
+        big = max(int(xr.max()), -int(xr.min())) * abs(m)
+        if big >= _LIMIT:
+            raise ValueError(f"requantize_mult: |x * multiplier| reaches {big}, must stay below 2**62")
+        out = np.empty(xr.shape, np.int64)
+        n = _mult_rows(xr, np.int64(m), s_row, int(rounding), lo, hi, wrap, bits, out)
+        return out.reshape(xa.shape), int(n)
+    x, m, s = _mult_setup(x, multiplier, shift)
     out = np.empty(x.size, np.int64)
     n = _mult_flat(
         np.ascontiguousarray(x).ravel(),

@@ -17,6 +17,7 @@ import numpy as np
 from bbct.kernels.add import add
 from bbct.kernels.affine import affine_quantize, dynamic_quantize
 from bbct.kernels.align import align
+from bbct.kernels.blocks import blocks_shape
 from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
 from bbct.kernels.gelu import gelu_lut_counted, gelu_poly_counted
@@ -25,7 +26,7 @@ from bbct.kernels.l2norm import l2_normalize
 from bbct.kernels.layernorm import layernorm_counted
 from bbct.kernels.meanpool import mean_pool, mean_pool_exp
 from bbct.kernels.relu import relu
-from bbct.kernels.requantize import requantize, requantize_mult
+from bbct.kernels.requantize import requantize, requantize_blocks, requantize_mult
 from bbct.kernels.softmax import softmax_counted
 from bbct.kernels.tanh import tanh_lut_counted
 from bbct.simulator import ir
@@ -103,13 +104,25 @@ def _matmul(n: ir.MatMul, a: QTensor, b: QTensor) -> tuple[QTensor, int]:
 
 
 def _requant(n: ir.Requant, x: QTensor) -> tuple[QTensor, int]:
-    out = requantize(x.data.astype(np.int64, copy=False), _exp_full(x), n.fmt, n.exp)
+    data, e = x.data, np.asarray(x.exp)
+    f, g = x.fmt, n.fmt
+    if data.ndim and f.block_axis % data.ndim == g.block_axis % data.ndim == data.ndim - 1:
+        nblk = blocks_shape(data.shape, -1, g.block_size)[-1]
+        if e.ndim == data.ndim and e.shape[-1] == 1:  # one exponent per row (after a matmul)
+            out = requantize(data, e, g, n.exp)
+            return out, int(out.meta.get("overflow", 0))
+        if f.block_size == g.block_size and e.ndim == data.ndim and e.shape[-1] == nblk:  # per output block
+            e_blk = np.broadcast_to(e, data.shape[:-1] + (nblk,)).reshape(-1, nblk)
+            out = requantize_blocks(data.reshape(-1, data.shape[-1]), e_blk, g, n.exp, data.shape)
+            return out, int(out.meta.get("overflow", 0))
+    out = requantize(data.astype(np.int64, copy=False), _exp_full(x), g, n.exp)
     return out, int(out.meta.get("overflow", 0))
 
 
 def _rescale(n: ir.Rescale, x: QTensor) -> tuple[QTensor, int]:
     # value = acc * 2**e_acc * m * 2**-shift = y * 2**e_out  =>  y = acc * m >> (shift + e_out - e_acc)
-    shift = n.shift + n.e_out - _exp_full(x).astype(np.int64)
+    e = np.asarray(x.exp, np.int64)
+    shift = n.shift + n.e_out - (e if e.ndim == x.data.ndim and e.shape[-1] == 1 else _exp_full(x).astype(np.int64))
     y, ov = requantize_mult(x.data, n.multiplier, shift, n.fmt.bits, n.fmt.signed, n.fmt.rounding, n.fmt.saturation)
     return _fixed(y.astype(n.fmt.dtype), n.fmt, n.e_out), int(ov)
 

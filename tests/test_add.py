@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bbct.kernels.add import add, add_ref
+from bbct.kernels.add import _same_blocks, add, add_ref
 from bbct.kernels.formats import EXP_ZERO, FormatError, IntFormat, QTensor, ScaleKind
 from bbct.kernels.testing import assert_qtensor_equal, int_arrays, int_formats, qtensors, shapes
 
@@ -44,6 +44,24 @@ def test_add_same_layout_is_the_rounded_exact_sum(data, block, gap):
     for i in range(2):
         for j in range(11):
             assert Fraction(got[i, j]) == want[i][j]  # 40 bits hold every exact sum here
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data(), st.integers(1, 9), st.sampled_from([8, 16]), st.booleans())
+def test_add_residual_layout_twins(data, block, bits, static):
+    """Both operands and the output blocked alike along the last axis (the residual stream):
+    the per-block kernel against the reference, with exponent gaps beyond 30, all-zero
+    blocks, every rounding mode, static and dynamic output exponents."""
+    from bbct.kernels.testing import rounding_modes
+
+    mode = data.draw(rounding_modes())
+    fa = IntFormat(bits=8, block_size=block)
+    a = data.draw(qtensors(fa, (3, 13), exp_range=(-60, 10)))
+    b = data.draw(qtensors(fa, (3, 13), exp_range=(-60, 10)))
+    fo = IntFormat(bits=bits, block_size=block, rounding=mode)
+    exp_out = data.draw(int_arrays(a.exp.shape, 7)) if static else None
+    assert _same_blocks(a, fo) is not None and _same_blocks(b, fo) is not None  # the per-block kernel runs
+    assert_qtensor_equal(add(a, b, fo, exp_out), add_ref(a, b, fo, exp_out))
 
 
 def test_add_hand_golden():

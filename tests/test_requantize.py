@@ -149,6 +149,30 @@ def test_requantize_mult_twins(x, m, shift, bits, signed, mode, sat):
     assert a[1] == b[1]
 
 
+@SETTINGS
+@given(st.data(), rounding_modes(), saturation_modes())
+def test_requantize_mult_per_row_twins(data, mode, sat):
+    """One multiplier and one shift per row (attention scores): the per-row kernel, on drawn
+    cases and on the extremes (largest 40-bit values, huge left shifts, shifts past 62)."""
+    cases = [
+        (np.full((5, 7), (1 << 39) - 1), (1 << 15) - 1, -10, 8, True),
+        (np.full((5, 7), -(1 << 39)), 1 << 14, 58, 8, True),
+        (
+            data.draw(int_arrays((5, 7), 40)),
+            data.draw(st.integers(1, (1 << 15) - 1)),
+            data.draw(st.integers(-10, 70)),
+            data.draw(st.integers(2, 32)),
+            data.draw(st.booleans()),
+        ),
+    ]
+    for x, m, s0, bits, signed in cases:
+        shift = (np.arange(5) + s0)[:, None]
+        a = requantize_mult(x, m, shift, bits, signed, mode, sat)
+        b = requantize_mult_ref(x, m, shift, bits, signed, mode, sat)
+        assert_bit_equal(a[0], b[0])
+        assert a[1] == b[1]
+
+
 def test_requantize_mult_golden_and_multiplier():
     # 1/sqrt(32) = 0.17677..: frexp gives 0.7071 * 2**-2; M = round(0.7071 * 2**15) = 23170, shift 17
     m, s = quantize_multiplier(32**-0.5)
@@ -166,3 +190,25 @@ def test_requantize_mult_golden_and_multiplier():
         requantize_mult(np.array([1 << 50]), 1 << 20, 0, 16)
     with pytest.raises(ValueError, match="positive and finite"):
         quantize_multiplier(-1.0)
+
+
+def test_block_kernels_at_the_datapath_edges():
+    """The per-block kernels (one input exponent per row) at powers of two plus/minus one up
+    to the 2**62 datapath limit, every shift 0..64 and every rounding and saturation mode."""
+    from bbct.kernels.blockshift import bitlen as _bitlen
+    from bbct.kernels.formats import bit_length_ref
+
+    edges = sorted({v for k in range(63) for v in ((1 << k) - 1, 1 << k, (1 << k) + 1) if v < 1 << 62})
+    assert [int(_bitlen(np.int64(v))) for v in edges] == [bit_length_ref(v) for v in edges]
+    x = np.array([edges + [-v for v in edges]], np.int64)
+    for mode, sat in itertools.product(Rounding, Saturation):
+        fmt = IntFormat(bits=16, block_size=0, rounding=mode, saturation=sat)
+        for s in (0, 1, 2, 31, 61, 62, 64):
+            e_out = np.full((1, 1), s)
+            assert_qtensor_equal(
+                requantize(x, np.zeros((1, 1), np.int64), fmt, e_out),
+                requantize_ref(x, np.zeros((1, 1), np.int64), fmt, e_out),
+            )
+        assert_qtensor_equal(
+            requantize(x, np.zeros((1, 1), np.int64), fmt), requantize_ref(x, np.zeros((1, 1), np.int64), fmt)
+        )
