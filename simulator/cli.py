@@ -479,6 +479,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         res["drop_ci95"] = report.mcnemar(labels, f_pred, i_pred) if exact else None
         res["drop_ci95_bootstrap"] = report.bootstrap_drop(data, ev.float_logits, ev.int_logits)
     res["overflow_count"] = s["overflow_count"]
+    res["overflow_by_node"] = s["overflow_by_node"]
     res["truncated_inputs"] = truncated
     res["calibration"] = sim.calibration.source if sim.calibration is not None else None
     res.update(sim.compression())

@@ -47,6 +47,7 @@ def test_eval_report_on_a_three_class_tsv(tiny3, tmp_path, capsys):
     assert main(args) == 0
     e = json.loads(js.read_text())
     assert e["examples"] == 48 and e["task"] == "user"
+    assert sum(e["overflow_by_node"].values()) == e["overflow_count"]  # the total is read node by node
     fl, il = np.array(e["logits"]["float"]), np.array(e["logits"]["int"])
     fp, ip = fl.argmax(1), il.argmax(1)
     labels = np.array([LABELS.index(y) for _, y in _rows()])

@@ -126,6 +126,7 @@ class Bench:
         comparison = Comparison(self.sim.graph)
         traced = 0
         il, ovf = [], 0
+        by_node: dict[str, int] = {}
         feeds_iter = self._feeds
         if progress:
             from bbct.golden.progress import progress as bar
@@ -143,6 +144,9 @@ class Bench:
                 del golden
             il.append(r.outputs["logits"].dequantize())
             ovf += r.overflow_count
+            for node, k in r.overflow.items():  # which nodes saturate, so a count can be read
+                if k:
+                    by_node[node] = by_node.get(node, 0) + int(k)
             del r
         t_run = time.time() - t0
         iq = np.concatenate(il)
@@ -153,6 +157,7 @@ class Bench:
         summary.update(
             {
                 "overflow_count": int(ovf),
+                "overflow_by_node": by_node,
                 "worst_layer_sqnr_db": min(finite) if finite else None,
                 "worst_layer": worst.node if worst else None,
                 "layer_examples": traced,
