@@ -5,5 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
+# the RTL testbench tests simulate the example RTL with Icarus Verilog (a Debian package)
+if ! command -v iverilog >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -q && apt-get install -y -q iverilog
+    else
+        echo "tools/test.sh: iverilog not found (apt-get install iverilog); the RTL tests will be skipped" >&2
+    fi
+fi
 python3 -m pip install -q -e '.[test,prepare]'
 python3 -m pytest "$@"
