@@ -413,12 +413,18 @@ def load_config(spec: str | Path | dict[str, Any]) -> Config:
         raise ConfigError(f"config {s!r} is neither a preset ({', '.join(PRESETS)}) nor an existing file")
     if p.is_dir():
         raise ConfigError(f"config {p}: is a folder, not a TOML file")
+    return _from_tables(read_toml(p), p.stem)
+
+
+def read_toml(p: Path, what: str = "") -> dict[str, Any]:
+    """The tables of the TOML file ``p`` (a config, sweep grid or task file: ``what``); an
+    unreadable file, bad UTF-8 or bad TOML is one :class:`ConfigError` line naming the file."""
+    of = f" {what}" if what else ""
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{p}: not valid TOML{of}: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror or e}") from None
-    return _from_tables(data, p.stem)
+        raise ConfigError(f"{p}: cannot read{of}: {e.strerror or e}") from None

@@ -110,15 +110,10 @@ def load_task_file(path: str | Path) -> Task:
     label = "label"
     labels = ["neg", "neu", "pos"]   # in the order of the model's logits; or regression = true
     """
-    import tomllib
+    from bbct.simulator.config import read_toml
 
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise BbctError(f"{p}: cannot read the task file: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise BbctError(f"{p}: not a valid TOML task file: {str(e).splitlines()[0]}") from None
+    data = read_toml(p, "task file")
     unknown = sorted(set(data) - set(TASK_FILE_KEYS))
     if unknown:
         raise BbctError(f"{p}: unknown key(s) {unknown}; known: {', '.join(TASK_FILE_KEYS)}")

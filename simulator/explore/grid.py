@@ -23,14 +23,13 @@ import copy
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bbct.simulator.config import OP_CLASSES, PRESETS, Config, load_config
+from bbct.simulator.config import OP_CLASSES, PRESETS, Config, load_config, read_toml
 from bbct.simulator.errors import ConfigError
 
 SELECTORS = ("op", "layer", "optype", "node")
@@ -131,12 +130,7 @@ def _check_axis(axis: Axis, where: Path) -> None:
 def load_grid(path: str | Path) -> Grid:
     """Read and check a grid file: every point's config is validated now, before any runs."""
     p = Path(path)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read the grid: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{p}: not valid TOML: {str(e).splitlines()[0]}") from None
+    data = read_toml(p, "grid")
     unknown = sorted(set(data) - {"base", "axes"})
     if unknown:
         raise ConfigError(f"{p}: unknown top-level key(s) {unknown}; a grid has 'base' and [axes]")
@@ -167,10 +161,7 @@ def base_tables(base: Any, folder: Path, where: str) -> tuple[dict[str, Any], st
         f = Path(base) if Path(base).is_absolute() else folder / base
         if not f.is_file():
             raise ConfigError(f"{where} = {base!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-        try:
-            return tomllib.loads(f.read_text(encoding="utf-8")), f.stem
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{f}: not valid TOML: {str(e).splitlines()[0]}") from None
+        return read_toml(f, "config"), f.stem
     if isinstance(base, dict):
         return base, str(base.get("name", "base"))
     raise ConfigError(f"{where} = {base!r}: expected a preset name, a config file or a table")
