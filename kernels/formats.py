@@ -140,7 +140,8 @@ class IntFormat:
         block_axis: axis along which scale blocks run (negative counts from the end).
         block_size: elements per block along ``block_axis``; 0 = one block for the whole axis.
         scale: POW2 (shared exponent per block) or MULT (multiplier + exponent per block).
-        mant_bits: width of the unsigned per-block multiplier for MULT scales (1..16).
+        mant_bits: width of the unsigned per-block multiplier for MULT scales (1..31: bbct's
+            own weights take 1..16, a model's given float scales up to 31).
         rounding: rounding used when a value is produced in this format.
         saturation: overflow handling when a value is produced in this format.
     """
@@ -159,8 +160,8 @@ class IntFormat:
             raise FormatError(f"bits={self.bits!r} must be an integer in 2..62")
         if not isinstance(self.block_size, (int, np.integer)) or int(self.block_size) < 0:
             raise FormatError(f"block_size={self.block_size!r} must be an integer >= 0")
-        if not 1 <= int(self.mant_bits) <= 16:
-            raise FormatError(f"mant_bits={self.mant_bits!r} must be in 1..16")
+        if not 1 <= int(self.mant_bits) <= 31:
+            raise FormatError(f"mant_bits={self.mant_bits!r} must be in 1..31")
         object.__setattr__(self, "bits", int(self.bits))
         object.__setattr__(self, "block_size", int(self.block_size))
         object.__setattr__(self, "block_axis", int(self.block_axis))

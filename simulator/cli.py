@@ -728,11 +728,17 @@ def add_ir(sub: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from bbct.golden.atomic import write_bytes
     from bbct.simulator.export import export_qdq
 
     sim = _simulator(args)
     done = export_qdq(sim.model_path, sim.fgraph, sim.graph, sim.config, args.out)
+    tok = Path(args.out).with_name("tokenizer.json")
+    if not tok.exists():  # so that bbct runs the exported file as it ran the model
+        write_bytes(tok, sim.tokenizer.read_bytes())
     print(f"wrote {done['out']}: {len(done['weights'])} integer weights as DequantizeLinear (opset 21)")
+    if done["activations"]:
+        print(f"{len(done['activations'])} static activations as QuantizeLinear/DequantizeLinear (power-of-two scales)")
     print(f"{len(done['kernels'])} nodes marked as bbct integer kernels that QDQ cannot express (doc_string)")
     return 0
 

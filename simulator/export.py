@@ -32,9 +32,11 @@ from onnx import helper, numpy_helper, version_converter
 
 from bbct.golden.atomic import write_bytes
 from bbct.golden.errors import BbctError
-from bbct.kernels.formats import EXP_ZERO, QTensor
+from bbct.kernels.blocks import effective_block
+from bbct.kernels.formats import EXP_ZERO, IntFormat, QTensor
 from bbct.simulator import ir
 from bbct.simulator.config import Config
+from bbct.simulator.errors import UnsupportedGraphError
 from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.lower import assign_roles
 
@@ -74,6 +76,7 @@ def _dequantize_node(name: str, q: QTensor, transpose: bool) -> tuple[onnx.NodeP
     scales = _scales(q)
     axis = q.fmt.block_axis % codes.ndim
     n_blocks = scales.shape[axis]
+    block = effective_block(codes.shape[axis], q.fmt.block_size)  # the last block may be shorter
     if transpose:
         codes, scales, axis = codes.T, scales.T, 1 - axis
     dtype, np_t = _code_type(q.fmt.bits)
@@ -83,7 +86,6 @@ def _dequantize_node(name: str, q: QTensor, transpose: bool) -> tuple[onnx.NodeP
         s = numpy_helper.from_array(np.ascontiguousarray(scales.reshape(-1)), f"{name}_bbct_scale")
         node = helper.make_node("DequantizeLinear", [c.name, s.name], [name], name=f"{name}_bbct_dq", axis=other)
     else:
-        block = int(np.ceil(codes.shape[axis] / n_blocks))
         s = numpy_helper.from_array(np.ascontiguousarray(scales), f"{name}_bbct_scale")
         node = helper.make_node(
             "DequantizeLinear", [c.name, s.name], [name], name=f"{name}_bbct_dq", axis=axis, block_size=block
@@ -137,10 +139,136 @@ def _mark_kernels(model: onnx.ModelProto, graph: ir.Graph) -> list[dict[str, str
     return marked
 
 
+ACT_MARK = "bbct:static-activation"
+
+
+def _static_activations(graph: ir.Graph) -> dict[str, tuple[np.ndarray, IntFormat]]:
+    """ONNX tensor -> (block exponents along the hidden axis, format) of every activation bbct
+    requantizes with calibrated (static) block exponents."""
+    out: dict[str, tuple[np.ndarray, IntFormat]] = {}
+    for n in graph.nodes:
+        if isinstance(n, (ir.Requant, ir.Add)) and n.exp is not None and n.fmt.block_size and n.onnx_name:
+            out.setdefault(n.onnx_name, (np.asarray(n.exp, np.int64).reshape(-1), n.fmt))
+    return out
+
+
+def _hidden_sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """The last dimension of every tensor whose shape inference knows it."""
+    try:
+        g = onnx.shape_inference.infer_shapes(model).graph
+    except Exception:  # shape inference is a convenience: a tensor without a size is not written
+        return {}
+    out = {}
+    for v in list(g.value_info) + list(g.output):
+        dims = v.type.tensor_type.shape.dim
+        if dims and dims[-1].HasField("dim_value"):
+            out[v.name] = int(dims[-1].dim_value)
+    return out
+
+
+def _write_activations(model: onnx.ModelProto, graph: ir.Graph) -> tuple[list[str], dict[str, str]]:
+    """Each static activation ``t`` becomes ``QuantizeLinear -> DequantizeLinear`` (per channel
+    of the last axis, the scale ``2**exp`` of the channel's block; int8 or int16 codes, zero
+    point 0), producing ``t`` again, so onnxruntime rounds it where bbct does. Returns the
+    tensors written and the ones that could not be (why)."""
+    acts = _static_activations(graph)
+    sizes = _hidden_sizes(model)
+    g = model.graph
+    pairs: dict[str, list[onnx.NodeProto]] = {}
+    skipped: dict[str, str] = {}
+    for t, (exp, fmt) in acts.items():
+        h = sizes.get(t)
+        bs = fmt.block_size
+        if h is None or -(-h // effective_block(h, bs)) != exp.size:
+            skipped[t] = "its hidden size is not known"
+            continue
+        if np.any(exp <= EXP_ZERO) or np.any((exp < -126) | (exp > 127)):
+            skipped[t] = "a block exponent outside float32's normal range (or a block calibrated to zero)"
+            continue
+        per = np.repeat(exp, effective_block(h, bs))[:h]
+        scale = numpy_helper.from_array(np.ldexp(1.0, per).astype(np.float32), f"{t}_bbct_ascale")
+        zp_t = np.int8 if fmt.bits <= 8 else np.int16
+        zp = numpy_helper.from_array(np.zeros(h, zp_t), f"{t}_bbct_azp")
+        doc = f"{ACT_MARK} {fmt.short()} (calibrated block exponents, one scale per channel)"
+        q = helper.make_node(
+            "QuantizeLinear",
+            [f"{t}_bbct_float", scale.name, zp.name],
+            [f"{t}_bbct_codes"],
+            name=f"{t}_bbct_aq",
+            axis=-1,
+        )
+        dq = helper.make_node(
+            "DequantizeLinear", [q.output[0], scale.name, zp.name], [t], name=f"{t}_bbct_adq", axis=-1
+        )
+        q.doc_string = dq.doc_string = doc
+        g.initializer.extend([scale, zp])
+        pairs[t] = [q, dq]
+    nodes = []
+    for n in g.node:
+        for i, o in enumerate(n.output):
+            if o in pairs:
+                n.output[i] = f"{o}_bbct_float"
+        nodes.append(n)
+        for o in n.output:
+            if o.endswith("_bbct_float") and o[: -len("_bbct_float")] in pairs:
+                nodes += pairs[o[: -len("_bbct_float")]]
+    del g.node[:]
+    g.node.extend(nodes)
+    return list(pairs), skipped
+
+
+def read_static_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, dict[str, object]]]:
+    """The inverse of the activation pairs :func:`export_qdq` writes: each marked
+    ``QuantizeLinear -> DequantizeLinear`` is removed (the float graph is the model's) and
+    its power-of-two scales become the tensor's given static exponents, one per channel:
+    ``{tensor: {"exp": int array, "bits": 8|16, "source": node}}``. A model without them is
+    returned as it is."""
+    if not any(n.op_type == "DequantizeLinear" and n.doc_string.startswith(ACT_MARK) for n in model.graph.node):
+        return model, {}
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    dqs = [n for n in g.node if n.op_type == "DequantizeLinear" and n.doc_string.startswith(ACT_MARK)]
+    inits = {i.name: i for i in g.initializer}
+    prod = {o: n for n in g.node for o in n.output}
+    drop, rename, acts = set(), {}, {}
+    for dq in dqs:
+        q = prod.get(dq.input[0])
+        scale = inits.get(dq.input[1]) if len(dq.input) > 1 else None
+        if q is None or q.op_type != "QuantizeLinear" or scale is None:
+            raise UnsupportedGraphError(
+                f"node {dq.name!r} (DequantizeLinear): a {ACT_MARK} pair without its QuantizeLinear or scale"
+            )
+        s = numpy_helper.to_array(scale).astype(np.float64)
+        f, k = np.frexp(s)
+        if not np.all(f == 0.5):
+            raise UnsupportedGraphError(f"node {dq.name!r} (DequantizeLinear): {ACT_MARK} scales must be powers of two")
+        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        bits = 16 if zp is not None and zp.dtype == np.int16 else 8
+        acts[dq.output[0]] = {"exp": (k - 1).astype(np.int64), "bits": bits, "source": dq.name}
+        rename[q.input[0]] = dq.output[0]
+        drop |= {id(q), id(dq)}
+    nodes = [n for n in g.node if id(n) not in drop]
+    for n in nodes:
+        for i, o in enumerate(n.output):
+            n.output[i] = rename.get(o, o)
+        for i, x in enumerate(n.input):
+            n.input[i] = rename.get(x, x)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m, acts
+
+
 def export_qdq(
-    model_path: str | Path, fg: F.FGraph, graph: ir.Graph, config: Config, out: str | Path
+    model_path: str | Path,
+    fg: F.FGraph,
+    graph: ir.Graph,
+    config: Config,
+    out: str | Path,
+    activations: bool = True,
 ) -> dict[str, object]:
-    """Write the QDQ model to ``out`` (atomically); returns what was written."""
+    """Write the QDQ model to ``out`` (atomically); returns what was written. ``activations``:
+    also the static activations' exponents as QuantizeLinear/DequantizeLinear pairs."""
     model = onnx.load(str(model_path))
     try:
         model = version_converter.convert_version(model, OPSET)
@@ -171,10 +299,16 @@ def export_qdq(
     del g.node[:]
     g.node.extend(nodes)
     marked = _mark_kernels(model, graph)
+    written, skipped = _write_activations(model, graph) if activations else ([], {})
+    dynamic = "block-scaled at run time by bbct (not expressible as QDQ scales): float here"
     meta = {
         "bbct_config": json.dumps(config.to_dict()),
         "bbct_integer_kernels": json.dumps(marked),
-        "bbct_activations": "block-scaled at run time by bbct (not expressible as QDQ scales): float here",
+        "bbct_activations": json.dumps(
+            {"static_written": written, "static_not_written": skipped, "others": dynamic}
+            if written or skipped
+            else dynamic
+        ),
     }
     for k, v in meta.items():
         model.metadata_props.append(onnx.StringStringEntryProto(key=k, value=v))
@@ -183,4 +317,4 @@ def export_qdq(
     except onnx.checker.ValidationError as e:
         raise BbctError(f"export: the written model does not validate: {str(e).splitlines()[0]}") from None
     write_bytes(out, model.SerializeToString())
-    return {"out": str(out), "weights": done, "kernels": marked}
+    return {"out": str(out), "weights": done, "kernels": marked, "activations": written}

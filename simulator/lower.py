@@ -256,6 +256,8 @@ class _Emitter:
         self.aligned: dict[tuple, str] = {}
         self.masks: dict[tuple, str] = {}
         self.weights: dict[tuple, tuple[QTensor, np.ndarray, int]] = {}
+        self.static_given: dict[str, str] = {}  # activations whose given static exponents are used
+        self.static_notes: dict[str, str] = {}  # ... and those not used (why)
         # linear -> digest of its float weight: equal digests share one stored weight
         self.weight_keys = {n.name: _weight_key(n) for n in fg.nodes if isinstance(n, F.Linear)}
         for name in fg.inputs:
@@ -346,6 +348,15 @@ class _Emitter:
 
     def static_exp(self, point: str, fmt: IntFormat, s: OpSettings, ndim: int) -> np.ndarray | None:
         """Calibrated block exponents for float tensor ``point``, or None (dynamic)."""
+        given = (self.fg.info.get("static_exponents") or {}).get(point)
+        if given is not None:
+            exp = _qdq.given_static_exp(given, fmt, s)
+            if exp is None or s.scaling != "static":
+                why = "the config's scaling is dynamic" if s.scaling != "static" else f"not in {fmt.short()} blocks"
+                self.static_notes[point] = f"static exponents from {given['source']}: {why}; bbct's config instead"
+            else:
+                self.static_given[point] = f"static exponents ({fmt.short()}) from {given['source']}"
+                return exp.reshape((1,) * (ndim - 1) + (-1,))
         if s.scaling != "static":
             return None
         amax = self.calib.get(point) if self.calib is not None else None
@@ -411,7 +422,7 @@ class _Emitter:
             "input_ids": ids,
             "onnx_outputs": {_output_role(self.fg, o): o for o in self.fg.outputs},
             "acc_warnings": acc_warnings(self.nodes, self.fg.info.get("max_positions")),
-            "given_quantization": _qdq.given_report(self.fg),
+            "given_quantization": _qdq.given_report(self.fg, self.static_given, self.static_notes),
         }
         return ir.Graph(
             nodes=tuple(self.nodes),
@@ -518,17 +529,20 @@ def _embedding(e: _Emitter, n: F.FNode) -> str:
     s = e.settings(n)
     tables = n.tables if isinstance(n, F.EmbeddingSum) else (n.table,)
     tnames = n.table_names if isinstance(n, F.EmbeddingSum) else (n.table_name,)
+    givens = (n.givens or (None,) * len(tables)) if isinstance(n, F.EmbeddingSum) else (n.given,)
     sums = (
         n
         if isinstance(n, F.EmbeddingSum)
         else F.EmbeddingSum(name=n.name, inputs=n.inputs * 2, tables=(n.table,) * 2, table_names=tnames * 2)
     )
     looked = []
-    for k, (t, idx) in enumerate(zip(tables, n.inputs, strict=True)):
+    for k, (t, idx, g) in enumerate(zip(tables, n.inputs, givens, strict=True)):
         name = e.unique(_embed_name(e.fg, sums, k, idx))
-        looked.append(
-            e.add(ir.Embed(name=name, inputs=(e.value[idx],), table=e.quant_weight(t, s, axis=-1, what=name)))
-        )
+        if g is not None:  # stored codes and scales, used as they are
+            table = _qdq.given_weight(e, g, s, axis=-1, what=name)
+        else:
+            table = e.quant_weight(t, s, axis=-1, what=name)
+        looked.append(e.add(ir.Embed(name=name, inputs=(e.value[idx],), table=table)))
     if len(looked) == 1:
         return looked[0]
     sr = e.cfg.settings("residual", None)
@@ -573,7 +587,10 @@ def _weights(e: _Emitter, n: F.Linear, s: OpSettings, short: str) -> tuple[QTens
     if key in e.weights:  # a weight shared by several layers: quantized and stored once
         return e.weights[key]
     sharing = tuple(k for k, v in e.weight_keys.items() if v == key[0])
-    stored = e.quant_weight(n.weight, s, axis=0, what=short, hessian_keys=sharing)
+    if n.w_given is not None:  # stored codes and scales, used as they are
+        stored = _qdq.given_weight(e, n.w_given, s, axis=0, what=short)
+    else:
+        stored = e.quant_weight(n.weight, s, axis=0, what=short, hessian_keys=sharing)
     wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
     out = (stored, np.ascontiguousarray(wide.astype(np.int64)), int(np.asarray(ew).ravel()[0]))
     e.weights[key] = out

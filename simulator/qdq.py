@@ -22,13 +22,101 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bbct.kernels.blocks import rows_restore, rows_view
+from bbct.kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturation, ScaleKind
 from bbct.kernels.requantize import quantize_multiplier
 from bbct.simulator import ir
+from bbct.simulator.config import OpSettings
 from bbct.simulator.errors import ConfigError
 from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.lower import _Emitter, _fixed_exp_for_range, _fixed_fmt, _narrow_linear, rule
 
 RESCALE_EXTRA_BITS = 2  # the rescaled accumulator keeps 2 bits below its finest channel unit
+
+
+def given_weight(e: _Emitter, g: F.GivenQuant, s: OpSettings, axis: int, what: str) -> QTensor:
+    """A stored weight or table (``DequantizeLinear`` of integer codes) as bbct's block-scaled
+    integer tensor, with the codes and scales as given; nothing is quantized again.
+
+    * blocks: opset 21 ``block_size`` along its axis; a per-channel scale is one block over
+      the other axis; a per-tensor scale one block over ``axis`` (every exponent equal);
+    * scales: a power-of-two float scale is the block exponent, exactly (POW2). Any other
+      scale makes the tensor MULT, ``scale = mant * 2**exp``, once, here: ``mant`` of the
+      config's ``weight_mant_bits`` when that width holds every scale exactly (the form of
+      bbct's own ``weight_scale="mult"`` weights, so an exported model reads back bit for
+      bit), else of ``given_mult_bits`` (exact from 24 bits, a float32's significand;
+      narrower: rounded half to even). A block of zero codes at scale 1.0 (bbct's export of
+      an all-zero block) takes ``EXP_ZERO``, as bbct's own quantizer gives it;
+    * zero points: subtracted once, here, as integer offsets: the codes held are
+      ``code - zero_point``, one bit wider when a zero point or an unsigned type needs it.
+    """
+    codes = np.asarray(g.codes, np.int64)
+    centered = codes - g.per_element(g.zero_point).astype(np.int64)
+    scale = np.asarray(g.scale, np.float64)
+    if g.block_size:
+        b_axis, b_size = g.axis, g.block_size
+    elif scale.ndim:
+        b_axis, b_size = 1 - g.axis % 2, 0
+        scale = scale.reshape([-1 if k == g.axis % 2 else 1 for k in range(2)])
+    else:
+        b_axis, b_size = axis % 2, 0
+        shape = list(codes.shape)
+        shape[b_axis] = 1
+        scale = np.full(shape, float(scale))
+    f, k = np.frexp(scale)  # scale = f * 2**k, f in [0.5, 1): exact
+    zero = (_block_amax(centered, b_axis, b_size) == 0) & (scale == 1.0)
+    mant = None
+    if np.all(f == 0.5):
+        exp = k - 1
+        mant_bits = 8
+    else:
+        mant_bits = s.weight_mant_bits
+        m = np.ldexp(f, mant_bits)
+        if not np.array_equal(m, np.floor(m)):
+            mant_bits = s.given_mult_bits
+            ms = [quantize_multiplier(float(v), mant_bits) for v in scale.ravel()]
+            m = np.array([a for a, _ in ms], np.float64).reshape(scale.shape)
+            k = -np.array([b for _, b in ms], np.int64).reshape(scale.shape) + mant_bits
+        exp = k - mant_bits
+        mant = np.where(zero, 1 << (mant_bits - 1), m).astype(np.int64)
+    exp = np.where(zero, EXP_ZERO, exp).astype(np.int32)
+    bits = g.bits + (0 if g.signed and not np.any(np.asarray(g.zero_point)) else 1)
+    fmt = IntFormat(
+        bits=max(2, bits),
+        signed=True,
+        block_axis=b_axis,
+        block_size=b_size,
+        scale=ScaleKind.POW2 if mant is None else ScaleKind.MULT,
+        mant_bits=mant_bits,
+        rounding=Rounding.RND_CONV,
+        saturation=Saturation.SAT,
+    )
+    q = QTensor(
+        np.ascontiguousarray(centered.astype(fmt.dtype)), fmt, np.ascontiguousarray(exp), mant, {"given": g.source}
+    )
+    real = exp[exp != EXP_ZERO]
+    span = int(real.max() - real.min()) if real.size else 0
+    exp_bits = s.weight_exp_bits if span < 1 << s.weight_exp_bits else span.bit_length()
+    e.storage.append(
+        {
+            "name": what,
+            "numel": int(codes.size),
+            "bits": int(bits),
+            "scale_bits": int(exp.size) * (exp_bits + (mant_bits if mant is not None else 0)),
+            "matrix": True,
+        }
+    )
+    return q
+
+
+def _block_amax(x: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """max |x| per block (blocks of ``block_size`` along ``axis``, 0: the whole axis)."""
+    rows, moved = rows_view(np.abs(x), axis)
+    n = rows.shape[1]
+    bs = n if block_size <= 0 or block_size >= n else block_size
+    nb = -(-n // bs)
+    rows = np.concatenate([rows, np.zeros((rows.shape[0], nb * bs - n), rows.dtype)], axis=1)
+    return rows_restore(rows.reshape(rows.shape[0], nb, bs).max(axis=2), moved, axis)
 
 
 def centered_weight(wq: F.GivenQuant) -> np.ndarray:
@@ -187,13 +275,40 @@ def _gemm_rescale(
     return _narrow_linear(e, n, y)
 
 
-def given_report(fg: F.FGraph) -> dict[str, object]:
+def given_static_exp(given: dict, fmt: IntFormat, s: OpSettings) -> np.ndarray | None:
+    """Block exponents of an activation from its given per-channel power-of-two scales
+    (:func:`bbct.simulator.export.read_static_activations`), or None when they are not one
+    exponent per block of ``fmt`` at its width."""
+    exp = np.asarray(given["exp"], np.int64)
+    bs = exp.size if fmt.block_size <= 0 or fmt.block_size >= exp.size else fmt.block_size
+    blocks = exp[::bs]
+    if given["bits"] != (8 if fmt.bits <= 8 else 16) or not np.array_equal(np.repeat(blocks, bs)[: exp.size], exp):
+        return None
+    return blocks.astype(np.int32)
+
+
+def given_report(
+    fg: F.FGraph, static: dict[str, str] | None = None, static_notes: dict[str, str] | None = None
+) -> dict[str, object]:
     """Which tensors' quantization the model gave (and bbct honours), and which it did not."""
-    honoured = {}
+    honoured, weights = {}, {}
     for n in fg.nodes:
         if isinstance(n, F.QuantLinear):
             honoured[n.name] = f"input {n.x_quant.short()}, weight {n.w_quant.short()}"
-    return {"honoured": honoured, "not_honoured": dict(fg.info.get("quant_not_honoured") or {})}
+        given = [(n.weight_name, n.w_given)] if isinstance(n, F.Linear) and not isinstance(n, F.QuantLinear) else []
+        given += [(n.table_name, n.given)] if isinstance(n, F.Embedding) else []
+        given += (
+            list(zip(n.table_names, n.givens, strict=False)) if isinstance(n, F.EmbeddingSum) else []
+        )  # () or one per table
+        for name, g in given:
+            if g is not None:
+                weights[name] = f"{g.short()} from {g.source}: codes and scales as stored"
+    out = {"honoured": honoured, "not_honoured": {**(fg.info.get("quant_not_honoured") or {}), **(static_notes or {})}}
+    if weights:
+        out["weights"] = weights
+    if static:
+        out["static_exponents"] = dict(static)
+    return out
 
 
 def format_given(info: dict) -> str:
@@ -201,10 +316,14 @@ def format_given(info: dict) -> str:
     quantization the model gave and bbct honours, and which bbct's config chose instead."""
     g = info.get("given_quantization") or {}
     honoured, other = g.get("honoured", {}), g.get("not_honoured", {})
-    if not honoured and not other:
+    weights, static = g.get("weights", {}), g.get("static_exponents", {})
+    if not honoured and not other and not weights and not static:
         return ""
-    lines = [f"given quantization honoured ({len(honoured)} linear layers; every other tensor: bbct's config):"]
-    lines += [f"  {k}: {v}" for k, v in honoured.items()]
+    more = (f", {len(weights)} stored weights" if weights else "") + (
+        f", {len(static)} static activation exponents" if static else ""
+    )
+    lines = [f"given quantization honoured ({len(honoured)} linear layers{more}; every other tensor: bbct's config):"]
+    lines += [f"  {k}: {v}" for d in (honoured, weights, static) for k, v in d.items()]
     if other:
         lines.append(f"given quantization not honoured ({len(other)} tensors, bbct's config instead):")
         lines += [f"  {k}: {v}" for k, v in other.items()]

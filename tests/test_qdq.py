@@ -291,9 +291,18 @@ def test_partly_quantized_model(tiny_bert_onnx, tmp_path):
 
 
 def test_blocked_scales_are_refused_by_name():
+    """Blocked scales are read for stored codes (tests/test_qdq_export.py), refused in one
+    line for an activation and for a scale shape that does not match the blocks."""
+    n = helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"], name="x_q", axis=0, block_size=16)
+    with pytest.raises(UnsupportedGraphError, match="node 'x_q' \\(QuantizeLinear\\): blocked scales .* activation"):
+        given_quant(n, np.ones((2, 4), np.float32), None, None)
     n = helper.make_node("DequantizeLinear", ["w", "s", "z"], ["y"], name="w_dq", axis=0, block_size=16)
-    with pytest.raises(UnsupportedGraphError, match="node 'w_dq' \\(DequantizeLinear\\): blocked scales"):
-        given_quant(n, np.ones((2, 4), np.float32), None, np.zeros((32, 4), np.int8))
+    with pytest.raises(
+        UnsupportedGraphError, match=r"node 'w_dq' \(DequantizeLinear\): blocked scales of shape \[3, 4\]"
+    ):
+        given_quant(n, np.ones((3, 4), np.float32), None, np.zeros((32, 4), np.int8))
+    g = given_quant(n, np.ones((2, 4), np.float32), None, np.zeros((32, 4), np.int8))
+    assert g.block_size == 16 and g.axis == 0
 
 
 def test_cli_reports_given_and_chosen(qdq_model, capsys):

@@ -22,7 +22,7 @@ Weights are float32 arrays as stored; ``Linear.weight`` is ``(in, out)`` (``y = 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -106,6 +106,7 @@ class Embedding(FNode):
 
     table: np.ndarray | None = None
     table_name: str = ""
+    given: GivenQuant | None = None  # the table's stored codes (a DequantizeLinear of an initializer)
     op: ClassVar[str] = "embedding"
     describes: ClassVar[str] = "Gather of a constant 2-D table by an index tensor (word, position, token type)"
 
@@ -125,6 +126,7 @@ class EmbeddingSum(FNode):
 
     tables: tuple[np.ndarray, ...] = ()
     table_names: tuple[str, ...] = ()
+    givens: tuple[GivenQuant | None, ...] = ()  # per table, as Embedding.given (empty: none given)
     op: ClassVar[str] = "embedding_sum"
     arity: ClassVar[int | None] = None
     describes: ClassVar[str] = "Add tree of two or more Embedding lookups"
@@ -142,11 +144,14 @@ class EmbeddingSum(FNode):
 @_register
 @dataclass(frozen=True, eq=False)
 class Linear(FNode):
-    """``x @ weight + bias`` over the last axis; ``weight_name`` keys shared weights (ALBERT)."""
+    """``x @ weight + bias`` over the last axis; ``weight_name`` keys shared weights (ALBERT).
+    ``w_given``: the weight's stored codes and scales, oriented (K, N), when the model stores
+    it quantized (a DequantizeLinear of an initializer): lowering uses them as they are."""
 
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     weight_name: str = ""
+    w_given: GivenQuant | None = None
     op: ClassVar[str] = "linear"
     describes: ClassVar[str] = "MatMul by a constant 2-D weight [+ Add constant bias], or Gemm (transB handled)"
 
@@ -173,8 +178,10 @@ class GivenQuant:
     """Quantization parameters a quantizer wrote into the model (ONNX ``QuantizeLinear`` /
     ``DequantizeLinear``): ``value = (code - zero_point) * scale``, codes in ``qmin..qmax``.
 
-    ``scale`` and ``zero_point`` are scalars or 1-D along ``axis`` (per channel); ``codes``
-    holds the stored integers of a constant (a weight) and is None for an activation.
+    ``scale`` and ``zero_point`` are scalars, 1-D along ``axis`` (per channel), or, with
+    ``block_size`` > 0, of the codes' rank with ``ceil(n / block_size)`` blocks along ``axis``
+    (opset 21 blocked scales); ``codes`` holds the stored integers of a constant (a weight)
+    and is None for an activation.
     ``source`` names the ONNX node that states them (for the report)."""
 
     scale: np.ndarray
@@ -184,6 +191,7 @@ class GivenQuant:
     axis: int | None = None
     codes: np.ndarray | None = None
     source: str = ""
+    block_size: int = 0
     dynamic: bool = False  # DynamicQuantizeLinear: uint8, scale and zero point from the tensor at run time
 
     @property
@@ -199,7 +207,38 @@ class GivenQuant:
             return "u8 dynamic (scale and zero point of the whole tensor at run time)"
         s = np.asarray(self.scale)
         kind = f"per-channel[{s.size}]" if s.ndim else f"scale={float(s):.6g} zp={int(self.zero_point)}"
+        if self.block_size:
+            kind = f"blocks of {self.block_size} along axis {self.axis} [{s.size} scales]"
         return f"{'s' if self.signed else 'u'}{self.bits} {kind}"
+
+    def per_element(self, v: np.ndarray) -> np.ndarray:
+        """A per-tensor, per-channel or per-block parameter (scale, zero point) broadcast to
+        the codes' shape."""
+        v, shape = np.asarray(v), self.codes.shape
+        if self.block_size:
+            v = np.repeat(v, self.block_size, axis=self.axis)
+            return v[tuple(slice(0, d) for d in shape)]
+        if v.ndim:
+            return np.broadcast_to(v.reshape([-1 if k == self.axis else 1 for k in range(len(shape))]), shape)
+        return np.broadcast_to(v, shape)
+
+    def dequantize(self) -> np.ndarray:
+        """The stored constant's float value as ``DequantizeLinear`` computes it (float32)."""
+        z = self.per_element(self.zero_point).astype(np.int64)
+        return ((self.codes - z).astype(np.float32) * self.per_element(self.scale).astype(np.float32)).astype(
+            np.float32
+        )
+
+    def transposed(self) -> GivenQuant:
+        """The same quantization of the transposed 2-D constant (a Gemm's ``transB``)."""
+        t = (lambda v: np.asarray(v).T) if self.block_size else (lambda v: v)
+        return replace(
+            self,
+            codes=np.ascontiguousarray(self.codes.T),
+            scale=t(self.scale),
+            zero_point=t(self.zero_point),
+            axis=None if self.axis is None else 1 - self.axis % 2,
+        )
 
     def fake_quant(self, x: np.ndarray) -> np.ndarray:
         """``DequantizeLinear(QuantizeLinear(x))`` as onnxruntime computes it in float32:

@@ -143,8 +143,18 @@ def _gather(imp: _Importer, n: onnx.NodeProto) -> F.FNode:
             raise UnsupportedGraphError(f"node {n.name!r} (Gather): a lookup in a table that is not a 2-D float matrix")
         if idx in imp.folded:
             raise UnsupportedGraphError(f"node {n.name!r} (Gather): table lookup by constant indices")
+        given = imp.given(data)
+        if given is not None and not (
+            given.codes.shape == table.shape and np.array_equal(given.dequantize(), table.astype(np.float32))
+        ):
+            given = None  # not the stored codes' plain dequantization: the table's float values
         return F.Embedding(
-            name=n.output[0], inputs=(idx,), sources=(n.name,), table=table.astype(np.float32), table_name=data
+            name=n.output[0],
+            inputs=(idx,),
+            sources=(n.name,),
+            table=table.astype(np.float32),
+            table_name=data,
+            given=given,
         )
     return _generic(imp, n)
 
@@ -162,13 +172,24 @@ def qrange(dtype: np.dtype | str) -> tuple[int, int]:
 
 def given_quant(n: onnx.NodeProto, scale: np.ndarray, zp: np.ndarray | None, codes: np.ndarray | None) -> F.GivenQuant:
     """The parameters of a QuantizeLinear/DequantizeLinear node (``zp`` None: 0 of uint8,
-    or of ``codes``' type); blocked scales are refused naming the node."""
+    or of ``codes``' type). Blocked scales (``block_size``) are read for stored codes (a
+    weight) and refused, naming the node, for an activation."""
     a = _attrs(n)
-    if a.get("block_size", 0):
+    block = int(a.get("block_size", 0))
+    if block and codes is None:
         raise UnsupportedGraphError(
-            f"node {n.name!r} ({n.op_type}): blocked scales (block_size={a['block_size']}) are not supported yet"
+            f"node {n.name!r} ({n.op_type}): blocked scales (block_size={block}) on an activation are not supported"
         )
     scale = np.asarray(scale)
+    if block:
+        ax = int(a.get("axis", 1)) % max(1, np.ndim(codes))
+        want = list(np.shape(codes))
+        want[ax] = -(-want[ax] // block) if want else 0
+        if list(scale.shape) != want or (zp is not None and np.shape(zp) != scale.shape):
+            raise UnsupportedGraphError(
+                f"node {n.name!r} ({n.op_type}): blocked scales of shape {list(scale.shape)} for codes "
+                f"{list(np.shape(codes))}, block_size={block} along axis {ax}: expected {want}"
+            )
     if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
         raise UnsupportedGraphError(f"node {n.name!r} ({n.op_type}): scale must be positive and finite")
     dtype = zp.dtype if zp is not None else (codes.dtype if codes is not None else np.dtype(np.uint8))
@@ -177,6 +198,8 @@ def given_quant(n: onnx.NodeProto, scale: np.ndarray, zp: np.ndarray | None, cod
     qmin, qmax = qrange(dtype)
     z = np.zeros(scale.shape, np.int64) if zp is None else np.asarray(zp).astype(np.int64)
     axis = int(a.get("axis", 1)) if scale.ndim else None
+    if axis is not None and codes is not None:
+        axis %= np.ndim(codes)
     return F.GivenQuant(
         scale=scale.astype(np.float32),
         zero_point=z,
@@ -185,6 +208,7 @@ def given_quant(n: onnx.NodeProto, scale: np.ndarray, zp: np.ndarray | None, cod
         axis=axis,
         codes=None if codes is None else np.asarray(codes).astype(np.int64),
         source=n.name or n.output[0],
+        block_size=block,
     )
 
 
@@ -211,6 +235,15 @@ class _Importer:
         self._inferred: dict[str, tuple[int, ...]] | None = None
         self.probes = PROBES
         self.quant_notes: dict[str, str] = {}  # given activation quantization not honoured -> why
+
+    def given(self, t: str) -> F.GivenQuant | None:
+        """The stored codes and parameters of constant ``t`` when a DequantizeLinear of
+        initializers computes it (a quantized weight or table), else None."""
+        n = self.prod.get(t)
+        if n is None or n.op_type != "DequantizeLinear" or self.kind.get(t) != CONST:
+            return None
+        vals = [self.value(i) if i else None for i in list(n.input) + [""] * (3 - len(n.input))]
+        return given_quant(n, vals[1], vals[2], vals[0])
 
     # -- step 1 ---------------------------------------------------------------------------------
     def check_ops(self) -> None:
@@ -587,14 +620,7 @@ class PatternContext:
     def given(self, t: str) -> F.GivenQuant | None:
         """The stored codes and parameters of constant ``t`` when a DequantizeLinear of
         constants computes it (a quantized weight), else None."""
-        n = self.imp.prod.get(t)
-        if n is None or n.op_type != "DequantizeLinear" or self.imp.kind.get(t) != CONST:
-            return None
-        if _attrs(n).get("block_size", 0):  # blocked scales: the exact float values, quantized by the config
-            self.note(t, f"blocked weight scales ({n.name}): bbct's config quantizes the exact dequantized values")
-            return None
-        vals = [self.imp.value(i) if i else None for i in list(n.input) + [""] * (3 - len(n.input))]
-        return given_quant(n, vals[1], vals[2], vals[0])
+        return self.imp.given(t)
 
     def note(self, t: str, why: str) -> None:
         self.imp.quant_notes[t] = why
@@ -629,11 +655,16 @@ def load_graph(path_or_model: str | Path | onnx.ModelProto) -> F.FGraph:
         onnx.checker.check_model(m)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise BbctError(f"{where}: malformed ONNX model: {str(e).splitlines()[0]}") from None
+    from bbct.simulator.export import read_static_activations
     from bbct.simulator.frontend.intops import rewrite_integer_ops
 
     m = rewrite_integer_ops(m)
     try:
-        return _Importer(m, where).run()
+        m, static = read_static_activations(m)  # bbct's own exported activation exponents
+        fg = _Importer(m, where).run()
+        if static:
+            fg.info["static_exponents"] = static
+        return fg
     except UnsupportedGraphError as e:
         msg = str(e).splitlines()[0]
         raise UnsupportedGraphError(msg if msg.startswith(where) else f"{where}: {msg}") from None

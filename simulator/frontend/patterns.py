@@ -327,10 +327,25 @@ def _linear(rw: Rewriter) -> bool:
                 weight=np.asarray(w, np.float32),
                 bias=bias,
                 weight_name=w_name,
+                w_given=_oriented_given(rw.ctx.given(w_name), np.asarray(w, np.float32)),
             ),
         )
         return True
     return False
+
+
+def _oriented_given(g: F.GivenQuant | None, w: np.ndarray) -> F.GivenQuant | None:
+    """The stored codes of a linear's weight ``w`` (K, N), transposed when the graph reads
+    them through a Gemm's ``transB``; None when ``w`` is not their plain dequantization
+    (a Gemm ``alpha``): then ``w``'s float values are quantized by the config."""
+    if g is None:
+        return None
+    deq = g.dequantize()
+    if deq.shape == w.shape and np.array_equal(deq, w):
+        return g
+    if deq.T.shape == w.shape and np.array_equal(deq.T, w):
+        return g.transposed()
+    return None
 
 
 # -- layernorm ----------------------------------------------------------------------------------
@@ -340,20 +355,11 @@ def _quant_linear(rw: Rewriter) -> bool:
         if type(n) is not F.Linear:
             continue
         fq = rw.prod.get(n.inputs[0])
-        wq = rw.ctx.given(n.weight_name)
-        if not isinstance(fq, F.FakeQuant) or wq is None:
-            continue
-        codes, w = wq.codes, np.asarray(n.weight, np.float32)
-        deq = _dequant(wq)
-        if deq.shape == w.shape and np.array_equal(deq, w):
-            axis = wq.axis
-        elif deq.T.shape == w.shape and np.array_equal(deq.T, w):  # Gemm transB
-            codes, axis = codes.T, None if wq.axis is None else 1 - wq.axis % 2
-        else:
-            continue  # a scaled weight (Gemm alpha): left to the late drop, then bbct's config
-        if wq.axis is not None and axis != 1:
+        wq = n.w_given  # oriented (K, N) by the linear pattern; None: a scaled weight (Gemm alpha)
+        if not isinstance(fq, F.FakeQuant) or wq is None or wq.block_size:
+            continue  # blocked weight scales: the given codes in bbct's block datapath (late drop of fq)
+        if wq.axis is not None and wq.axis != 1:
             raise n.error("per-channel weight scales along the reduction axis are not supported")
-        wq = replace(wq, codes=np.ascontiguousarray(codes), axis=axis)
         new = F.QuantLinear(
             name=n.name,
             inputs=(fq.inputs[0],),
@@ -370,16 +376,6 @@ def _quant_linear(rw: Rewriter) -> bool:
             rw.replace([n], new)
         return True
     return False
-
-
-def _dequant(g: F.GivenQuant) -> np.ndarray:
-    """A constant's float value from its codes, as DequantizeLinear computes it (float32)."""
-    shape = [1] * g.codes.ndim
-    if g.axis is not None:
-        shape[g.axis] = -1
-    s = np.asarray(g.scale, np.float32).reshape(shape)
-    z = np.asarray(g.zero_point).reshape(shape)
-    return ((g.codes - z).astype(np.float32) * s).astype(np.float32)
 
 
 @pattern("drop_fake_quant_late", "a fake_quant left unfused (a scaled Gemm weight): bbct's config quantizes it")
@@ -929,6 +925,7 @@ def _embedding_sum(rw: Rewriter) -> bool:
                 sources=tuple(e.sources[0] for e in leaves + adds),
                 tables=tuple(e.table for e in leaves),
                 table_names=tuple(e.table_name for e in leaves),
+                givens=tuple(e.given for e in leaves),
             ),
         )
         return True
