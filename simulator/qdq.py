@@ -48,11 +48,14 @@ def given_weight(e: _Emitter, g: F.GivenQuant, s: OpSettings, axis: int, what: s
       narrower: rounded half to even). A block of zero codes at scale 1.0 (bbct's export of
       an all-zero block) takes ``EXP_ZERO``, as bbct's own quantizer gives it;
     * zero points: subtracted once, here, as integer offsets: the codes held are
-      ``code - zero_point``, one bit wider when a zero point or an unsigned type needs it.
+      ``code - zero_point`` (negated where the scale is negative), one bit wider when a zero
+      point, an unsigned type or a negative scale needs it.
     """
     codes = np.asarray(g.codes, np.int64)
     centered = codes - g.per_element(g.zero_point).astype(np.int64)
-    scale = np.asarray(g.scale, np.float64)
+    negative = np.asarray(g.scale) < 0  # a symmetric quantizer's signed scale: the sign moves to the codes
+    centered = np.where(g.per_element(negative), -centered, centered)
+    scale = np.abs(np.asarray(g.scale, np.float64))
     if g.block_size:
         b_axis, b_size = g.axis, g.block_size
     elif scale.ndim:
@@ -80,7 +83,7 @@ def given_weight(e: _Emitter, g: F.GivenQuant, s: OpSettings, axis: int, what: s
         exp = k - mant_bits
         mant = np.where(zero, 1 << (mant_bits - 1), m).astype(np.int64)
     exp = np.where(zero, EXP_ZERO, exp).astype(np.int32)
-    bits = g.bits + (0 if g.signed and not np.any(np.asarray(g.zero_point)) else 1)
+    bits = g.bits + (0 if g.signed and not np.any(np.asarray(g.zero_point)) and not negative.any() else 1)
     fmt = IntFormat(
         bits=max(2, bits),
         signed=True,

@@ -190,8 +190,11 @@ def given_quant(n: onnx.NodeProto, scale: np.ndarray, zp: np.ndarray | None, cod
                 f"node {n.name!r} ({n.op_type}): blocked scales of shape {list(scale.shape)} for codes "
                 f"{list(np.shape(codes))}, block_size={block} along axis {ax}: expected {want}"
             )
-    if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
-        raise UnsupportedGraphError(f"node {n.name!r} ({n.op_type}): scale must be positive and finite")
+    if scale.dtype.kind != "f" or not np.all(np.isfinite(scale)) or np.any(scale <= 0 if codes is None else scale == 0):
+        raise UnsupportedGraphError(
+            f"node {n.name!r} ({n.op_type}): scale must be "
+            + ("positive and finite" if codes is None else "finite and nonzero (a weight's may be negative)")
+        )
     dtype = zp.dtype if zp is not None else (codes.dtype if codes is not None else np.dtype(np.uint8))
     if "output_dtype" in a and zp is None:
         dtype = helper.tensor_dtype_to_np_dtype(a["output_dtype"])

@@ -356,8 +356,8 @@ def _quant_linear(rw: Rewriter) -> bool:
             continue
         fq = rw.prod.get(n.inputs[0])
         wq = n.w_given  # oriented (K, N) by the linear pattern; None: a scaled weight (Gemm alpha)
-        if not isinstance(fq, F.FakeQuant) or wq is None or wq.block_size:
-            continue  # blocked weight scales: the given codes in bbct's block datapath (late drop of fq)
+        if not isinstance(fq, F.FakeQuant) or wq is None or wq.block_size or np.any(np.asarray(wq.scale) < 0):
+            continue  # blocked or negative weight scales: the given codes in bbct's block datapath (late drop of fq)
         if wq.axis is not None and wq.axis != 1:
             raise n.error("per-channel weight scales along the reduction axis are not supported")
         new = F.QuantLinear(
