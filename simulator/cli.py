@@ -749,9 +749,11 @@ def add_export(sub: Any) -> None:
         "export",
         "write bbct's integer model as ONNX QDQ (opset 21), loadable by onnxruntime",
         "Lowers MODEL under --config and writes it with every stored integer weight and table as\n"
-        "codes + DequantizeLinear (power-of-two block scales exactly, opset 21 block_size). Activations\n"
-        "and bbct's integer nonlinear kernels have no QDQ form: those nodes stay float and are marked\n"
-        "(doc_string, metadata_props bbct_integer_kernels).",
+        "codes + DequantizeLinear (power-of-two block scales exactly, opset 21 block_size), and static\n"
+        "(calibrated) activations as QuantizeLinear/DequantizeLinear with power-of-two scales. Run-time\n"
+        "activation exponents and bbct's integer nonlinear kernels have no QDQ form: those nodes stay\n"
+        "float and are marked (doc_string, metadata_props bbct_integer_kernels). Imported back, the file\n"
+        "gives the same integer model bit for bit under the same config.",
     )
     _model_arg(p)
     p.add_argument("--out", required=True, help="the ONNX file to write")

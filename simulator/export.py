@@ -8,17 +8,22 @@ What a QDQ file holds of bbct's integer model:
   written exactly: power-of-two scales ``2**exp`` (and ``mant * 2**exp`` multipliers) are
   float32 numbers, blocks of ``weight_block`` along the reduction axis are opset 21's
   ``block_size``, one block over the whole axis a per-channel ``axis``;
-* **nothing else in integers**. Activations are block-scaled at run time (dynamic exponents
-  per 32 values, or calibrated ones), which no QDQ scale expresses; bbct's integer nonlinear
-  kernels (softmax, LayerNorm, GELU, tanh, L2 norm, mean pooling: polynomials, LUTs, integer
-  square roots) have no ONNX form. Those nodes stay float ops; each is marked with a
-  ``doc_string`` naming the bbct kernel and its settings, and the model's ``metadata_props``
-  carry the config and the list (``bbct_integer_kernels``), so a reader knows where
-  onnxruntime's run departs from bbct's.
+* **static activations** (``scaling="static"``, calibrated block exponents): each becomes
+  ``QuantizeLinear -> DequantizeLinear`` with one power-of-two scale per channel (its block's
+  ``2**exp``; int8 or int16 codes, zero point 0), marked ``doc_string = "bbct:static-activation
+  ..."``, so onnxruntime rounds the tensor where bbct does;
+* **nothing else in integers**. Run-time (dynamic) activation exponents, per 32 values from
+  their maximum, have no QDQ form; bbct's integer nonlinear kernels (softmax, LayerNorm, GELU,
+  tanh, L2 norm, mean pooling: polynomials, LUTs, integer square roots) have no ONNX form.
+  Those nodes stay float ops; each is marked with a ``doc_string`` naming the bbct kernel and
+  its settings, and the model's ``metadata_props`` carry the config and the list
+  (``bbct_integer_kernels``), so a reader knows where onnxruntime's run departs from bbct's.
 
-Importing the file back gives the same integer weights, bit for bit: the dequantized values
-are exact, and quantizing them again under the same config finds the same exponents and codes
-(round-to-nearest weights; tested).
+Importing the file back gives bbct's integer model bit for bit under the same config: the
+weights are read as their given codes and block scales (never quantized again, so GPTQ and
+clip-searched exponents survive), the marked activation pairs as the given static exponents
+(:func:`read_static_activations`). An all-zero block (``EXP_ZERO``) is written with scale 1.0
+and read back as ``EXP_ZERO``.
 """
 
 from __future__ import annotations

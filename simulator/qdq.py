@@ -45,7 +45,8 @@ def given_weight(e: _Emitter, g: F.GivenQuant, s: OpSettings, axis: int, what: s
       config's ``weight_mant_bits`` when that width holds every scale exactly (the form of
       bbct's own ``weight_scale="mult"`` weights, so an exported model reads back bit for
       bit), else of ``given_mult_bits`` (exact from 24 bits, a float32's significand;
-      narrower: rounded half to even). A block of zero codes at scale 1.0 (bbct's export of
+      narrower: rounded half to even; a table's at most ``31 - bits``, what the embedding
+      sum's integer adds take). A block of zero codes at scale 1.0 (bbct's export of
       an all-zero block) takes ``EXP_ZERO``, as bbct's own quantizer gives it;
     * zero points: subtracted once, here, as integer offsets: the codes held are
       ``code - zero_point`` (negated where the scale is negative), one bit wider when a zero
@@ -77,6 +78,8 @@ def given_weight(e: _Emitter, g: F.GivenQuant, s: OpSettings, axis: int, what: s
         m = np.ldexp(f, mant_bits)
         if not np.array_equal(m, np.floor(m)):
             mant_bits = s.given_mult_bits
+            if axis % 2:  # a table: its lookups feed the integer adds, whose operands hold 31 bits
+                mant_bits = min(mant_bits, 31 - (g.bits + 1))
             ms = [quantize_multiplier(float(v), mant_bits) for v in scale.ravel()]
             m = np.array([a for a, _ in ms], np.float64).reshape(scale.shape)
             k = -np.array([b for _, b in ms], np.int64).reshape(scale.shape) + mant_bits

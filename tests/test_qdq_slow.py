@@ -12,6 +12,7 @@ from test_qdq import _check_gemms
 
 from bbct.golden.data import read_split
 from bbct.golden.paths import data_dir, default_model
+from bbct.simulator.execute import run
 from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.session import Simulator
 
@@ -53,3 +54,41 @@ def test_rt_classifier_quantize_dynamic(real_home, tmp_path):
         bbct = sim.run(feeds).outputs["logits"].dequantize()
         agree.append(np.argmax(ort_int8, -1) == np.argmax(bbct, -1))
     assert np.mean(np.concatenate(agree)) >= 0.85
+
+
+@pytest.mark.slow
+def test_rt_classifier_export_round_trip_w4a8(real_home, tmp_path):
+    """The RT classifier under w4a8 (GPTQ codes, least-squared-error exponents, calibrated on
+    the first 64 calibration sentences): ``bbct export`` then import gives the same integer
+    weights (codes and exponents of every linear and table) and the same integer logits, bit
+    for bit; onnxruntime runs the file."""
+    import onnxruntime as ort
+    from test_qdq_export import _stored
+
+    from bbct.kernels.testing import assert_bit_equal
+    from bbct.simulator.export import export_qdq
+    from bbct.simulator.frontend.onnx_in import load_graph
+    from bbct.simulator.lower import lower
+
+    src = default_model(real_home)
+    if not src.is_file():
+        pytest.skip("the RT classifier is not prepared (bbct prepare)")
+    calib = read_split(data_dir(real_home), "calib")[0][:64]
+    sim = Simulator(src, "w4a8", calib_texts=calib)
+    out = tmp_path / "model.qdq.onnx"
+    export_qdq(src, sim.fgraph, sim.graph, sim.config, out)
+    g2 = lower(load_graph(out), sim.config, sim.calibration)
+    a, b = _stored(sim.graph), _stored(g2)
+    assert a.keys() == b.keys() and len(a) == 6 * 6 + 2 + 3  # 38 linears and 3 tables
+    for k in a:
+        for x, y in zip(a[k], b[k], strict=True):
+            assert (x is None) == (y is None)
+            if x is not None:
+                assert_bit_equal(x, y)
+    assert len(g2.info["given_quantization"]["weights"]) == len(a)
+    texts, _ = read_split(data_dir(real_home), "test")
+    feeds = sim.encode(texts[:32])
+    r1, r2 = sim.run(feeds), run(g2, feeds)
+    assert_bit_equal(r1.outputs["logits"].data, r2.outputs["logits"].data)
+    logits = ort.InferenceSession(str(out)).run(["logits"], feeds)[0]
+    assert np.mean(np.argmax(logits, -1) == np.argmax(r1.outputs["logits"].dequantize(), -1)) >= 0.85
