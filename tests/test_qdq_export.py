@@ -187,3 +187,20 @@ def test_static_activations_bring_onnxruntime_closer(tiny_bert_onnx, tmp_path):
             assert_bit_equal(np.log2(scale).astype(np.int64), np.repeat(exp, 32)[: scale.size])
     a, b = _against_onnxruntime(g, with_acts), _against_onnxruntime(g, weights_only)
     assert a[0] < 4e-4 and a[1] > 52 and b[0] < 6e-4 and b[1] > 47 and a[1] > b[1] + 2, (a, b)
+
+
+def test_static_exponents_need_a_static_config(tiny_bert_onnx, tmp_path):
+    """A w8a8-static export lowered under w8a8 (run-time exponents): the file's static
+    exponents are not used, and the report says so for each of them."""
+    cfg = load_config("w8a8-static")
+    fg = load_graph(tiny_bert_onnx)
+    g = lower(fg, cfg, _calib(fg, cfg))
+    done = export_qdq(tiny_bert_onnx, fg, g, cfg, tmp_path / "model.onnx")
+    g2 = lower(load_graph(tmp_path / "model.onnx"), load_config("w8a8"))
+    report = g2.info["given_quantization"]
+    assert "static_exponents" not in report
+    notes = [k for k, v in report["not_honoured"].items() if "the config's scaling is dynamic" in v]
+    assert sorted(notes) == sorted(done["activations"])
+    assert all(
+        getattr(n, "exp", None) is None for n in g2.nodes if isinstance(n, (ir.Requant, ir.Add)) and n.fmt.block_size
+    )

@@ -170,7 +170,8 @@ class Linear(FNode):
         return int(self.weight.shape[1])
 
     def attrs(self) -> str:
-        return f"W={self.weight.shape}{' +b' if self.bias is not None else ''}"
+        given = f" given w:{self.w_given.short()}" if self.w_given is not None else ""
+        return f"W={self.weight.shape}{' +b' if self.bias is not None else ''}{given}"
 
 
 @dataclass(frozen=True, eq=False)
