@@ -325,10 +325,10 @@ def format_given(info: dict) -> str:
     weights, static = g.get("weights", {}), g.get("static_exponents", {})
     if not honoured and not other and not weights and not static:
         return ""
-    more = (f", {len(weights)} stored weights" if weights else "") + (
-        f", {len(static)} static activation exponents" if static else ""
-    )
-    lines = [f"given quantization honoured ({len(honoured)} linear layers{more}; every other tensor: bbct's config):"]
+    parts = [f"{len(honoured)} linear layers"] if honoured or not (weights or static) else []
+    parts += [f"{len(weights)} stored weights"] if weights else []
+    parts += [f"{len(static)} static activation exponents"] if static else []
+    lines = [f"given quantization honoured ({', '.join(parts)}; every other tensor: bbct's config):"]
     lines += [f"  {k}: {v}" for d in (honoured, weights, static) for k, v in d.items()]
     if other:
         lines.append(f"given quantization not honoured ({len(other)} tensors, bbct's config instead):")
