@@ -1,10 +1,11 @@
 """The prepared RT classifier (MiniLM-L6) quantized with onnxruntime's ``quantize_dynamic``
 here, simulated in integers: GEMMs against MatMulInteger, predictions against onnxruntime's
-run of the int8 model. Without a prepared classifier, the same graph before fine-tuning."""
+run of the int8 model; and bbct's own w4a8 model exported and imported back."""
 
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,25 +18,35 @@ from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.session import Simulator
 
 
+@pytest.fixture(scope="module")
+def rt_classifier(real_home, tmp_path_factory) -> Path:
+    """The prepared RT classifier; where it is not prepared (a fresh clone, CI: preparing does
+    not fine-tune there), the same graph before fine-tuning: the real MiniLM encoder with a
+    classification head initialised from a fixed seed (random, not trained). Both tests below
+    compare bbct with onnxruntime on the same file, which either graph exercises."""
+    src = default_model(real_home)
+    if src.is_file():
+        return src
+    import torch
+    import transformers
+
+    from bbct.golden.prepare import export_onnx, source_model_dir
+
+    torch.manual_seed(0)
+    model = transformers.BertForSequenceClassification.from_pretrained(
+        str(source_model_dir()), num_labels=2, attn_implementation="eager"
+    )
+    src = tmp_path_factory.mktemp("rt_untrained") / "model.onnx"
+    export_onnx(model, src, output="logits")
+    shutil.copy(source_model_dir() / "tokenizer.json", src.parent / "tokenizer.json")
+    return src
+
+
 @pytest.mark.slow
-def test_rt_classifier_quantize_dynamic(real_home, tmp_path):
+def test_rt_classifier_quantize_dynamic(real_home, rt_classifier, tmp_path):
     from onnxruntime.quantization import quantize_dynamic
 
-    src = default_model()
-    if not src.is_file():  # the classifier graph before fine-tuning (predictions still compared)
-        import torch
-        import transformers
-
-        from bbct.golden.prepare import export_onnx, source_model_dir
-
-        torch.manual_seed(0)
-        model = transformers.BertForSequenceClassification.from_pretrained(
-            str(source_model_dir()), num_labels=2, attn_implementation="eager"
-        )
-        src = tmp_path / "float" / "model.onnx"
-        src.parent.mkdir()
-        export_onnx(model, src, output="logits")
-        shutil.copy(source_model_dir() / "tokenizer.json", src.parent / "tokenizer.json")
+    src = rt_classifier
     out = tmp_path / "int8" / "model.onnx"
     out.parent.mkdir()
     quantize_dynamic(str(src), str(out))
@@ -57,7 +68,7 @@ def test_rt_classifier_quantize_dynamic(real_home, tmp_path):
 
 
 @pytest.mark.slow
-def test_rt_classifier_export_round_trip_w4a8(real_home, tmp_path):
+def test_rt_classifier_export_round_trip_w4a8(real_home, rt_classifier, tmp_path):
     """The RT classifier under w4a8 (GPTQ codes, least-squared-error exponents, calibrated on
     the first 64 calibration sentences): ``bbct export`` then import gives the same integer
     weights (codes and exponents of every linear and table) and the same integer logits, bit
@@ -70,9 +81,7 @@ def test_rt_classifier_export_round_trip_w4a8(real_home, tmp_path):
     from bbct.simulator.frontend.onnx_in import load_graph
     from bbct.simulator.lower import lower
 
-    src = default_model(real_home)
-    if not src.is_file():
-        pytest.skip("the RT classifier is not prepared (bbct prepare)")
+    src = rt_classifier
     calib = read_split(data_dir(real_home), "calib")[0][:64]
     sim = Simulator(src, "w4a8", calib_texts=calib)
     out = tmp_path / "model.qdq.onnx"
