@@ -290,13 +290,14 @@ class QTensor:
         return tuple(self.data.shape)
 
     def scale_array(self) -> np.ndarray:
-        """Per-element real scale (float64) — for comparison and dumps only, never for kernels."""
-        shape = self.shape
-        e = expand_blocks(self.exp, shape, self.fmt.block_axis, self.fmt.block_size)
-        s = np.ldexp(1.0, e.astype(np.int64))
+        """Per-element real scale (float64, a read-only broadcast view) — for comparison and dumps
+        only, never for kernels."""
+        # per block first, then broadcast: the same float64 per element (ldexp and the product
+        # are exact or rounded alike), computed once per block instead of once per element
+        s = np.ldexp(1.0, np.asarray(self.exp, np.int64))
         if self.mant is not None:
-            s = s * expand_blocks(self.mant, shape, self.fmt.block_axis, self.fmt.block_size)
-        return s
+            s = s * self.mant
+        return expand_blocks(s, self.shape, self.fmt.block_axis, self.fmt.block_size)
 
     def dequantize(self) -> np.ndarray:
         """Real values as float64 (exact for widths <= 32 and exponents in float64 range)."""
