@@ -146,12 +146,16 @@ class EmbeddingSum(FNode):
 class Linear(FNode):
     """``x @ weight + bias`` over the last axis; ``weight_name`` keys shared weights (ALBERT).
     ``w_given``: the weight's stored codes and scales, oriented (K, N), when the model stores
-    it quantized (a DequantizeLinear of an initializer): lowering uses them as they are."""
+    it quantized (a DequantizeLinear of an initializer): lowering uses them as they are.
+    ``mid_given``: the given quantization of the product ``x @ weight`` before the bias (a
+    Q/DQ pair between the MatMul and the bias Add): lowering quantizes the product to those
+    codes, then adds the bias (``bias_add``)."""
 
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     weight_name: str = ""
     w_given: GivenQuant | None = None
+    mid_given: GivenQuant | None = None
     op: ClassVar[str] = "linear"
     describes: ClassVar[str] = "MatMul by a constant 2-D weight [+ Add constant bias], or Gemm (transB handled)"
 
@@ -171,6 +175,7 @@ class Linear(FNode):
 
     def attrs(self) -> str:
         given = f" given w:{self.w_given.short()}" if self.w_given is not None else ""
+        given += f" given x@W:{self.mid_given.short()}" if self.mid_given is not None else ""
         return f"W={self.weight.shape}{' +b' if self.bias is not None else ''}{given}"
 
 

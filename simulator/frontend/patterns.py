@@ -159,10 +159,13 @@ def _fake_quant(rw: Rewriter) -> bool:
         if dq.positions != (0,):
             continue
         q = rw.onnx(dq.inputs[0], "QuantizeLinear")
+        if q is None and _dequantize_before_moves(rw, dq):
+            return True
         if q is None or q.positions != (0,):
             p = rw.prod.get(dq.inputs[0])
             via = (
-                f" (it reads {p.op_type} of integer codes: quantized data movement is not supported)"
+                f" (it reads {p.op_type} of integer codes that no QuantizeLinear of the same per-tensor scale "
+                "and zero point wrote: no faithful rewrite)"
                 if isinstance(p, F.OnnxOp)
                 else ""
             )
@@ -183,6 +186,44 @@ def _fake_quant(rw: Rewriter) -> bool:
     return False
 
 
+def _dequantize_before_moves(rw: Rewriter, dq: F.OnnxOp) -> bool:
+    """``DQ(move(Q(x)))`` with ``move`` a chain of data movement ops (Transpose, Reshape, ...,
+    as onnxruntime's QOperator format moves int8 codes between quantized ops) is
+    ``DQ(Q(move(DQ(Q(x)))))`` exactly, for a per-tensor scale: the chain is rewritten to move
+    the dequantized value, with a fake_quant before it and the same one after it (the
+    identity on moved codes, which the passes below treat as exact data movement or fuse
+    into the linear that reads it). False when ``dq`` does not read such a chain."""
+    from bbct.simulator.frontend.onnx_in import given_quant
+
+    chain, t = [], dq.inputs[0]
+    while True:
+        p = rw.prod.get(t)
+        if not (isinstance(p, F.OnnxOp) and p.positions[:1] == (0,)):
+            return False
+        if p.op_type == "QuantizeLinear":
+            break
+        if p.op_type not in MOVES or rw.users(p.name) != [chain[-1] if chain else dq]:
+            return False
+        chain.append(p)
+        t = p.inputs[0]
+    q = p
+    if q.positions != (0,) or len(rw.users(q.name)) != 1:
+        return False
+    zp = q.operand(2)
+    g = given_quant(rw.ctx.imp.prod[q.name], q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
+    dz = dq.operand(2)
+    if np.asarray(g.scale).ndim or not np.array_equal(np.asarray(dq.operand(1), np.float32), g.scale):
+        return False
+    if isinstance(dz, np.ndarray) and not np.array_equal(dz.astype(np.int64), g.zero_point):
+        return False
+    fq = F.FakeQuant(name=q.name, inputs=(q.inputs[0],), sources=q.sources, given=g)
+    # the moved value keeps the pair too (an exact one: it is on the grid already)
+    fq2 = F.FakeQuant(name=dq.name, inputs=(chain[0].name,), sources=dq.sources, given=g)
+    rw.nodes = [fq if n is q else fq2 if n is dq else n for n in rw.nodes]
+    rw._index()
+    return True
+
+
 def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
     """``u`` is a MatMul/Gemm of ``x`` by a constant weight the model stores quantized."""
     return (
@@ -192,6 +233,45 @@ def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
         and u.inputs[0] == x
         and rw.ctx.given(u.const_names.get(1, "")) is not None
     )
+
+
+MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")  # data movement: codes stay codes
+
+
+def _same_grid(a: F.GivenQuant, b: F.GivenQuant | None) -> bool:
+    return (
+        b is not None
+        and not a.dynamic
+        and not b.dynamic
+        and (a.qmin, a.qmax) == (b.qmin, b.qmax)
+        and np.array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
+        and np.array_equal(np.asarray(a.zero_point, np.int64), np.asarray(b.zero_point, np.int64))
+    )
+
+
+def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
+    """The tensor whose codes ``n`` requantizes unchanged: ``n`` reads data movement
+    (Reshape, Transpose, ...) of a tensor already on the same grid, so Q(DQ(codes)) is the
+    identity and the movement of codes is exact. None otherwise."""
+    t, ops = n.inputs[0], []
+    while True:
+        p = rw.prod.get(t)
+        if isinstance(p, F.FakeQuant):
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and _same_grid(n.given, p.given) else None
+        g = rw.ctx.imp.given_acts.get(t)
+        if g is not None:
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and _same_grid(n.given, g[0]) else None
+        if not (isinstance(p, F.OnnxOp) and p.op_type in MOVES and p.positions[:1] == (0,)):
+            return None
+        ops.append(p.op_type)
+        t = p.inputs[0]
+
+
+def _give(rw: Rewriter, n: F.FakeQuant) -> None:
+    """Record ``n``'s given quantization on the tensor it reads (the graph output's name for
+    an output), for lowering to honour at the node that keeps that name."""
+    src = rw.ctx.imp.prod.get(n.inputs[0])
+    rw.ctx.give(n.name if n.name in rw.outputs else n.inputs[0], n.given, src.name if src is not None else "")
 
 
 def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
@@ -205,19 +285,31 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
             if not others and n.name not in rw.outputs:
                 continue  # kept: quant_linear honours it
             if others:  # e.g. a residual sum reading the quantized LayerNorm output
-                rw.ctx.note(
-                    n.name,
-                    f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
-                    f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
-                )
+                if n.given.dynamic:
+                    rw.ctx.note(
+                        n.name,
+                        f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
+                        f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
+                    )
+                else:  # the others read the tensor's value at the given codes too
+                    _give(rw, n)
                 rw.nodes = [
                     replace(u, inputs=tuple(n.inputs[0] if i == n.name else i for i in u.inputs)) if u in others else u
                     for u in rw.nodes
                 ]
                 rw._index()
                 return True
-        why = "not the input of a linear layer with a quantized weight" if not late else "not fused into a linear"
-        rw.ctx.note(n.name, f"{n.given.short()} from {n.given.source}: {why}; bbct's config quantizes it")
+        moved = None if n.given.dynamic else _moved_codes(rw, n)
+        if moved is not None:
+            rw.ctx.imp.given_exact[n.name] = f"{n.given.short()} from {n.given.source}: exact, {moved} (same grid)"
+        elif n.given.dynamic:
+            rw.ctx.note(
+                n.name,
+                f"{n.given.short()} from {n.given.source}: a run-time float scale with no linear layer to take "
+                "bbct's dynamic_quantize; bbct's config quantizes it",
+            )
+        else:  # honoured where the tensor is computed (late: a linear bbct quantizes reads it)
+            _give(rw, n)
         rw.alias(n, n.inputs[0])
         return True
     return False
@@ -312,12 +404,15 @@ def _linear(rw: Rewriter) -> bool:
                 raise n.error("Gemm bias is not a constant")
         out = n.name
         u = rw.only_user(out)
+        mid = None
         if bias is None and isinstance(u, F.OnnxOp) and u.op_type == "Add" and len(u.inputs) == 1:
             b = u.operand(1 - u.positions[0])
             if isinstance(b, np.ndarray) and b.size == w.shape[1] and b.shape[-1:] == (w.shape[1],):
                 bias = b.reshape(-1).astype(np.float32)
                 old.append(u)
                 out = u.name
+                g = rw.ctx.imp.given_acts.get(n.name)  # the product's given codes, before the bias
+                mid = g[0] if g is not None and not g[0].dynamic else None
         rw.replace(
             old,
             F.Linear(
@@ -328,6 +423,7 @@ def _linear(rw: Rewriter) -> bool:
                 bias=bias,
                 weight_name=w_name,
                 w_given=_oriented_given(rw.ctx.given(w_name), np.asarray(w, np.float32)),
+                mid_given=mid,
             ),
         )
         return True
@@ -367,6 +463,7 @@ def _quant_linear(rw: Rewriter) -> bool:
             weight=n.weight,
             bias=n.bias,
             weight_name=n.weight_name,
+            mid_given=n.mid_given,
             x_quant=fq.given,
             w_quant=wq,
         )
@@ -537,12 +634,22 @@ def _unary_region(rw: Rewriter, anchor: F.OnnxOp, fn: Callable[[np.ndarray], np.
             if xv is None or yv is None or xv.shape != yv.shape:
                 continue
             want = fn(np.asarray(xv, np.float64))
-            if np.abs(want - yv).max() > 1e-5 * (1 + np.abs(want).max()):
+            err, tol = np.abs(want - yv).max(), 1e-5 * (1 + np.abs(want).max())
+            if err > tol and not rw.ctx.imp.given_acts:
                 continue
             region = _between(rw, x, y)
-            if region is not None:
+            if region is not None and err <= tol + _given_error(rw, region, xv):
                 return region, x, y
     return None
+
+
+def _given_error(rw: Rewriter, region: list[F.FNode], xv: np.ndarray) -> float:
+    """How far a quantized model's probe of a region may stray from the float function: each
+    given quantization inside it moves a value by up to half its scale, which the region
+    scales by at most ``1 + max|x|``; 0 without any."""
+    given = rw.ctx.imp.given_acts
+    half_steps = sum(float(given[n.name][0].scale) / 2 for n in region if n.name in given)
+    return half_steps * (1 + float(np.abs(xv).max()))
 
 
 def _between(rw: Rewriter, x: str, y: str) -> list[F.FNode] | None:
