@@ -256,6 +256,9 @@ def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
     t, ops = n.inputs[0], []
     while True:
         p = rw.prod.get(t)
+        if isinstance(p, F.Embedding) and p.given is not None and not np.asarray(p.given.scale).ndim:
+            ok = _same_grid(n.given, p.given)  # a lookup of stored codes: already on the grid
+            return f"{' + '.join(['Gather', *reversed(ops)])} of the stored codes of {p.table_name}" if ok else None
         if isinstance(p, F.FakeQuant):
             return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and _same_grid(n.given, p.given) else None
         g = rw.ctx.imp.given_acts.get(t)
