@@ -122,11 +122,14 @@ class Embedding(FNode):
 @dataclass(frozen=True, eq=False)
 class EmbeddingSum(FNode):
     """Sum of several embedding lookups (one index tensor per table), the order of the
-    integer adds fixed: largest table first (word, position, token type in BERT)."""
+    integer adds fixed: largest table first (word, position, token type in BERT), or the
+    graph's own order when the model gives a partial sum's quantization: ``partial_names``
+    then names the tensor of each partial sum (tables 0..k, k >= 1) but the last."""
 
     tables: tuple[np.ndarray, ...] = ()
     table_names: tuple[str, ...] = ()
     givens: tuple[GivenQuant | None, ...] = ()  # per table, as Embedding.given (empty: none given)
+    partial_names: tuple[str, ...] = ()
     op: ClassVar[str] = "embedding_sum"
     arity: ClassVar[int | None] = None
     describes: ClassVar[str] = "Add tree of two or more Embedding lookups"

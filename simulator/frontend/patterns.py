@@ -1026,7 +1026,12 @@ def _embedding_sum(rw: Rewriter) -> bool:
         u = rw.only_user(n.name)
         if isinstance(u, F.Add) and all(isinstance(rw.prod.get(t), (F.Embedding, F.Add)) for t in u.inputs):
             continue  # the root of the tree is further down
-        leaves.sort(key=lambda e: -e.table.shape[0])  # stable: graph order among equal sizes
+        chain = _add_chain(rw, n) if any(a.name in rw.ctx.imp.given_acts for a in adds[1:]) else None
+        if chain is not None:  # a given partial sum: the graph's order of adds
+            leaves, partials = chain
+        else:
+            leaves.sort(key=lambda e: -e.table.shape[0])  # stable: graph order among equal sizes
+            partials = ()
         rw.replace(
             leaves + adds,
             F.EmbeddingSum(
@@ -1036,10 +1041,25 @@ def _embedding_sum(rw: Rewriter) -> bool:
                 tables=tuple(e.table for e in leaves),
                 table_names=tuple(e.table_name for e in leaves),
                 givens=tuple(e.given for e in leaves),
+                partial_names=partials,
             ),
         )
         return True
     return False
+
+
+def _add_chain(rw: Rewriter, n: F.Add) -> tuple[list[F.Embedding], tuple[str, ...]] | None:
+    """A left-deep tree ``((l0 + l1) + l2) + ...`` of lookups: the leaves in order and the
+    partial sums' names (all but the root), or None for another shape."""
+    p = [rw.prod.get(t) for t in n.inputs]
+    if all(isinstance(x, F.Embedding) for x in p):
+        return list(p), ()
+    inner = [x for x in p if isinstance(x, F.Add)]
+    leaf = [x for x in p if isinstance(x, F.Embedding)]
+    if len(inner) != 1 or len(leaf) != 1:
+        return None
+    sub = _add_chain(rw, inner[0])
+    return None if sub is None else ([*sub[0], leaf[0]], (*sub[1], inner[0].name))
 
 
 def run_patterns(nodes: list[F.FNode], ctx: object) -> list[F.FNode]:
