@@ -558,7 +558,7 @@ def _embedding(e: _Emitter, n: F.FNode) -> str:
     for k, t in enumerate(looked[1:], start=1):
         last = k == len(looked) - 1
         point = n.name if last else f"{n.name}#partial{k}"
-        given = _qdq.given_at(e, n.name if last else (n.partial_names[k - 1:k] or ("",))[0])
+        given = _qdq.given_at(e, n.name if last else (n.partial_names[k - 1 : k] or ("",))[0])
         if given is not None:  # the exact sum (31 bits over twice the given range), then the given codes
             gfmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, sr)
             exp = np.full((1, 1, 1), _qdq.fine_exp(gfmt.bits, 2 * _qdq.given_range(given)), np.int32)
