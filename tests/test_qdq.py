@@ -266,6 +266,26 @@ def _check_attention_gemms(g: ir.Graph, res, expect: int) -> None:
     assert checked == expect, checked
 
 
+def _check_given_values(g: ir.Graph, res) -> None:
+    """What reads a given tensor sees its codes' value: ``c * scale`` with the scale as a
+    multiplier of ``b`` bits (``b = min(24, 30 - code bits)``), so within ``2**-(b-1)`` of
+    it relative; and every code is inside the given range (saturated at qmin/qmax)."""
+    by_name = {n.name: n for n in g.nodes}
+    seen = 0
+    for n in g.nodes:
+        if not (isinstance(n, ir.RescaleChannels) and isinstance(by_name.get(n.inputs[0]), ir.AffineQuantize)):
+            continue
+        aq = by_name[n.inputs[0]]
+        c = res.tensors[aq.name].data
+        assert (c + aq.zero_point).min() >= aq.qmin and (c + aq.zero_point).max() <= aq.qmax
+        scale = float(aq.given.split("scale=")[1].split()[0])  # as printed, 6 digits
+        v = res.tensors[n.name].dequantize()
+        mb = min(24, 30 - aq.bits)
+        assert np.all(np.abs(v - c * scale) <= np.abs(c) * scale * (2.0 ** -(mb - 1) + 1e-5)), n.name
+        seen += 1
+    assert seen > 20
+
+
 def _logit_error(path: Path, res, feeds) -> tuple[float, float, float]:
     """bbct's logits against onnxruntime's run of the same model: (max |err|, SQNR dB, the
     scale of the model's logits codes, 0.0 when the logits are not quantized)."""
@@ -479,6 +499,7 @@ def test_every_op_quantized(qdq_all):
         "attention context",
     } <= kinds
     assert "embedding partial sum" in kinds  # word + token type, summed in the graph's order
+    _check_given_values(g, res)
     why = " ".join(report["not_honoured"].values())
     assert "inside the GELU" in why
     assert len(report["not_honoured"]) == 6  # per layer the Erf, Add and Mul inside the GELU
