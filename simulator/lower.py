@@ -869,8 +869,6 @@ def _merge(e: _Emitter, n: F.MergeHeads) -> str:
     x = e.value[n.inputs[0]]
     m = e.add(ir.MergeHeads(name=r.short + ".merged", inputs=(x,)))
     _qdq.moved_codes(e, x, m, lambda name, c: ir.MergeHeads(name=name, inputs=(c,), codes=True))
-    if m in e.codes:  # the merged codes' value, exactly (no narrowing of given codes)
-        return m
     return e.requant(r.short, m, s, n.name, 3, n.name)
 
 

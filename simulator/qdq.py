@@ -157,7 +157,7 @@ def _quant_linear(e: _Emitter, n: F.QuantLinear) -> str:
     zp = int(xq.zero_point)
     key = ("affine", x, mult, shift, zp, xq.qmin, xq.qmax, s.rounding_mode)
     have = e.codes.get(x)
-    if have is not None and same_grid(have[1], xq):  # the input is these codes already
+    if have is not None and have[1].same_grid(xq):  # the input is these codes already
         e.aligned[key] = have[0]
     elif key not in e.aligned and out_bits(e.by_name.get(x)) > AFFINE_IN_BITS:  # a wide value: 31 bits first
         x = e.add(ir.Requant(name=e.unique(e.role(n).short + ".in.wide"), inputs=(x,), fmt=_fixed_fmt(31, s)))
@@ -345,13 +345,6 @@ def quantized_next(e: _Emitter, name: str) -> bool:
     )
 
 
-def same_grid(a: F.GivenQuant, b: F.GivenQuant) -> bool:
-    """Two given quantizations with equal codes for equal values (scale, zero point, range)."""
-    from bbct.simulator.frontend.patterns import _same_grid
-
-    return _same_grid(a, b)
-
-
 def given_range(g: F.GivenQuant) -> float:
     """Largest |value| the given codes represent."""
     return max(abs(g.qmin - int(g.zero_point)), abs(g.qmax - int(g.zero_point))) * float(g.scale)
@@ -419,7 +412,7 @@ def honour_output(e: _Emitter, n: F.FNode, y: str) -> str:
     already on that grid (heads split or merged, a row taken) passes them unchanged."""
     g = given_at(e, n.name)
     have = e.codes.get(y)
-    if have is not None and same_grid(have[1], g):
+    if have is not None and have[1].same_grid(g):
         return y
     r, s = e.role(n), e.settings(n)
     codes = affine(e, r.short, y, g, s)

@@ -238,6 +238,18 @@ class GivenQuant:
             np.float32
         )
 
+    def same_grid(self, other: GivenQuant | None) -> bool:
+        """Both static with equal scale, zero point and range: equal codes for equal values,
+        so quantizing one's values to the other is the identity on codes."""
+        return (
+            other is not None
+            and not self.dynamic
+            and not other.dynamic
+            and (self.qmin, self.qmax) == (other.qmin, other.qmax)
+            and np.array_equal(np.asarray(self.scale, np.float32), np.asarray(other.scale, np.float32))
+            and np.array_equal(np.asarray(self.zero_point, np.int64), np.asarray(other.zero_point, np.int64))
+        )
+
     def transposed(self) -> GivenQuant:
         """The same quantization of the transposed 2-D constant (a Gemm's ``transB``)."""
         t = (lambda v: np.asarray(v).T) if self.block_size else (lambda v: v)

@@ -238,17 +238,6 @@ def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
 MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")  # data movement: codes stay codes
 
 
-def _same_grid(a: F.GivenQuant, b: F.GivenQuant | None) -> bool:
-    return (
-        b is not None
-        and not a.dynamic
-        and not b.dynamic
-        and (a.qmin, a.qmax) == (b.qmin, b.qmax)
-        and np.array_equal(np.asarray(a.scale, np.float32), np.asarray(b.scale, np.float32))
-        and np.array_equal(np.asarray(a.zero_point, np.int64), np.asarray(b.zero_point, np.int64))
-    )
-
-
 def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
     """The tensor whose codes ``n`` requantizes unchanged: ``n`` reads data movement
     (Reshape, Transpose, ...) of a tensor already on the same grid, so Q(DQ(codes)) is the
@@ -257,13 +246,13 @@ def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
     while True:
         p = rw.prod.get(t)
         if isinstance(p, F.Embedding) and p.given is not None and not np.asarray(p.given.scale).ndim:
-            ok = _same_grid(n.given, p.given)  # a lookup of stored codes: already on the grid
+            ok = n.given.same_grid(p.given)  # a lookup of stored codes: already on the grid
             return f"{' + '.join(['Gather', *reversed(ops)])} of the stored codes of {p.table_name}" if ok else None
         if isinstance(p, F.FakeQuant):
-            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and _same_grid(n.given, p.given) else None
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and n.given.same_grid(p.given) else None
         g = rw.ctx.imp.given_acts.get(t)
         if g is not None:
-            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and _same_grid(n.given, g[0]) else None
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and n.given.same_grid(g[0]) else None
         if not (isinstance(p, F.OnnxOp) and p.op_type in MOVES and p.positions[:1] == (0,)):
             return None
         ops.append(p.op_type)
