@@ -19,6 +19,7 @@ from bbct.kernels.affine import affine_quantize, dynamic_quantize
 from bbct.kernels.align import align
 from bbct.kernels.biasadd import bias_add
 from bbct.kernels.blocks import blocks_shape
+from bbct.kernels.codetable import code_table
 from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
 from bbct.kernels.gelu import gelu_lut_counted, gelu_poly_counted
@@ -154,6 +155,11 @@ def _bias_add(n: ir.BiasAdd, x: QTensor) -> tuple[QTensor, int]:
     return QTensor(y, n.fmt, x.exp), sat
 
 
+def _code_table(n: ir.CodeTable, x: QTensor) -> tuple[QTensor, int]:
+    y, ev = code_table(x.data, n.table, n.c_lo)
+    return _wide(y, np.asarray(x.exp), n.bits), ev
+
+
 def _split(n: ir.SplitHeads, x: QTensor) -> tuple[QTensor, int]:
     b, s, h = x.data.shape
     d = h // n.num_heads
@@ -253,6 +259,7 @@ HANDLERS: dict[type, Callable[..., tuple[QTensor, int]]] = {
     ir.AffineQuantize: _affine_quantize,
     ir.RescaleChannels: _rescale_channels,
     ir.BiasAdd: _bias_add,
+    ir.CodeTable: _code_table,
     ir.DynamicQuantize: _dynamic_quantize,
     ir.SplitHeads: _split,
     ir.MergeHeads: _merge,

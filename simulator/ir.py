@@ -256,6 +256,25 @@ class BiasAdd(Node):
 
 
 @dataclass(frozen=True, eq=False)
+class CodeTable(Node):
+    """Centered given codes in, centered given codes out: ``table[c - c_lo]``
+    (:func:`bbct.kernels.codetable.code_table`), a unary region over every input code."""
+
+    table: np.ndarray | None = None
+    c_lo: int = 0
+    bits: int = 9  # signed width of the output codes
+    given: str = ""
+    op: ClassVar[str] = "code_table"
+
+    def validate(self) -> None:
+        t = self.table
+        _req(t is not None and t.ndim == 1 and t.size > 0 and t.dtype.kind == "i", self, "a 1-D integer table")
+
+    def attrs(self) -> str:
+        return f"table[{self.table.size}] from {self.c_lo} -> s{self.bits} ({self.given})"
+
+
+@dataclass(frozen=True, eq=False)
 class SplitHeads(Node):
     """(B, S, H) -> (B, heads, S, d), or (B, heads, d, S) when ``transpose`` (keys)."""
 

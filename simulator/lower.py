@@ -895,6 +895,9 @@ def _fixed_input_exp(e: _Emitter, n: F.FNode, x: str) -> int:
 def _gelu(e: _Emitter, n: F.Gelu) -> str:
     r = e.role(n)
     sg = e.settings(n)
+    have = e.codes.get(e.value[n.inputs[0]])
+    if n.table is not None and have is not None and have[1].same_grid(n.table_in):
+        return _qdq.region_codes(e, n, have[0])  # given codes in, out and inside: one table
     x = _fixed_input(e, n, e.value[n.inputs[0]], sg.gelu_in_bits)
     e_g = _fixed_input_exp(e, n, x)
     if sg.gelu_method == "poly":

@@ -356,7 +356,7 @@ def out_bits(node: ir.Node | None) -> int:
         f = getattr(node, attr, None)
         if f is not None:
             return f.bits + (0 if f.signed else 1)
-    if isinstance(node, ir.AffineQuantize):
+    if isinstance(node, (ir.AffineQuantize, ir.CodeTable)):
         return node.bits
     return int(getattr(node, "acc_bits", 62))
 
@@ -387,7 +387,7 @@ def dequantize(e: _Emitter, base: str, codes: str, g: F.GivenQuant, s: OpSetting
     multiplier ``m * 2**-k`` of ``given_mult_bits`` bits (at most ``30 - code bits``, so the
     value stays an operand of the integer adds), ``c * m`` exact at exponent ``-k``. The codes
     travel with the value (``e.codes``) for the ops that compute on codes."""
-    cb = e.by_name[codes].bits if isinstance(e.by_name[codes], ir.AffineQuantize) else out_bits(e.by_name[codes])
+    cb = out_bits(e.by_name[codes])
     mb = max(1, min(s.given_mult_bits, AFFINE_IN_BITS - 1 - cb))
     m, k = quantize_multiplier(float(g.scale), mb)
     v = e.add(
@@ -412,12 +412,39 @@ def honour_output(e: _Emitter, n: F.FNode, y: str) -> str:
     already on that grid (heads split or merged, a row taken) passes them unchanged."""
     g = given_at(e, n.name)
     have = e.codes.get(y)
-    if have is not None and have[1].same_grid(g):
+    if have is not None and have[1].same_grid(g):  # codes moved (or made by a table) on this grid
+        e.given_done[n.name] = KINDS.get(type(n), n.op)
         return y
     r, s = e.role(n), e.settings(n)
     codes = affine(e, r.short, y, g, s)
     e.given_done[n.name] = KINDS.get(type(n), n.op)
     return dequantize(e, r.short, codes, g, s, n.name)
+
+
+def region_codes(e: _Emitter, n: F.Gelu, codes: str) -> str:
+    """A unary region whose input, output and inner tensors all have given codes, as one
+    table over the input codes (``code_table``; made at import, see ``Gelu.table``): every
+    inner Q/DQ pair is honoured exactly as the model computes it."""
+    r, s = e.role(n), e.settings(n)
+    gi, go = n.table_in, given_at(e, n.name)
+    zi, zo = int(gi.zero_point), int(go.zero_point)
+    table = np.asarray(n.table, np.int64) - zo
+    bits = max(abs(go.qmin - zo), abs(go.qmax - zo)).bit_length() + 1
+    y = e.add(
+        ir.CodeTable(
+            name=r.short + ".table",
+            inputs=(codes,),
+            table=table,
+            c_lo=gi.qmin - zi,
+            bits=bits,
+            given=f"{gi.short()} -> {go.short()} from {go.source}",
+        )
+    )
+    for t, _ in inner_given(e, n):
+        e.given_done[t] = "inside the GELU (one table over the input codes)"
+    e.given_done[n.name] = KINDS[type(n)]
+    e.count(r.short + ".table", table.size, bits, 0, None)
+    return dequantize(e, r.short, y, go, s, n.name)
 
 
 def inner_given(e: _Emitter, n: F.FNode) -> list[tuple[str, F.GivenQuant]]:

@@ -363,9 +363,14 @@ class LayerNorm(FNode):
 @_register
 @dataclass(frozen=True, eq=False)
 class Gelu(FNode):
-    """GELU: ``approximate`` "none" (x * Phi(x), erf form) or "tanh"."""
+    """GELU: ``approximate`` "none" (x * Phi(x), erf form) or "tanh". ``table_in`` and
+    ``table``: when the model gives the codes of the region's input, output and inner
+    tensors, the output code ``q`` for every input code ``qmin..qmax`` of ``table_in``, the
+    region evaluated as the model computes it (lowering then looks the codes up)."""
 
     approximate: str = "none"
+    table_in: GivenQuant | None = None
+    table: np.ndarray | None = None
     op: ClassVar[str] = "gelu"
     describes: ClassVar[str] = "GELU: Erf form, tanh approximation, or the Gelu op (opset 20)"
 

@@ -14,6 +14,7 @@ embedding exports differ only in which of these patterns their graphs contain.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -275,6 +276,8 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
         if not late and given:
             others = [u for u in users if u not in given]
             if not others and n.name not in rw.outputs:
+                if not n.given.dynamic and n.inputs[0] not in rw.ctx.imp.given_acts:
+                    _give(rw, n)  # the tensor's codes too, for a table over them (a GELU's output)
                 continue  # kept: quant_linear honours it
             if others:  # e.g. a residual sum reading the quantized LayerNorm output
                 if n.given.dynamic:
@@ -592,11 +595,58 @@ def _gelu(rw: Rewriter) -> bool:
         m = _unary_region(rw, n, lambda v, a=approx: gelu_float(v, a))
         if m is not None:
             region, x, y = m
+            table_in, table = _region_table(rw, region, x, y)
             rw.replace(
-                region, F.Gelu(name=y, inputs=(x,), sources=tuple(r.sources[0] for r in region), approximate=approx)
+                region,
+                F.Gelu(
+                    name=y,
+                    inputs=(x,),
+                    sources=tuple(r.sources[0] for r in region),
+                    approximate=approx,
+                    table_in=table_in,
+                    table=table,
+                ),
             )
             return True
     return False
+
+
+REGION_OPS: dict[str, Callable[..., np.ndarray]] = {  # float32, as onnxruntime computes them
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Pow": np.power,
+    "Sqrt": np.sqrt,
+    "Tanh": np.tanh,
+    "Erf": np.vectorize(math.erf, otypes=[np.float64]),
+}
+TABLE_MAX_CODES = 1 << 16  # a region on codes of up to 16 bits becomes one table
+
+
+def _region_table(rw: Rewriter, region: list[F.FNode], x: str, y: str) -> tuple[F.GivenQuant | None, np.ndarray | None]:
+    """When the model gives the codes of ``x``, ``y`` and of every tensor inside the
+    element-wise region between them (and ``x`` has at most 2**16 codes), the output code for
+    each input code: the region evaluated in float32 on every input code's value, each inner
+    Q/DQ pair applied where the model has it. (None, None) otherwise."""
+    given = rw.ctx.imp.given_acts
+    gx, gy = (given.get(t, (None,))[0] for t in (x, y))
+    if gx is None or gy is None or gx.dynamic or gy.dynamic or gx.qmax - gx.qmin >= TABLE_MAX_CODES:
+        return None, None
+    q = np.arange(gx.qmin, gx.qmax + 1)
+    env = {x: ((q - int(gx.zero_point)).astype(np.float32) * np.float32(gx.scale)).astype(np.float32)}
+    inside = {id(r) for r in region}
+    for n in (r for r in rw.nodes if id(r) in inside):
+        k = len(n.inputs) + len(n.consts)
+        args = [n.operand(i) for i in range(k)]
+        args = [env[a] if isinstance(a, str) else np.asarray(a, np.float32) for a in args]
+        v = np.asarray(REGION_OPS[n.op_type](*args), np.float32)
+        g = given.get(n.name, (None,))[0]
+        if g is not None and n.name != y:
+            v = np.asarray(g.fake_quant(v), np.float32)
+        env[n.name] = v
+    codes = np.clip(np.rint(env[y] / np.float32(gy.scale)) + int(gy.zero_point), gy.qmin, gy.qmax)
+    return gx, codes.astype(np.int64)
 
 
 def _unary_region(rw: Rewriter, anchor: F.OnnxOp, fn: Callable[[np.ndarray], np.ndarray]) -> tuple | None:
