@@ -13,6 +13,17 @@ precision of the float32 scale itself) and a shift, once, TFLite-style; rounding
 shift is the op's ``rounding`` (default ``RND_CONV``, half to even as ``QuantizeLinear``).
 The bias is quantized at the accumulator's unit ``s_x * s_w[n]`` (float32 product, as
 onnxruntime's quantizer stores a Gemm bias), which gives back a stored int32 bias exactly.
+
+Every other given (static, per-tensor) activation pair is honoured where its tensor is
+computed (:func:`honour_output`, called by the emit loop after each rule)::
+
+    value (wide, one rounding) -affine_quantize-> c = q - zp -rescale_channels(m)-> c * m @2^-k
+
+with ``m * 2**-k ~= scale``; the codes ``c`` travel beside the value (``_Emitter.codes``) for
+the ops that compute on codes: linears, attention matmuls (exact ``MatMulInteger``),
+LayerNorm, data movement, a GELU region as one table (:func:`region_codes`). Pairs inside a
+fused node: the product before a bias (``bias_add``), scores before their scale, scores +
+mask, embedding partial sums; what stays unhonoured is reported with why (:data:`INSIDE`).
 """
 
 from __future__ import annotations

@@ -310,7 +310,11 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
     return False
 
 
-@pattern("drop_fake_quant", "a fake_quant that no linear with a quantized weight reads: bbct's config quantizes it")
+@pattern(
+    "drop_fake_quant",
+    "a fake_quant that no linear with a quantized weight reads: its given codes recorded on the tensor "
+    "(lowering quantizes that tensor to them), or exact on moved codes",
+)
 def _drop_fake_quant_early(rw: Rewriter) -> bool:
     return _drop_fake_quant(rw, late=False)
 
@@ -470,7 +474,10 @@ def _quant_linear(rw: Rewriter) -> bool:
     return False
 
 
-@pattern("drop_fake_quant_late", "a fake_quant left unfused (a scaled Gemm weight): bbct's config quantizes it")
+@pattern(
+    "drop_fake_quant_late",
+    "a fake_quant left unfused (a scaled Gemm weight): its given codes recorded on the tensor, as above",
+)
 def _drop_fake_quant_late(rw: Rewriter) -> bool:
     return _drop_fake_quant(rw, late=True)
 
