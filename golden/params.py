@@ -80,6 +80,8 @@ PORTS: dict[type, Callable[[Any, _Walk], Port]] = {
     ir.AffineQuantize: lambda n, src: Port(n.bits, True),
     ir.DynamicQuantize: lambda n, src: Port(9, True),  # q - zp with q, zp in 0..255
     ir.RescaleChannels: lambda n, src: _fmt_port(n.fmt),
+    ir.BiasAdd: lambda n, src: _fmt_port(n.fmt),
+    ir.CodeTable: lambda n, src: Port(n.bits, True),
 }
 
 
@@ -125,6 +127,10 @@ def constant_port(node: ir.Node, key: str) -> Port:
             "weight": Port(s.bits + mant + weight_guard(node), True),
             "bias": Port(node.bias_bits, True),
         }[key]
+    if isinstance(node, ir.CodeTable) and key == "table":  # centered output codes
+        return Port(node.bits, True)
+    if isinstance(node, ir.BiasAdd) and key == "bias":  # at the sum's exponent, within its width
+        return _fmt_port(node.fmt)
     if isinstance(node, ir.RescaleChannels) and key in ("multiplier", "shift"):
         return Port(31, False) if key == "multiplier" else Port(EXP_BITS, True)  # M < 2**31; shifts as exponents
     p = getattr(node, "params", None)

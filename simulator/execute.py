@@ -17,7 +17,9 @@ import numpy as np
 from bbct.kernels.add import add
 from bbct.kernels.affine import affine_quantize, dynamic_quantize
 from bbct.kernels.align import align
+from bbct.kernels.biasadd import bias_add
 from bbct.kernels.blocks import blocks_shape
+from bbct.kernels.codetable import code_table
 from bbct.kernels.embedding import embedding
 from bbct.kernels.formats import IntFormat, QTensor, expand_blocks
 from bbct.kernels.gelu import gelu_lut_counted, gelu_poly_counted
@@ -129,8 +131,10 @@ def _rescale(n: ir.Rescale, x: QTensor) -> tuple[QTensor, int]:
 
 def _affine_quantize(n: ir.AffineQuantize, x: QTensor) -> tuple[QTensor, int]:
     c, ov = affine_quantize(x.data, _exp_full(x), n.multiplier, n.shift, n.zero_point, n.qmin, n.qmax, n.rounding)
-    # one exponent (0) per row: the unit is the given scale, which the gemm needs aligned
-    return _wide(c, np.zeros(c.shape[:-1] + (1,), np.int32), n.bits), int(ov)
+    # one exponent (0) per row: the unit is the given scale, which the gemm needs aligned;
+    # attention operands (B, heads, ., .): one for all, the same along either matmul axis
+    e = np.zeros(c.shape[:-1] + (1,) if c.ndim < 4 else (1,) * c.ndim, np.int32)
+    return _wide(c, e, n.bits), int(ov)
 
 
 def _dynamic_quantize(n: ir.DynamicQuantize, x: QTensor) -> tuple[QTensor, int]:
@@ -146,6 +150,16 @@ def _rescale_channels(n: ir.RescaleChannels, x: QTensor) -> tuple[QTensor, int]:
     return _fixed(y, n.fmt, n.e_out), int(ov)
 
 
+def _bias_add(n: ir.BiasAdd, x: QTensor) -> tuple[QTensor, int]:
+    y, sat = bias_add(x.data, n.bias, n.fmt.bits, n.fmt.saturation)
+    return QTensor(y, n.fmt, x.exp), sat
+
+
+def _code_table(n: ir.CodeTable, x: QTensor) -> tuple[QTensor, int]:
+    y, ev = code_table(x.data, n.table, n.c_lo)
+    return _wide(y, np.asarray(x.exp), n.bits), ev
+
+
 def _split(n: ir.SplitHeads, x: QTensor) -> tuple[QTensor, int]:
     b, s, h = x.data.shape
     d = h // n.num_heads
@@ -154,8 +168,10 @@ def _split(n: ir.SplitHeads, x: QTensor) -> tuple[QTensor, int]:
     if e.shape[-1] != 1:
         raise ExecutionError(f"node {n.name}: heads need one exponent per row, got exp shape {e.shape}")
     e4 = e.reshape(e.shape[0], e.shape[1], 1, 1)
+    if n.codes:  # given codes: their unit is the given scale, exponent 0 everywhere
+        e4 = np.zeros((1, 1, 1, 1), np.int32)
     if n.transpose:
-        if e.shape[1] != 1:
+        if e4.shape[1] != 1:
             raise ExecutionError(f"node {n.name}: keys need one exponent per sequence, got {e.shape}")
         return _wide(np.ascontiguousarray(data.transpose(0, 2, 3, 1)), e4.transpose(0, 2, 3, 1)), 0
     return _wide(np.ascontiguousarray(data.transpose(0, 2, 1, 3)), e4.transpose(0, 2, 1, 3)), 0
@@ -166,6 +182,8 @@ def _merge(n: ir.MergeHeads, x: QTensor) -> tuple[QTensor, int]:
     data = np.ascontiguousarray(x.data.transpose(0, 2, 1, 3)).reshape(b, s, nh * d)
     e = np.asarray(x.exp)  # (B|1, nh|1, S|1, 1)
     e = e.reshape((1,) * (4 - e.ndim) + e.shape).transpose(0, 2, 1, 3)  # (B|1, S|1, nh|1, 1)
+    if n.codes:  # given codes: their unit is the given scale, exponent 0 in every row
+        return _wide(data, np.zeros((b, s, 1), np.int32)), 0
     if e.shape[2] == 1:
         return _wide(data, e[..., 0]), 0
     fmt = IntFormat(bits=x.fmt.bits, block_axis=-1, block_size=d)
@@ -240,6 +258,8 @@ HANDLERS: dict[type, Callable[..., tuple[QTensor, int]]] = {
     ir.Rescale: _rescale,
     ir.AffineQuantize: _affine_quantize,
     ir.RescaleChannels: _rescale_channels,
+    ir.BiasAdd: _bias_add,
+    ir.CodeTable: _code_table,
     ir.DynamicQuantize: _dynamic_quantize,
     ir.SplitHeads: _split,
     ir.MergeHeads: _merge,

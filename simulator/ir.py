@@ -239,22 +239,63 @@ class RescaleChannels(Node):
 
 
 @dataclass(frozen=True, eq=False)
+class BiasAdd(Node):
+    """``sat(x + bias[n])`` to ``fmt``, the bias stored at the input's fixed exponent
+    (:func:`bbct.kernels.biasadd.bias_add`): a bias added after the given codes of a product."""
+
+    bias: np.ndarray | None = None
+    fmt: IntFormat = IntFormat(bits=32)
+    op: ClassVar[str] = "bias_add"
+
+    def validate(self) -> None:
+        b = self.bias
+        _req(b is not None and b.ndim == 1 and b.dtype.kind == "i", self, "a 1-D integer bias")
+
+    def attrs(self) -> str:
+        return f"+b[{self.bias.size}] -> {self.fmt.short()}"
+
+
+@dataclass(frozen=True, eq=False)
+class CodeTable(Node):
+    """Centered given codes in, centered given codes out: ``table[c - c_lo]``
+    (:func:`bbct.kernels.codetable.code_table`), a unary region over every input code."""
+
+    table: np.ndarray | None = None
+    c_lo: int = 0
+    bits: int = 9  # signed width of the output codes
+    given: str = ""
+    op: ClassVar[str] = "code_table"
+
+    def validate(self) -> None:
+        t = self.table
+        _req(t is not None and t.ndim == 1 and t.size > 0 and t.dtype.kind == "i", self, "a 1-D integer table")
+
+    def attrs(self) -> str:
+        return f"table[{self.table.size}] from {self.c_lo} -> s{self.bits} ({self.given})"
+
+
+@dataclass(frozen=True, eq=False)
 class SplitHeads(Node):
     """(B, S, H) -> (B, heads, S, d), or (B, heads, d, S) when ``transpose`` (keys)."""
 
     num_heads: int = 1
     transpose: bool = False
+    codes: bool = False  # given codes (exponent 0 in every row): one exponent for all
     op: ClassVar[str] = "split_heads"
 
     def attrs(self) -> str:
-        return f"heads={self.num_heads}{' T' if self.transpose else ''}"
+        return f"heads={self.num_heads}{' T' if self.transpose else ''}{' codes' if self.codes else ''}"
 
 
 @dataclass(frozen=True, eq=False)
 class MergeHeads(Node):
     """(B, heads, S, d) -> (B, S, heads*d); per-head exponents stay per block."""
 
+    codes: bool = False  # given codes (exponent 0 in every row): exponent 0 per merged row
     op: ClassVar[str] = "merge_heads"
+
+    def attrs(self) -> str:
+        return "codes" if self.codes else ""
 
 
 @dataclass(frozen=True, eq=False)

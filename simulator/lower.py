@@ -25,6 +25,7 @@ The integer dataflow of one post-LayerNorm encoder layer (``act`` = block-scaled
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -258,6 +259,8 @@ class _Emitter:
         self.weights: dict[tuple, tuple[QTensor, np.ndarray, int]] = {}
         self.static_given: dict[str, str] = {}  # activations whose given static exponents are used
         self.static_notes: dict[str, str] = {}  # ... and those not used (why)
+        self.codes: dict[str, tuple[str, F.GivenQuant]] = {}  # value -> its given codes (qdq.dequantize)
+        self.given_done: dict[str, str] = {}  # given activations quantized to their codes -> what they are
         # linear -> digest of its float weight: equal digests share one stored weight
         self.weight_keys = {n.name: _weight_key(n) for n in fg.nodes if isinstance(n, F.Linear)}
         for name in fg.inputs:
@@ -373,6 +376,8 @@ class _Emitter:
         return np.asarray(exp, dtype=np.int32)
 
     def requant(self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None) -> str:
+        if _qdq.quantized_next(self, point):  # the model gives this tensor's codes: one rounding, there
+            return x
         fmt = _act_fmt(s)
         return self.add(
             ir.Requant(name=name, inputs=(x,), onnx_name=onnx, fmt=fmt, exp=self.static_exp(point, fmt, s, ndim))
@@ -409,6 +414,8 @@ class _Emitter:
             if fn is None:
                 raise LoweringError(f"node {n.name!r} ({n.op}): no integer lowering rule")
             self.value[n.name] = fn(self, n)
+            if _qdq.given_at(self, n.name) is not None:
+                self.value[n.name] = _qdq.honour_output(self, n, self.value[n.name])
         outputs = {}
         for o in self.fg.outputs:
             outputs[_output_role(self.fg, o)] = self.value[o]
@@ -422,7 +429,7 @@ class _Emitter:
             "input_ids": ids,
             "onnx_outputs": {_output_role(self.fg, o): o for o in self.fg.outputs},
             "acc_warnings": acc_warnings(self.nodes, self.fg.info.get("max_positions")),
-            "given_quantization": _qdq.given_report(self.fg, self.static_given, self.static_notes),
+            "given_quantization": _qdq.given_report(self.fg, self.static_given, self.static_notes, self.given_done),
         }
         return ir.Graph(
             nodes=tuple(self.nodes),
@@ -551,6 +558,16 @@ def _embedding(e: _Emitter, n: F.FNode) -> str:
     for k, t in enumerate(looked[1:], start=1):
         last = k == len(looked) - 1
         point = n.name if last else f"{n.name}#partial{k}"
+        given = _qdq.given_at(e, n.name if last else (n.partial_names[k - 1 : k] or ("",))[0])
+        if given is not None:  # the exact sum (31 bits over twice the given range), then the given codes
+            gfmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, sr)
+            exp = np.full((1, 1, 1), _qdq.fine_exp(gfmt.bits, 2 * _qdq.given_range(given)), np.int32)
+            total = e.add(ir.Add(name="emb.sum" if last else f"emb.sum{k}", inputs=(total, t), fmt=gfmt, exp=exp))
+            if not last:  # a partial sum's given codes, here; the last one's after the rule
+                codes = _qdq.affine(e, f"emb.sum{k}", total, given, sr)
+                e.given_done[n.partial_names[k - 1]] = "embedding partial sum"
+                total = _qdq.dequantize(e, f"emb.sum{k}", codes, given, sr, n.partial_names[k - 1])
+            continue
         total = e.add(
             ir.Add(
                 name="emb.sum" if last else f"emb.sum{k}",
@@ -643,6 +660,8 @@ def _narrow_linear(e: _Emitter, n: F.Linear, acc: str) -> str:
     """Narrow a linear's accumulator for what reads it: GELU or tanh input, model output, activation."""
     r = e.role(n)
     s = e.settings(n)
+    if _qdq.quantized_next(e, n.name):  # quantized to the given codes next, from the accumulator
+        return acc
     kind, user = _out_linear_fmt(e, n)
     ndim = e.ndim(n.name)
     if kind == "gelu":
@@ -671,6 +690,11 @@ def _residual(e: _Emitter, n: F.Add) -> str:
     s = e.settings(n)
     fmt = _act_fmt(s, s.residual_bits)
     a, b = (e.value[i] for i in n.inputs)
+    g = _qdq.given_at(e, n.name)
+    if g is not None:  # the exact sum (31 bits over twice the given range), then the given codes
+        fmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, s)
+        exp = np.full((1,) * e.ndim(n.name), _qdq.fine_exp(fmt.bits, 2 * _qdq.given_range(g)), np.int32)
+        return e.add(ir.Add(name=r.short + ".sum", inputs=(a, b), fmt=fmt, exp=exp))
     return e.add(
         ir.Add(name=r.short, inputs=(a, b), onnx_name=n.name, fmt=fmt, exp=e.static_exp(n.name, fmt, s, e.ndim(n.name)))
     )
@@ -681,8 +705,12 @@ def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
     r = e.role(n)
     s = e.settings(n)
     x = e.value[n.inputs[0]]
+    if x in e.codes:  # LayerNorm is scale-invariant: it reads the given codes themselves
+        x = e.codes[x][0]
     src = e.by_name.get(x)
-    bits = getattr(getattr(src, "fmt", None), "bits", None)
+    bits = (
+        _qdq.out_bits(src) if isinstance(src, ir.AffineQuantize) else getattr(getattr(src, "fmt", None), "bits", None)
+    )
     h = int(n.gamma.size)
     if bits is not None and 2 * (bits - 1 + s.act_guard) + h.bit_length() > 59:  # the kernel's int64 variance
         raise ConfigError(
@@ -715,14 +743,34 @@ def _split(e: _Emitter, n: F.SplitHeads) -> str:
     r = e.role(n)
     s = e.settings(n)
     rows = r.op_class == "scores" and not n.transpose  # queries: one exponent per row
-    xa = e.align(r.short.replace(".heads", ".aligned"), e.value[n.inputs[0]], s, axes=(-1,) if rows else (1, 2))
-    return e.add(ir.SplitHeads(name=r.short, inputs=(xa,), num_heads=n.num_heads, transpose=n.transpose))
+    x = e.value[n.inputs[0]]
+    xa = e.align(r.short.replace(".heads", ".aligned"), x, s, axes=(-1,) if rows else (1, 2))
+    y = e.add(ir.SplitHeads(name=r.short, inputs=(xa,), num_heads=n.num_heads, transpose=n.transpose))
+    _qdq.moved_codes(
+        e,
+        x,
+        y,
+        lambda name, c: ir.SplitHeads(name=name, inputs=(c,), num_heads=n.num_heads, transpose=n.transpose, codes=True),
+    )
+    return y
 
 
 @rule(F.Scores)
 def _scores(e: _Emitter, n: F.Scores) -> str:
     r = e.role(n)
     s = e.settings(n)
+    sm = next((u for u in e.users(n) if isinstance(u, F.Softmax)), None)
+    ssm = e.settings(sm) if sm is not None else s
+    given = _qdq.codes_matmul(e, n, *(e.value[i] for i in n.inputs), s)
+    if given is not None:  # Q and K come as given codes: their exact product, rescaled once
+        acc, unit = given
+        g = _qdq.given_at(e, n.name)
+        if g is not None:  # to the given scores' codes next: a fine fixed format first
+            bits = _qdq.AFFINE_IN_BITS
+            exp = _qdq.fine_exp(bits, 2 * _qdq.given_range(g))
+        else:
+            bits, exp = ssm.softmax_in_bits, SCORES_EXP
+        return _qdq.scores_of_codes(e, n, acc, unit, bits, exp, s)
     acc = e.add(
         ir.MatMul(
             name=r.short + ".acc",
@@ -731,8 +779,6 @@ def _scores(e: _Emitter, n: F.Scores) -> str:
             acc_saturation=s.acc_saturation_mode,
         )
     )
-    sm = next((u for u in e.users(n) if isinstance(u, F.Softmax)), None)
-    ssm = e.settings(sm) if sm is not None else s
     mult, shift = quantize_multiplier(float(n.scale))
     return e.add(
         ir.Rescale(
@@ -751,6 +797,9 @@ def _softmax(e: _Emitter, n: F.Softmax) -> str:
     r = e.role(n)
     ssm = e.settings(n)
     inputs = [e.value[n.inputs[0]]]
+    src = e.by_name.get(inputs[0])
+    if not (isinstance(src, ir.Rescale) and src.e_out == SCORES_EXP and src.fmt.bits == ssm.softmax_in_bits):
+        inputs[0] = _qdq.to_fixed(e, r.short + ".in", inputs[0], ssm.softmax_in_bits, SCORES_EXP, ssm, 4)
     if n.mask_kind != "none":
         lo = -(1 << (ssm.softmax_in_bits - 1))
         v = n.mask_value
@@ -769,10 +818,14 @@ def _softmax(e: _Emitter, n: F.Softmax) -> str:
                 )
             )
         inputs.append(e.masks[key])
+        inputs = _qdq.given_masked_scores(e, n, inputs, ssm)
+    out_bits = ssm.softmax_out_bits
+    if _qdq.given_at(e, n.name) is not None:  # probabilities to the given codes next: 16 bits first
+        out_bits = max(out_bits, 16)
     sp = make_softmax_params(
         e_in=SCORES_EXP,
         in_bits=ssm.softmax_in_bits,
-        out_bits=ssm.softmax_out_bits,
+        out_bits=out_bits,
         method=ssm.softmax_method,
         lut_addr_bits=ssm.softmax_lut_addr_bits,
     )
@@ -785,7 +838,7 @@ def _softmax(e: _Emitter, n: F.Softmax) -> str:
             params=sp,
             e_in=SCORES_EXP,
             e_out=int(sp.e_out),
-            out_fmt=_fixed_fmt(ssm.softmax_out_bits, ssm, signed=False),
+            out_fmt=_fixed_fmt(out_bits, ssm, signed=False),
         )
     )
 
@@ -794,6 +847,11 @@ def _softmax(e: _Emitter, n: F.Softmax) -> str:
 def _matmul(e: _Emitter, n: F.MatMul) -> str:
     r = e.role(n)
     s = e.settings(n)
+    given = _qdq.codes_matmul(e, n, *(e.value[i] for i in n.inputs), s)
+    if given is not None:  # P and V come as given codes: their exact product, rescaled once
+        acc, unit = given
+        bits = _qdq.AFFINE_IN_BITS
+        return _qdq.rescale_to(e, r.short, acc, unit, bits, math.floor(math.log2(unit)) - 2, s)
     return e.add(
         ir.MatMul(
             name=r.short,
@@ -808,8 +866,20 @@ def _matmul(e: _Emitter, n: F.MatMul) -> str:
 def _merge(e: _Emitter, n: F.MergeHeads) -> str:
     r = e.role(n)
     s = e.settings(n)
-    m = e.add(ir.MergeHeads(name=r.short + ".merged", inputs=(e.value[n.inputs[0]],)))
+    x = e.value[n.inputs[0]]
+    m = e.add(ir.MergeHeads(name=r.short + ".merged", inputs=(x,)))
+    _qdq.moved_codes(e, x, m, lambda name, c: ir.MergeHeads(name=name, inputs=(c,), codes=True))
     return e.requant(r.short, m, s, n.name, 3, n.name)
+
+
+def _fixed_input(e: _Emitter, n: F.FNode, x: str, bits: int) -> str:
+    """A table kernel's input: a linear's narrowed accumulator as it is, or a given tensor's
+    value at a fixed format of ``bits`` over its given range."""
+    have = e.codes.get(x)
+    if have is None:
+        return x
+    exp = _qdq.fine_exp(bits, _qdq.given_range(have[1]))
+    return _qdq.to_fixed(e, e.role(n).short + ".in", x, bits, exp, e.settings(n), e.ndim(n.inputs[0]))
 
 
 def _fixed_input_exp(e: _Emitter, n: F.FNode, x: str) -> int:
@@ -825,7 +895,10 @@ def _fixed_input_exp(e: _Emitter, n: F.FNode, x: str) -> int:
 def _gelu(e: _Emitter, n: F.Gelu) -> str:
     r = e.role(n)
     sg = e.settings(n)
-    x = e.value[n.inputs[0]]
+    have = e.codes.get(e.value[n.inputs[0]])
+    if n.table is not None and have is not None and have[1].same_grid(n.table_in):
+        return _qdq.region_codes(e, n, have[0])  # given codes in, out and inside: one table
+    x = _fixed_input(e, n, e.value[n.inputs[0]], sg.gelu_in_bits)
     e_g = _fixed_input_exp(e, n, x)
     if sg.gelu_method == "poly":
         if n.approximate == "tanh":
@@ -862,7 +935,7 @@ def _gelu(e: _Emitter, n: F.Gelu) -> str:
 def _tanh(e: _Emitter, n: F.Tanh) -> str:
     r = e.role(n)
     st = e.settings(n)
-    x = e.value[n.inputs[0]]
+    x = _fixed_input(e, n, e.value[n.inputs[0]], st.tanh_in_bits)
     e_t = _fixed_input_exp(e, n, x)
     tp = make_tanh_lut(e_in=e_t, in_bits=st.tanh_in_bits, addr_bits=st.tanh_lut_addr_bits, out_bits=st.tanh_out_bits)
     return e.add(
@@ -891,7 +964,10 @@ def _relu(e: _Emitter, n: F.Relu) -> str:
 @rule(F.TakeRow)
 def _take_row(e: _Emitter, n: F.TakeRow) -> str:
     r = e.role(n)
-    return e.add(ir.TakeRow(name=r.short, inputs=(e.value[n.inputs[0]],), onnx_name=n.name, index=n.index))
+    x = e.value[n.inputs[0]]
+    y = e.add(ir.TakeRow(name=r.short, inputs=(x,), onnx_name=n.name, index=n.index))
+    _qdq.moved_codes(e, x, y, lambda name, c: ir.TakeRow(name=name, inputs=(c,), index=n.index))
+    return y
 
 
 @rule(F.MeanPool)

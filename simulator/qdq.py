@@ -13,6 +13,17 @@ precision of the float32 scale itself) and a shift, once, TFLite-style; rounding
 shift is the op's ``rounding`` (default ``RND_CONV``, half to even as ``QuantizeLinear``).
 The bias is quantized at the accumulator's unit ``s_x * s_w[n]`` (float32 product, as
 onnxruntime's quantizer stores a Gemm bias), which gives back a stored int32 bias exactly.
+
+Every other given (static, per-tensor) activation pair is honoured where its tensor is
+computed (:func:`honour_output`, called by the emit loop after each rule)::
+
+    value (wide, one rounding) -affine_quantize-> c = q - zp -rescale_channels(m)-> c * m @2^-k
+
+with ``m * 2**-k ~= scale``; the codes ``c`` travel beside the value (``_Emitter.codes``) for
+the ops that compute on codes: linears, attention matmuls (exact ``MatMulInteger``),
+LayerNorm, data movement, a GELU region as one table (:func:`region_codes`). Pairs inside a
+fused node: the product before a bias (``bias_add``), scores before their scale, scores +
+mask, embedding partial sums; what stays unhonoured is reported with why (:data:`INSIDE`).
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from bbct.simulator import ir
 from bbct.simulator.config import OpSettings
 from bbct.simulator.errors import ConfigError
 from bbct.simulator.frontend import fgraph as F
-from bbct.simulator.lower import _Emitter, _fixed_exp_for_range, _fixed_fmt, _narrow_linear, rule
+from bbct.simulator.lower import SCORES_EXP, _Emitter, _fixed_exp_for_range, _fixed_fmt, _narrow_linear, rule
 
 RESCALE_EXTRA_BITS = 2  # the rescaled accumulator keeps 2 bits below its finest channel unit
 
@@ -156,6 +167,11 @@ def _quant_linear(e: _Emitter, n: F.QuantLinear) -> str:
     mult, shift = quantize_multiplier(1.0 / float(xq.scale), s.given_mult_bits)
     zp = int(xq.zero_point)
     key = ("affine", x, mult, shift, zp, xq.qmin, xq.qmax, s.rounding_mode)
+    have = e.codes.get(x)
+    if have is not None and have[1].same_grid(xq):  # the input is these codes already
+        e.aligned[key] = have[0]
+    elif key not in e.aligned and out_bits(e.by_name.get(x)) > AFFINE_IN_BITS:  # a wide value: 31 bits first
+        x = e.add(ir.Requant(name=e.unique(e.role(n).short + ".in.wide"), inputs=(x,), fmt=_fixed_fmt(31, s)))
     xa = _input_quantizer(
         e,
         n,
@@ -174,6 +190,9 @@ def _quant_linear(e: _Emitter, n: F.QuantLinear) -> str:
     )
     w = centered_weight(wq)
     unit = channel_scales(n)
+    cx = max(abs(xq.qmin - zp), abs(xq.qmax - zp))
+    if n.mid_given is not None and n.bias is not None:
+        return _product_then_bias(e, n, xa, w, unit, cx)
     bias = None
     if n.bias is not None:
         bias = np.rint(np.asarray(n.bias, np.float64) / unit).astype(np.int64)
@@ -184,8 +203,34 @@ def _quant_linear(e: _Emitter, n: F.QuantLinear) -> str:
             )
     if bias is not None:
         e.count(r.short + ".bias", bias.size, s.bias_bits, 0, None)
-    cx = max(abs(xq.qmin - zp), abs(xq.qmax - zp))
     return _gemm_rescale(e, n, xa, w, (bias, 0), unit, cx, relative=False)
+
+
+BIAS_ADD_BITS = 48  # the product's value (at most 30 bits) plus a bias at its exponent
+
+
+def _product_then_bias(e: _Emitter, n: F.QuantLinear, xa: str, w: np.ndarray, unit: np.ndarray, cx: int) -> str:
+    """``DQ(Q(x @ W)) + b``: the exact GEMM without bias, rescaled and quantized to the
+    product's given codes, their value at exponent ``-k`` (``dequantize``), then the float
+    bias brought to that exponent once here, ``round(b * 2**k)`` half to even, and added
+    (``bias_add``); the sum is narrowed like any linear's accumulator."""
+    r, s, g = e.role(n), e.settings(n), n.mid_given
+    y = _gemm_rescale(e, n, xa, w, (None, 0), unit, cx, relative=False, narrow=False)
+    codes = affine(e, r.short + ".xw", y, g, s)
+    for t, (gt, producer) in (e.fg.info.get("given_activations") or {}).items():
+        if gt is g and producer in n.sources:
+            e.given_done[t] = "product before the bias"
+    v = dequantize(e, r.short + ".xw", codes, g, s, None)
+    k = -int(e.by_name[v].e_out)
+    bias = np.rint(np.ldexp(np.asarray(n.bias, np.float64), k)).astype(np.int64)
+    if bias.size and int(np.abs(bias).max()) >= 1 << (BIAS_ADD_BITS - 2):
+        raise ConfigError(
+            f"node {r.short}: bias {float(np.abs(n.bias).max()):.6g} at 2**{-k} needs more than "
+            f"{BIAS_ADD_BITS - 2} bits"
+        )
+    e.count(r.short + ".bias", bias.size, BIAS_ADD_BITS, 0, None)
+    yb = e.add(ir.BiasAdd(name=r.short + ".biased", inputs=(v,), bias=bias, fmt=_fixed_fmt(BIAS_ADD_BITS, s)))
+    return _narrow_linear(e, n, yb)
 
 
 def _input_quantizer(e: _Emitter, n: F.QuantLinear, key: tuple, make: Callable[[str], ir.Node]) -> str:
@@ -235,6 +280,7 @@ def _gemm_rescale(
     unit: np.ndarray,
     cx: int,
     relative: bool,
+    narrow: bool = True,
 ) -> str:
     """The exact integer GEMM of centered codes (``|x| <= cx``), then the accumulator, in
     units of ``unit[n]`` (times ``2**k`` at run time when ``relative``), brought to a
@@ -278,7 +324,232 @@ def _gemm_rescale(
             fmt=_fixed_fmt(min(62, max(s.acc_bits, out_bits)), s),
         )
     )
-    return _narrow_linear(e, n, y)
+    return _narrow_linear(e, n, y) if narrow else y
+
+
+# -- given activations: a Q/DQ pair honoured where its tensor is computed --------------------------
+AFFINE_IN_BITS = 31  # affine_quantize reads |x| < 2**31: a wider value is first narrowed to 31 bits
+
+
+def given_at(e: _Emitter, name: str) -> F.GivenQuant | None:
+    """The given (static, per-tensor) quantization of float tensor ``name``, or None."""
+    g = (e.fg.info.get("given_activations") or {}).get(name)
+    return None if g is None or g[0].dynamic else g[0]
+
+
+def quantized_next(e: _Emitter, name: str) -> bool:
+    """Float tensor ``name`` is quantized to given codes next: its own given quantization, or
+    every reader is a linear that quantizes its input to given codes, or data movement whose
+    output is quantized next. Its producer then skips its own narrowing, so that the given
+    codes come from one rounding of the wide value, as ``QuantizeLinear`` rounds a float."""
+    if given_at(e, name) is not None:
+        return True
+    users = e.cons.get(name, [])
+    return (
+        bool(users)
+        and name not in e.fg.outputs
+        and all(
+            (isinstance(u, F.QuantLinear) and not u.x_quant.dynamic)
+            or (isinstance(u, (F.SplitHeads, F.MergeHeads, F.TakeRow)) and quantized_next(e, u.name))
+            for u in users
+        )
+    )
+
+
+def given_range(g: F.GivenQuant) -> float:
+    """Largest |value| the given codes represent."""
+    return max(abs(g.qmin - int(g.zero_point)), abs(g.qmax - int(g.zero_point))) * float(g.scale)
+
+
+def out_bits(node: ir.Node | None) -> int:
+    """Signed width of an integer node's output (62 when unknown)."""
+    for attr in ("fmt", "out_fmt"):
+        f = getattr(node, attr, None)
+        if f is not None:
+            return f.bits + (0 if f.signed else 1)
+    if isinstance(node, (ir.AffineQuantize, ir.CodeTable)):
+        return node.bits
+    return int(getattr(node, "acc_bits", 62))
+
+
+def affine(e: _Emitter, base: str, x: str, g: F.GivenQuant, s: OpSettings) -> str:
+    """``x`` quantized to the given codes (centered ``q - zp``, exponent 0, unit the given
+    scale): ``affine_quantize`` with ``1 / scale`` as a ``given_mult_bits`` multiplier."""
+    if out_bits(e.by_name.get(x)) > AFFINE_IN_BITS:  # one rounding 2**-30 below the value's range
+        x = e.add(ir.Requant(name=e.unique(base + ".wide"), inputs=(x,), fmt=_fixed_fmt(AFFINE_IN_BITS, s)))
+    mult, shift = quantize_multiplier(1.0 / float(g.scale), s.given_mult_bits)
+    return e.add(
+        ir.AffineQuantize(
+            name=e.unique(base + ".q"),
+            inputs=(x,),
+            multiplier=mult,
+            shift=shift,
+            zero_point=int(g.zero_point),
+            qmin=g.qmin,
+            qmax=g.qmax,
+            rounding=s.rounding_mode,
+            given=f"{g.short()} from {g.source}",
+        )
+    )
+
+
+def dequantize(e: _Emitter, base: str, codes: str, g: F.GivenQuant, s: OpSettings, onnx: str | None) -> str:
+    """The value of centered codes, ``c * scale``, as a fixed-point tensor: ``scale`` as a
+    multiplier ``m * 2**-k`` of ``given_mult_bits`` bits (at most ``30 - code bits``, so the
+    value stays an operand of the integer adds), ``c * m`` exact at exponent ``-k``. The codes
+    travel with the value (``e.codes``) for the ops that compute on codes."""
+    cb = out_bits(e.by_name[codes])
+    mb = max(1, min(s.given_mult_bits, AFFINE_IN_BITS - 1 - cb))
+    m, k = quantize_multiplier(float(g.scale), mb)
+    v = e.add(
+        ir.RescaleChannels(
+            name=e.unique(base + ".dq"),
+            inputs=(codes,),
+            onnx_name=onnx,
+            multiplier=np.array([m], np.int64),
+            shift=np.array([k], np.int64),
+            e_out=-k,
+            fmt=_fixed_fmt(cb + mb, s),
+        )
+    )
+    e.codes[v] = (codes, g)
+    return v
+
+
+def honour_output(e: _Emitter, n: F.FNode, y: str) -> str:
+    """Node ``n``'s value ``y`` quantized to the codes its model gives its output tensor: the
+    one rounding to the given grid (the rules skip their own narrowing for such outputs, see
+    ``_Emitter.requant``); downstream reads the codes' exact value. Data movement of codes
+    already on that grid (heads split or merged, a row taken) passes them unchanged."""
+    g = given_at(e, n.name)
+    have = e.codes.get(y)
+    if have is not None and have[1].same_grid(g):  # codes moved (or made by a table) on this grid
+        e.given_done[n.name] = KINDS.get(type(n), n.op)
+        return y
+    r, s = e.role(n), e.settings(n)
+    codes = affine(e, r.short, y, g, s)
+    e.given_done[n.name] = KINDS.get(type(n), n.op)
+    return dequantize(e, r.short, codes, g, s, n.name)
+
+
+def region_codes(e: _Emitter, n: F.Gelu, codes: str) -> str:
+    """A unary region whose input, output and inner tensors all have given codes, as one
+    table over the input codes (``code_table``; made at import, see ``Gelu.table``): every
+    inner Q/DQ pair is honoured exactly as the model computes it."""
+    r, s = e.role(n), e.settings(n)
+    gi, go = n.table_in, given_at(e, n.name)
+    zi, zo = int(gi.zero_point), int(go.zero_point)
+    table = np.asarray(n.table, np.int64) - zo
+    bits = max(abs(go.qmin - zo), abs(go.qmax - zo)).bit_length() + 1
+    y = e.add(
+        ir.CodeTable(
+            name=r.short + ".table",
+            inputs=(codes,),
+            table=table,
+            c_lo=gi.qmin - zi,
+            bits=bits,
+            given=f"{gi.short()} -> {go.short()} from {go.source}",
+        )
+    )
+    for t, _ in inner_given(e, n):
+        e.given_done[t] = "inside the GELU (one table over the input codes)"
+    e.given_done[n.name] = KINDS[type(n)]
+    e.count(r.short + ".table", table.size, bits, 0, None)
+    return dequantize(e, r.short, y, go, s, n.name)
+
+
+def inner_given(e: _Emitter, n: F.FNode) -> list[tuple[str, F.GivenQuant]]:
+    """Given (static) quantizations of tensors inside fused node ``n`` (computed by one of
+    the ONNX nodes it stands for, other than its output)."""
+    return [
+        (t, g)
+        for t, (g, producer) in (e.fg.info.get("given_activations") or {}).items()
+        if producer in n.sources and t != n.name and not g.dynamic
+    ]
+
+
+def scores_of_codes(e: _Emitter, n: F.Scores, acc: str, unit: float, bits: int, exp: int, s: OpSettings) -> str:
+    """Scores from the exact product of Q and K codes (``acc`` in units of ``unit``): when the
+    model gives the product's codes before the scale (a Q/DQ pair between the MatMul and
+    its Mul), it is quantized to them first; then one rescale by every scale to ``exp``."""
+    r = e.role(n)
+    inner = inner_given(e, n)
+    if len(inner) == 1:
+        t, g = inner[0]
+        fine = rescale_to(
+            e, r.short + ".qk", acc, unit, AFFINE_IN_BITS, fine_exp(AFFINE_IN_BITS, 2 * given_range(g)), s
+        )
+        acc, unit = affine(e, r.short + ".qk", fine, g, s), float(np.float32(g.scale))
+        e.given_done[t] = "attention scores before the scale"
+    return rescale_to(e, r.short, acc, unit * float(n.scale), bits, exp, s)
+
+
+def given_masked_scores(e: _Emitter, n: F.Softmax, inputs: list[str], s: OpSettings) -> list[str]:
+    """Softmax inputs ``[scores, mask]``; when the model gives the codes of scores + mask (a
+    Q/DQ pair on the Add that ``softmax`` fused), the unmasked scores are quantized to them
+    (a mask element adds 0 there) and the mask stays the softmax's: a masked element's given
+    code is the range's floor, ``exp()`` of which onnxruntime takes as 0 when the mask is the
+    usual large negative number (asserted at import: at most -1e3)."""
+    inner = inner_given(e, n)
+    if len(inner) != 1:
+        return inputs
+    t, g = inner[0]
+    base = e.role(n).short + ".masked"
+    codes = affine(e, base, inputs[0], g, s)
+    e.given_done[t] = "attention scores + mask"
+    v = dequantize(e, base, codes, g, s, None)
+    return [to_fixed(e, base, v, s.softmax_in_bits, SCORES_EXP, s, 4), *inputs[1:]]
+
+
+def to_fixed(e: _Emitter, base: str, x: str, bits: int, exp: int, s: OpSettings, ndim: int) -> str:
+    """A value (a dequantized given tensor) narrowed to a fixed format at exponent ``exp``,
+    as a table kernel (softmax, GELU, tanh) reads its input."""
+    return e.add(
+        ir.Requant(
+            name=e.unique(base + ".fixed"),
+            inputs=(x,),
+            fmt=_fixed_fmt(bits, s),
+            exp=np.full((1,) * ndim, exp, np.int32),
+        )
+    )
+
+
+def moved_codes(e: _Emitter, x: str, y: str, make: Callable[[str, str], ir.Node]) -> None:
+    """Data movement ``make(name, input)`` of value ``x`` into ``y``: the same movement of
+    ``x``'s codes, so ``y`` carries codes too."""
+    have = e.codes.get(x)
+    if have is not None:
+        e.codes[y] = (e.add(make(e.unique(y + ".codes"), have[0])), have[1])
+
+
+def codes_matmul(e: _Emitter, n: F.FNode, a: str, b: str, s: OpSettings) -> tuple[str, float] | None:
+    """``a @ b`` of two values that carry given codes: the exact integer product of the
+    centered codes (``MatMulInteger`` of the same codes) and its unit ``s_a * s_b``; None when
+    either operand has no codes."""
+    ca, cb = e.codes.get(a), e.codes.get(b)
+    if ca is None or cb is None:
+        return None
+    r = e.role(n)
+    acc = e.add(
+        ir.MatMul(
+            name=e.unique(r.short + ".codes.acc"),
+            inputs=(ca[0], cb[0]),
+            acc_bits=s.acc_bits,
+            acc_saturation=s.acc_saturation_mode,
+        )
+    )
+    return acc, float(np.float32(ca[1].scale)) * float(np.float32(cb[1].scale))
+
+
+def rescale_to(e: _Emitter, name: str, acc: str, unit: float, bits: int, exp: int, s: OpSettings) -> str:
+    """An accumulator in units of ``unit`` to a fixed format at exponent ``exp``."""
+    mult, shift = quantize_multiplier(unit, s.given_mult_bits)
+    return e.add(ir.Rescale(name=name, inputs=(acc,), multiplier=mult, shift=shift, e_out=exp, fmt=_fixed_fmt(bits, s)))
+
+
+def fine_exp(bits: int, amax: float) -> int:
+    """The exponent of a ``bits``-wide fixed format holding ``|x| <= amax``."""
+    return _fixed_exp_for_range(bits, max(amax, 2.0**-60))
 
 
 def given_static_exp(given: dict, fmt: IntFormat, s: OpSettings) -> np.ndarray | None:
@@ -293,11 +564,46 @@ def given_static_exp(given: dict, fmt: IntFormat, s: OpSettings) -> np.ndarray |
     return blocks.astype(np.int32)
 
 
+KINDS = {  # what a given activation is, by the float node that computes it
+    F.Linear: "linear output",
+    F.QuantLinear: "linear output",
+    F.Add: "residual sum",
+    F.LayerNorm: "LayerNorm output",
+    F.Gelu: "GELU output",
+    F.Tanh: "tanh output",
+    F.Relu: "ReLU output",
+    F.Scores: "attention scores",
+    F.Softmax: "attention probabilities",
+    F.MatMul: "attention context",
+    F.MergeHeads: "merged heads",
+    F.SplitHeads: "attention heads",
+    F.EmbeddingSum: "embedding sum",
+    F.Embedding: "embedding lookup",
+    F.TakeRow: "first row",
+    F.MeanPool: "mean pool",
+    F.L2Normalize: "L2 normalization",
+}
+INSIDE = {  # why a given quantization inside a fused node is not honoured
+    F.Linear: "the MatMul output before the bias: bbct adds the bias in the exact accumulator and rounds once, "
+    "at the linear's output",
+    F.QuantLinear: "the MatMul output before the bias: bbct adds the bias in the exact accumulator and rounds "
+    "once, at the linear's output",
+    F.Gelu: "inside the GELU: bbct's GELU kernel computes x * Phi(x) in one piece from its input",
+    F.Scores: "inside the scaled scores: bbct rescales the exact product Q.K^T once by every scale",
+    F.Softmax: "inside the softmax",
+    F.EmbeddingSum: "a partial sum of the embedding lookups: bbct adds the stored codes exactly and rounds once",
+    F.LayerNorm: "inside the LayerNorm",
+}
+
+
 def given_report(
-    fg: F.FGraph, static: dict[str, str] | None = None, static_notes: dict[str, str] | None = None
+    fg: F.FGraph,
+    static: dict[str, str] | None = None,
+    static_notes: dict[str, str] | None = None,
+    done: dict[str, str] | None = None,
 ) -> dict[str, object]:
     """Which tensors' quantization the model gave (and bbct honours), and which it did not."""
-    honoured, weights = {}, {}
+    honoured, weights, acts = {}, {}, {}
     for n in fg.nodes:
         if isinstance(n, F.QuantLinear):
             honoured[n.name] = f"input {n.x_quant.short()}, weight {n.w_quant.short()}"
@@ -309,7 +615,26 @@ def given_report(
         for name, g in given:
             if g is not None:
                 weights[name] = f"{g.short()} from {g.source}: codes and scales as stored"
-    out = {"honoured": honoured, "not_honoured": {**(fg.info.get("quant_not_honoured") or {}), **(static_notes or {})}}
+    not_honoured = dict(fg.info.get("quant_not_honoured") or {})
+    prod = fg.producers()
+    for t, (g, producer) in (fg.info.get("given_activations") or {}).items():
+        where = prod.get(t)
+        holder = where or next((f for f in fg.nodes if producer in f.sources), None)
+        if done is not None and t in done:
+            acts[t] = f"{done[t]}: {g.short()} from {g.source}"
+        elif done is not None or where is None:
+            why = INSIDE.get(type(holder), f"inside {holder.op}" if holder is not None else "removed by a rewrite")
+            if g.dynamic:
+                why = "a run-time float scale (DynamicQuantizeLinear): no integer-only equivalent"
+            elif where is not None:
+                why = "not reached by the lowering"
+            not_honoured[t] = f"{g.short()} from {g.source}: {why}"
+    exact = dict(fg.info.get("given_exact") or {})
+    out = {"honoured": honoured, "not_honoured": {**not_honoured, **(static_notes or {})}}
+    if acts:
+        out["activations"] = acts
+    if exact:
+        out["exact"] = exact
     if weights:
         out["weights"] = weights
     if static:
@@ -323,13 +648,21 @@ def format_given(info: dict) -> str:
     g = info.get("given_quantization") or {}
     honoured, other = g.get("honoured", {}), g.get("not_honoured", {})
     weights, static = g.get("weights", {}), g.get("static_exponents", {})
-    if not honoured and not other and not weights and not static:
+    acts, exact = g.get("activations", {}), g.get("exact", {})
+    if not honoured and not other and not weights and not static and not acts:
         return ""
-    parts = [f"{len(honoured)} linear layers"] if honoured or not (weights or static) else []
+    parts = [f"{len(honoured)} linear layers"] if honoured or not (weights or static or acts) else []
+    if acts:
+        kinds: dict[str, int] = {}
+        for v in acts.values():
+            k = v.split(":", 1)[0]
+            kinds[k] = kinds.get(k, 0) + 1
+        parts.append(f"{len(acts)} activations: " + ", ".join(f"{c} {k}" for k, c in kinds.items()))
+    parts += [f"{len(exact)} exact data movements"] if exact else []
     parts += [f"{len(weights)} stored weights"] if weights else []
     parts += [f"{len(static)} static activation exponents"] if static else []
-    lines = [f"given quantization honoured ({', '.join(parts)}; every other tensor: bbct's config):"]
-    lines += [f"  {k}: {v}" for d in (honoured, weights, static) for k, v in d.items()]
+    lines = [f"given quantization honoured ({'; '.join(parts)}; every other tensor: bbct's config):"]
+    lines += [f"  {k}: {v}" for d in (honoured, acts, exact, weights, static) for k, v in d.items()]
     if other:
         lines.append(f"given quantization not honoured ({len(other)} tensors, bbct's config instead):")
         lines += [f"  {k}: {v}" for k, v in other.items()]

@@ -32,6 +32,7 @@ from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.frontend.interp import run_float
 from bbct.simulator.frontend.onnx_in import given_quant, load_graph
 from bbct.simulator.lower import lower
+from bbct.simulator.qdq import centered_weight
 
 LINEARS = 14  # 2 layers x (q, k, v, attention output, ffn1, ffn2) + pooler + classifier
 TOL = 0.003  # logits vs onnxruntime's run of the quantized model (see test_end_to_end_against_onnxruntime)
@@ -92,7 +93,7 @@ def quantize_tiny(src: Path, out: Path, per_channel: bool, act: str = "QUInt8", 
         per_channel=per_channel,
         activation_type=getattr(QuantType, act),
         weight_type=kw.pop("weight_type", QuantType.QInt8),
-        op_types_to_quantize=["MatMul", "Gemm"],
+        op_types_to_quantize=kw.pop("op_types", ["MatMul", "Gemm"]),
         **kw,
     )
     shutil.copy(src.parent / "tokenizer.json", out.parent / "tokenizer.json")
@@ -142,18 +143,21 @@ def _traced(path: Path, config: Config | None = None):
 
 
 def _matmul_integer(a: np.ndarray, b: np.ndarray, za: np.ndarray, zb: np.ndarray) -> np.ndarray:
-    """onnxruntime's MatMulInteger (uint8 x uint8, zero points) in a one-node model.
+    """onnxruntime's MatMulInteger (uint8 x uint8, zero points) in a one-node model; batched
+    operands (attention heads) broadcast as in MatMul.
 
-    ``a`` uint8 or int8; ``b`` int8.
+    ``a`` and ``b`` uint8 or int8 codes with their zero points. int8 operands are fed as
+    ``code + 128`` with zero point ``zp + 128``: the same integer products. onnxruntime's
+    uint8 x int8 path on AVX2 without VNNI adds pairs of products in saturating int16 (its
+    quantizer's ``reduce_range`` option exists for this), so it is not an exact oracle for
+    full-range codes; its uint8 x uint8 path widens first and is exact."""
 
-    int8 weight codes are fed as ``code + 128`` with zero point ``zp + 128``: the same integer
-    products. onnxruntime's uint8 x int8 path on AVX2 without VNNI adds pairs of products in
-    saturating int16 (its quantizer's ``reduce_range`` option exists for this), so it is not an
-    exact oracle for full-range codes; its uint8 x uint8 path widens first and is exact."""
-    b = (b.astype(np.int16) + 128).astype(np.uint8)
-    zb = (zb.astype(np.int16) + 128).astype(np.uint8)
-    if a.dtype == np.int8:  # int8 activations (QOperator's default): the same shift
-        a, za = (a.astype(np.int16) + 128).astype(np.uint8), np.array(int(za) + 128, np.uint8)
+    def u8(x, z):
+        if x.dtype == np.int8:
+            return (x.astype(np.int16) + 128).astype(np.uint8), np.array(int(np.asarray(z).ravel()[0]) + 128, np.uint8)
+        return x, np.array(int(np.asarray(z).ravel()[0]), np.uint8)
+
+    (a, za), (b, zb) = u8(a, za), u8(b, zb)
     node = helper.make_node("MatMulInteger", ["a", "b", "za", "zb"], ["y"])
     graph = helper.make_graph(
         [node],
@@ -173,8 +177,11 @@ def _matmul_integer(a: np.ndarray, b: np.ndarray, za: np.ndarray, zb: np.ndarray
 def test_every_integer_gemm_is_matmulinteger(qdq_model):
     """Each GEMM of a given-quantization linear, minus its bias, is bit-equal to
     onnxruntime's MatMulInteger of the same uint8 input codes and int8 weight codes (and to
-    NumPy's int64 product)."""
-    _check_gemms(*_traced(qdq_model))
+    NumPy's int64 product); so are the attention matmuls (Q K^T and P V per layer), whose
+    operands the quantizer gives too."""
+    fg, g, feeds, res = _traced(qdq_model)
+    _check_gemms(fg, g, feeds, res)
+    _check_attention_gemms(g, res, expect=4)
 
 
 def test_int4_weights(tiny_bert_onnx, tmp_path):
@@ -187,36 +194,111 @@ def test_int4_weights(tiny_bert_onnx, tmp_path):
     ql = [n for n in fg.nodes if isinstance(n, F.QuantLinear)]
     assert len(ql) == LINEARS and all(n.w_quant.qmin == -8 and n.w_quant.codes.max() <= 7 for n in ql)
     _check_gemms(fg, g, feeds, res)
-    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
-    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
+    _check_attention_gemms(g, res, expect=4)
+    err, sqnr, scale = _logit_error(path, res, feeds)  # measured: every code equal (1.9e-9, 148 dB)
+    assert err <= 2 * scale and sqnr > 40, (err, sqnr)
+
+
+def _codes_source(by_name: dict, name: str) -> ir.Node | None:
+    """The node making the codes tensor ``name`` holds: an affine or dynamic quantize node or
+    a table over given codes, possibly through data movement of codes (heads, a row)."""
+    n = by_name.get(name)
+    while isinstance(n, (ir.MergeHeads, ir.SplitHeads, ir.TakeRow)):
+        n = by_name.get(n.inputs[0])
+    return n if isinstance(n, (ir.AffineQuantize, ir.DynamicQuantize, ir.CodeTable)) else None
 
 
 def _check_gemms(fg: F.FGraph, g: ir.Graph, feeds: dict, res, dynamic: bool = False) -> None:
+    """Every linear GEMM reading given codes is bit-equal to MatMulInteger of those codes."""
     by_name = {n.name: n for n in g.nodes}
-    quantizers = (ir.DynamicQuantize,) if dynamic else (ir.AffineQuantize,)
+    quantizers = (ir.DynamicQuantize,) if dynamic else (ir.AffineQuantize, ir.CodeTable)
+    qls = [f for f in fg.nodes if isinstance(f, F.QuantLinear)]
     checked = 0
     for n in g.nodes:
-        if not isinstance(n, ir.Linear) or not isinstance(by_name.get(n.inputs[0]), quantizers):
+        aq = _codes_source(by_name, n.inputs[0]) if isinstance(n, ir.Linear) else None
+        if not isinstance(aq, quantizers):
             continue
-        aq = by_name[n.inputs[0]]
-        c = res.tensors[aq.name].data
+        c = res.tensors[n.inputs[0]].data
+        fnode = next(f for f in qls if np.array_equal(centered_weight(f.w_quant), n.weight))
         if dynamic:  # the run-time zero point, from the kernel on the traced input
             x = res.tensors[aq.inputs[0]]
             zp = dynamic_quantize(x.data, _exp_full(x), aq.rounding)[2]
-        else:
-            zp = aq.zero_point
-        a = (c + zp).astype(np.int8 if getattr(aq, "qmin", 0) < 0 else np.uint8)
-        fnode = next(f for f in fg.nodes if isinstance(f, F.QuantLinear) and n.name == _short(g, f))
+        else:  # codes on the linear's given input grid
+            zp = int(fnode.x_quant.zero_point)
+        a = (c + zp).astype(np.int8 if fnode.x_quant.qmin < 0 else np.uint8)
         zw = np.asarray(fnode.w_quant.zero_point).astype(np.int8)
+        if zw.ndim:  # per-channel weight zero points (all 0 for onnxruntime's symmetric weights)
+            assert not zw.any()
+            zw = np.int8(0)
         b = fnode.w_quant.codes.astype(np.int8)
-        want = _matmul_integer(a, b, np.array(zp, a.dtype), zw)
+        want = _matmul_integer(a, b, np.array(zp), np.array(zw))
         acc = res.tensors[n.name].data
         if n.bias is not None:  # the bias as the GEMM aligned it (contract of kernels/gemm.py)
             acc = acc - _aligned_bias(n, res.tensors[n.name].exp)
         assert_bit_equal(acc, want.astype(np.int64))
         assert_bit_equal(acc, (a.astype(np.int64) - zp) @ n.weight)
         checked += 1
-    assert checked == sum(isinstance(f, F.QuantLinear) for f in fg.nodes)
+    assert checked == len(qls)
+
+
+def _check_attention_gemms(g: ir.Graph, res, expect: int) -> None:
+    """Every attention matmul of given codes (Q K^T, P V) is bit-equal to onnxruntime's
+    batched MatMulInteger of the same codes with their zero points."""
+    by_name = {n.name: n for n in g.nodes}
+    checked = 0
+    for n in g.nodes:
+        if not isinstance(n, ir.MatMul):
+            continue
+        srcs = [_codes_source(by_name, i) for i in n.inputs]
+        if not all(isinstance(q, ir.AffineQuantize) for q in srcs):
+            continue
+        ops = []
+        for i, q in zip(n.inputs, srcs, strict=True):
+            c = res.tensors[i].data
+            ops.append(((c + q.zero_point).astype(np.int8 if q.qmin < 0 else np.uint8), np.array(q.zero_point)))
+        (a, za), (b, zb) = ops
+        want = _matmul_integer(a, b, za, zb).astype(np.int64)
+        assert_bit_equal(res.tensors[n.name].data, want)
+        assert_bit_equal(
+            res.tensors[n.name].data, res.tensors[n.inputs[0]].data.astype(np.int64) @ res.tensors[n.inputs[1]].data
+        )
+        checked += 1
+    assert checked == expect, checked
+
+
+def _check_given_values(g: ir.Graph, res) -> None:
+    """What reads a given tensor sees its codes' value: ``c * scale`` with the scale as a
+    multiplier of ``b`` bits (``b = min(24, 30 - code bits)``), so within ``2**-(b-1)`` of
+    it relative; and every code is inside the given range (saturated at qmin/qmax)."""
+    by_name = {n.name: n for n in g.nodes}
+    seen = 0
+    for n in g.nodes:
+        if not (isinstance(n, ir.RescaleChannels) and isinstance(by_name.get(n.inputs[0]), ir.AffineQuantize)):
+            continue
+        aq = by_name[n.inputs[0]]
+        c = res.tensors[aq.name].data
+        assert (c + aq.zero_point).min() >= aq.qmin and (c + aq.zero_point).max() <= aq.qmax
+        scale = float(aq.given.split("scale=")[1].split()[0])  # as printed, 6 digits
+        v = res.tensors[n.name].dequantize()
+        mb = min(24, 30 - aq.bits)
+        assert np.all(np.abs(v - c * scale) <= np.abs(c) * scale * (2.0 ** -(mb - 1) + 1e-5)), n.name
+        seen += 1
+    assert seen > 20
+
+
+def _logit_error(path: Path, res, feeds) -> tuple[float, float, float]:
+    """bbct's logits against onnxruntime's run of the same model: (max |err|, SQNR dB, the
+    scale of the model's logits codes, 0.0 when the logits are not quantized)."""
+    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
+    err = res.outputs["logits"].dequantize() - want
+    sqnr = 10 * np.log10((want**2).sum() / max((err**2).sum(), 1e-30))
+    m = onnx.load(path)
+    inits = _initializers(path)
+    q = next(
+        (n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == "logits_QuantizeLinear_Output"),
+        None,
+    )
+    return float(np.abs(err).max()), float(sqnr), float(inits[q.input[1]]) if q is not None else 0.0
 
 
 def _aligned_bias(n: ir.Linear, e_acc: np.ndarray) -> np.ndarray:
@@ -224,11 +306,6 @@ def _aligned_bias(n: ir.Linear, e_acc: np.ndarray) -> np.ndarray:
 
     shift = int(np.asarray(e_acc).ravel()[0]) - n.bias_exp
     return np.array([shift_round_ref(int(b), shift, n.bias_rounding) for b in n.bias], np.int64)
-
-
-def _short(g: ir.Graph, f: F.QuantLinear) -> str:
-    """The integer node name prefix of a float linear (its requant carries the onnx name)."""
-    return next(n.name for n in g.nodes if n.onnx_name == f.name) + ".acc"
 
 
 def test_stored_int32_bias_is_recovered(qdq_model):
@@ -247,23 +324,22 @@ def test_stored_int32_bias_is_recovered(qdq_model):
 def test_end_to_end_against_onnxruntime(qdq_model, tiny_bert_onnx):
     """bbct's integer logits against onnxruntime running the same quantized model.
 
-    Tolerance: 0.003 absolute on logits of magnitude ~0.065, and SQNR >= 30 dB (measured:
-    3e-4..5e-4, 43..48 dB; int4 weights 1.2e-3, 36 dB). Why not closer:
-    the GEMMs are onnxruntime's to the bit, but their inputs are bbct's integer activations
-    (LayerNorm, softmax, GELU and the residual sums are bbct's kernels at the default config,
-    not float), and the quantizer's formats on tensors other than linear inputs (the MatMul
-    outputs before the bias, attention Q/K/V and P) are not honoured (the report lists them).
-    The same integer pipeline on the float model is held to the same bound in
-    tests/test_simulator.py."""
+    Tolerance: two codes of the logits' given scale (3.5e-4 here; logits of magnitude ~0.065)
+    and SQNR >= 40 dB. Measured: every logit code equal, the error is float32's rounding of
+    the dequantized logits (2.8e-9, 146 dB, per tensor and per channel). Why not always 0:
+    the given codes are honoured at every Q/DQ pair, but between them bbct computes in its
+    integer kernels (the LayerNorm's integer square root, the softmax and GELU kernels,
+    bbct's config for the tables and sums the quantizer left float) where onnxruntime
+    computes in float32, so an internal code can differ by one (a value near a rounding
+    midpoint) and, rarely, carry to the logits."""
     _, g, feeds, res = _traced(qdq_model)
-    want = ort.InferenceSession(str(qdq_model)).run(["logits"], feeds)[0]
-    got = res.outputs["logits"].dequantize()
-    err = got - want
-    sqnr = 10 * np.log10((want**2).sum() / max((err**2).sum(), 1e-30))
-    assert np.abs(err).max() < TOL and sqnr > 30, (np.abs(err).max(), sqnr)
+    err, sqnr, scale = _logit_error(qdq_model, res, feeds)
+    assert scale > 0 and err <= 2 * scale and sqnr > 40, (err, sqnr, scale)
     report = g.info["given_quantization"]
     assert len(report["honoured"]) == LINEARS
-    assert any("MatMul_output_0" in k for k in report["not_honoured"])
+    kinds = {v.split(":")[0] for v in report["activations"].values()}
+    assert {"product before the bias", "attention probabilities", "attention context", "linear output"} <= kinds
+    assert not report["not_honoured"], report["not_honoured"]  # MatMul and Gemm quantized: every pair honoured
 
 
 def test_int16_activations(tiny_bert_onnx, tmp_path):
@@ -273,8 +349,10 @@ def test_int16_activations(tiny_bert_onnx, tmp_path):
     fg, g, feeds, res = _traced(path)
     ql = [n for n in fg.nodes if isinstance(n, F.QuantLinear)]
     assert len(ql) == LINEARS and all(n.x_quant.qmin == -32768 for n in ql)
-    want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
-    assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
+    err, sqnr, scale = _logit_error(path, res, feeds)
+    # int16 logits codes (scale 2e-6): bbct's 16-bit kernels between the pairs are coarser than
+    # the given grid, so codes differ; measured 1.7e-4, 53 dB
+    assert err < TOL and sqnr > 45, (err, sqnr)
 
 
 def test_partly_quantized_model(tiny_bert_onnx, tmp_path):
@@ -285,7 +363,9 @@ def test_partly_quantized_model(tiny_bert_onnx, tmp_path):
     fg, g, feeds, res = _traced(path)
     ql = [n.name for n in fg.nodes if isinstance(n, F.QuantLinear)]
     assert len(ql) == len(nodes) == 3
-    assert sum(isinstance(n, ir.AffineQuantize) for n in g.nodes) == 3
+    by_name = {n.name: n for n in g.nodes}
+    reads_codes = [n for n in g.nodes if isinstance(n, ir.Linear) and _codes_source(by_name, n.inputs[0]) is not None]
+    assert len(reads_codes) == 3  # the other linears read bbct's activations
     want = ort.InferenceSession(str(path)).run(["logits"], feeds)[0]
     assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
 
@@ -310,9 +390,11 @@ def test_cli_reports_given_and_chosen(qdq_model, capsys):
 
     assert main(["ir", str(qdq_model)]) == 0
     out = capsys.readouterr().out
-    assert "affine_quantize" in out and "rescale_channels" in out
-    assert f"given quantization honoured ({LINEARS} linear layers; every other tensor: bbct's config)" in out
-    assert "given quantization not honoured" in out
+    assert "affine_quantize" in out and "rescale_channels" in out and "bias_add" in out
+    head = next(line for line in out.splitlines() if line.startswith("given quantization honoured"))
+    assert head.startswith(f"given quantization honoured ({LINEARS} linear layers; ")
+    assert "12 product before the bias" in head and "2 attention probabilities" in head
+    assert "given quantization not honoured" not in out  # MatMul and Gemm quantized: nothing left
 
 
 def _qoperator(src: Path, out: Path, op_types: list[str] | None) -> Path:
@@ -339,12 +421,94 @@ def test_qoperator_format(tiny_bert_onnx, tmp_path):
     assert np.abs(res.outputs["logits"].dequantize() - want).max() < TOL
 
 
-def test_qoperator_data_movement_is_refused_by_name(tiny_bert_onnx, tmp_path):
-    """Every op quantized (QLinearAdd, QLinearSoftmax, and Transpose/Reshape of int8 codes
-    between them): refused in one line naming the node, the op and why."""
-    path = _qoperator(tiny_bert_onnx, tmp_path / "qop_all" / "model.onnx", None)
-    with pytest.raises(UnsupportedGraphError, match=r"node '.*' \(DequantizeLinear\): .*quantized data movement"):
+@pytest.fixture(scope="module")
+def qoperator_all(tiny_bert_onnx, tmp_path_factory) -> Path:
+    return _qoperator(tiny_bert_onnx, tmp_path_factory.mktemp("qop_all") / "model.onnx", None)
+
+
+def test_qoperator_every_op_quantized(qoperator_all):
+    """Every op quantized in QOperator form (QLinearAdd, QLinearMul, QLinearSoftmax, and int8
+    codes moved by Transpose/Reshape between them): the moved codes become moves of the
+    dequantized value (exact for a per-tensor scale), every GEMM and attention matmul is
+    MatMulInteger's, every logit code equal to onnxruntime's (measured 2.8e-9, 146 dB)."""
+    ops = {n.op_type for n in onnx.load(qoperator_all).graph.node}
+    assert {"QLinearAdd", "QLinearSoftmax", "QLinearMatMul", "Transpose"} <= ops
+    fg, g, feeds, res = _traced(qoperator_all)
+    _check_gemms(fg, g, feeds, res)
+    _check_attention_gemms(g, res, expect=4)
+    err, sqnr, scale = _logit_error(qoperator_all, res, feeds)
+    assert scale == 0.0 or err <= 2 * scale
+    assert err < 7e-4 and sqnr > 40, (err, sqnr)
+    report = g.info["given_quantization"]
+    assert any("exact, Reshape + Transpose of the codes" in v for v in report["exact"].values())
+
+
+def test_moved_codes_on_another_grid_are_refused_by_name(qoperator_all, tmp_path):
+    """Codes moved by a Transpose and read back at a different scale have no faithful
+    rewrite (DQ(move(Q(x))) is no longer a move of DQ(Q(x))): refused in one line naming the
+    node, the op and why."""
+    m = onnx.load(qoperator_all)
+    prod = {o: n for n in m.graph.node for o in n.output}
+    n = next(
+        n
+        for n in m.graph.node
+        if n.op_type == "QLinearMatMul" and prod.get(n.input[0]) is not None and prod[n.input[0]].op_type == "Transpose"
+    )
+    scale = next(i for i in m.graph.initializer if i.name == n.input[1])
+    twice = numpy_helper.from_array(numpy_helper.to_array(scale) * 2, scale.name + "_twice")
+    m.graph.initializer.append(twice)
+    n.input[1] = twice.name
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    with pytest.raises(UnsupportedGraphError, match=r"node '.*' \(DequantizeLinear\): .*Transpose of integer codes"):
         load_graph(path)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-tensor", "per-channel"])
+def qdq_all(request, tiny_bert_onnx, tmp_path_factory) -> Path:
+    """quantize_static with every op type quantized (int8 activations, its default)."""
+    out = tmp_path_factory.mktemp("qdq_all") / "model.onnx"
+    return quantize_tiny(tiny_bert_onnx, out, request.param, act="QInt8", op_types=None)
+
+
+def test_every_op_quantized(qdq_all):
+    """QDQ with every op quantized: the given codes honoured at the linear products before
+    the bias, the linear outputs, residual sums, LayerNorm outputs, attention scores (before
+    and after the scale, and with the mask), probabilities and context, the embedding sum and
+    the logits, and the GELU with its inner pairs (one table over its input codes); Q/DQ on
+    moved codes are exact; GEMMs and attention matmuls bit-equal to MatMulInteger. Logits:
+    per tensor every code equal (2.8e-9, 146 dB); per channel one code of 3.5e-4 (47.7 dB):
+    bbct's LayerNorm and softmax kernels between the pairs move an internal code by one now
+    and then (a value near a rounding midpoint), which here reaches one logit."""
+    fg, g, feeds, res = _traced(qdq_all)
+    _check_gemms(fg, g, feeds, res)
+    _check_attention_gemms(g, res, expect=4)
+    err, sqnr, scale = _logit_error(qdq_all, res, feeds)
+    assert err <= 2 * scale and sqnr > 40, (err, sqnr, scale)
+    report = g.info["given_quantization"]
+    kinds = {v.split(":")[0] for v in report["activations"].values()}
+    assert {
+        "embedding sum",
+        "embedding partial sum",
+        "LayerNorm output",
+        "residual sum",
+        "product before the bias",
+        "linear output",
+        "attention scores before the scale",
+        "attention scores + mask",
+        "attention probabilities",
+        "attention context",
+    } <= kinds
+    assert "embedding partial sum" in kinds  # word + token type, summed in the graph's order
+    _check_given_values(g, res)
+    # the Erf, 1 + erf and x * (1 + erf) pairs inside each GELU: one table over the input codes
+    assert "inside the GELU (one table over the input codes)" in kinds and "GELU output" in kinds
+    assert not report["not_honoured"], report["not_honoured"]
+    by_name = {n.name: n for n in g.nodes}
+    tables = [n for n in g.nodes if isinstance(n, ir.CodeTable)]
+    assert len(tables) == 2 and all(isinstance(by_name[t.inputs[0]], ir.AffineQuantize) for t in tables)
+    exact = " ".join(report["exact"].values())  # lookups of stored codes, moved heads
+    assert exact.count("Gather of the stored codes") == 3 and "Reshape + Transpose of the codes" in exact
 
 
 def test_multiplier_width_is_configurable(qdq_model):

@@ -122,11 +122,14 @@ class Embedding(FNode):
 @dataclass(frozen=True, eq=False)
 class EmbeddingSum(FNode):
     """Sum of several embedding lookups (one index tensor per table), the order of the
-    integer adds fixed: largest table first (word, position, token type in BERT)."""
+    integer adds fixed: largest table first (word, position, token type in BERT), or the
+    graph's own order when the model gives a partial sum's quantization: ``partial_names``
+    then names the tensor of each partial sum (tables 0..k, k >= 1) but the last."""
 
     tables: tuple[np.ndarray, ...] = ()
     table_names: tuple[str, ...] = ()
     givens: tuple[GivenQuant | None, ...] = ()  # per table, as Embedding.given (empty: none given)
+    partial_names: tuple[str, ...] = ()
     op: ClassVar[str] = "embedding_sum"
     arity: ClassVar[int | None] = None
     describes: ClassVar[str] = "Add tree of two or more Embedding lookups"
@@ -146,12 +149,16 @@ class EmbeddingSum(FNode):
 class Linear(FNode):
     """``x @ weight + bias`` over the last axis; ``weight_name`` keys shared weights (ALBERT).
     ``w_given``: the weight's stored codes and scales, oriented (K, N), when the model stores
-    it quantized (a DequantizeLinear of an initializer): lowering uses them as they are."""
+    it quantized (a DequantizeLinear of an initializer): lowering uses them as they are.
+    ``mid_given``: the given quantization of the product ``x @ weight`` before the bias (a
+    Q/DQ pair between the MatMul and the bias Add): lowering quantizes the product to those
+    codes, then adds the bias (``bias_add``)."""
 
     weight: np.ndarray | None = None
     bias: np.ndarray | None = None
     weight_name: str = ""
     w_given: GivenQuant | None = None
+    mid_given: GivenQuant | None = None
     op: ClassVar[str] = "linear"
     describes: ClassVar[str] = "MatMul by a constant 2-D weight [+ Add constant bias], or Gemm (transB handled)"
 
@@ -171,6 +178,7 @@ class Linear(FNode):
 
     def attrs(self) -> str:
         given = f" given w:{self.w_given.short()}" if self.w_given is not None else ""
+        given += f" given x@W:{self.mid_given.short()}" if self.mid_given is not None else ""
         return f"W={self.weight.shape}{' +b' if self.bias is not None else ''}{given}"
 
 
@@ -228,6 +236,18 @@ class GivenQuant:
         z = self.per_element(self.zero_point).astype(np.int64)
         return ((self.codes - z).astype(np.float32) * self.per_element(self.scale).astype(np.float32)).astype(
             np.float32
+        )
+
+    def same_grid(self, other: GivenQuant | None) -> bool:
+        """Both static with equal scale, zero point and range: equal codes for equal values,
+        so quantizing one's values to the other is the identity on codes."""
+        return (
+            other is not None
+            and not self.dynamic
+            and not other.dynamic
+            and (self.qmin, self.qmax) == (other.qmin, other.qmax)
+            and np.array_equal(np.asarray(self.scale, np.float32), np.asarray(other.scale, np.float32))
+            and np.array_equal(np.asarray(self.zero_point, np.int64), np.asarray(other.zero_point, np.int64))
         )
 
     def transposed(self) -> GivenQuant:
@@ -343,9 +363,14 @@ class LayerNorm(FNode):
 @_register
 @dataclass(frozen=True, eq=False)
 class Gelu(FNode):
-    """GELU: ``approximate`` "none" (x * Phi(x), erf form) or "tanh"."""
+    """GELU: ``approximate`` "none" (x * Phi(x), erf form) or "tanh". ``table_in`` and
+    ``table``: when the model gives the codes of the region's input, output and inner
+    tensors, the output code ``q`` for every input code ``qmin..qmax`` of ``table_in``, the
+    region evaluated as the model computes it (lowering then looks the codes up)."""
 
     approximate: str = "none"
+    table_in: GivenQuant | None = None
+    table: np.ndarray | None = None
     op: ClassVar[str] = "gelu"
     describes: ClassVar[str] = "GELU: Erf form, tanh approximation, or the Gelu op (opset 20)"
 

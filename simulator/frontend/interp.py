@@ -70,6 +70,8 @@ def _embedding_sum(n: F.EmbeddingSum, *ids: np.ndarray) -> np.ndarray:
 
 def _linear(n: F.Linear, x: np.ndarray) -> np.ndarray:
     y = x @ n.weight.astype(x.dtype)
+    if n.mid_given is not None:  # the product's given codes, then the bias
+        y = n.mid_given.fake_quant(y)
     return y if n.bias is None else y + n.bias
 
 
@@ -152,11 +154,14 @@ def run_float(
         for i in n.inputs:
             uses[i] = uses.get(i, 0) + 1
     outputs = set(fg.outputs)
+    given = fg.info.get("given_activations") or {}
     for n in fg.nodes:
         args = [env[i] for i in n.inputs]
         if isinstance(n, F.Linear) and on_linear is not None:
             on_linear(n, args[0])
         y = EVAL[type(n)](n, *args)
+        if n.name in given and not given[n.name][0].dynamic:  # the model's Q/DQ pair on this output
+            y = given[n.name][0].fake_quant(y)
         env[n.name] = np.asarray(y, dtype) if np.asarray(y).dtype.kind == "f" else y
         if on_node is not None:
             on_node(n, env[n.name], args)

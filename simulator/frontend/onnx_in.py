@@ -238,6 +238,10 @@ class _Importer:
         self._inferred: dict[str, tuple[int, ...]] | None = None
         self.probes = PROBES
         self.quant_notes: dict[str, str] = {}  # given activation quantization not honoured -> why
+        # tensor -> (its given quantization, the ONNX node computing the tensor): lowering
+        # quantizes the value of the node of that name to the given codes (qdq.honour_output)
+        self.given_acts: dict[str, tuple[F.GivenQuant, str]] = {}
+        self.given_exact: dict[str, str] = {}  # Q/DQ pairs that are the identity on codes moved unchanged -> why
 
     def given(self, t: str) -> F.GivenQuant | None:
         """The stored codes and parameters of constant ``t`` when a DequantizeLinear of
@@ -610,6 +614,8 @@ class _Importer:
             "vocab_size": self.tables.get(ids),
             "type_vocab_size": next((self.tables.get(k) for k, v in self.roles.items() if v == "token_type_ids"), None),
             "quant_not_honoured": dict(self.quant_notes),
+            "given_activations": dict(self.given_acts),
+            "given_exact": dict(self.given_exact),
         }
         return F.FGraph(tuple(nodes), dict(self.roles), outputs, ig, info)
 
@@ -627,6 +633,11 @@ class PatternContext:
 
     def note(self, t: str, why: str) -> None:
         self.imp.quant_notes[t] = why
+
+    def give(self, t: str, g: F.GivenQuant, producer: str) -> None:
+        """Activation ``t`` (computed by ONNX node ``producer``) comes through the given
+        quantization ``g``: lowering honours it at the node that keeps the name ``t``."""
+        self.imp.given_acts[t] = (g, producer)
 
     def shape(self, t: str, probe: int = 0) -> tuple[int, ...]:
         return tuple(np.shape(self.imp.probe[probe][t]))

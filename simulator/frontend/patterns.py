@@ -14,6 +14,7 @@ embedding exports differ only in which of these patterns their graphs contain.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
@@ -159,10 +160,13 @@ def _fake_quant(rw: Rewriter) -> bool:
         if dq.positions != (0,):
             continue
         q = rw.onnx(dq.inputs[0], "QuantizeLinear")
+        if q is None and _dequantize_before_moves(rw, dq):
+            return True
         if q is None or q.positions != (0,):
             p = rw.prod.get(dq.inputs[0])
             via = (
-                f" (it reads {p.op_type} of integer codes: quantized data movement is not supported)"
+                f" (it reads {p.op_type} of integer codes that no QuantizeLinear of the same per-tensor scale "
+                "and zero point wrote: no faithful rewrite)"
                 if isinstance(p, F.OnnxOp)
                 else ""
             )
@@ -183,6 +187,44 @@ def _fake_quant(rw: Rewriter) -> bool:
     return False
 
 
+def _dequantize_before_moves(rw: Rewriter, dq: F.OnnxOp) -> bool:
+    """``DQ(move(Q(x)))`` with ``move`` a chain of data movement ops (Transpose, Reshape, ...,
+    as onnxruntime's QOperator format moves int8 codes between quantized ops) is
+    ``DQ(Q(move(DQ(Q(x)))))`` exactly, for a per-tensor scale: the chain is rewritten to move
+    the dequantized value, with a fake_quant before it and the same one after it (the
+    identity on moved codes, which the passes below treat as exact data movement or fuse
+    into the linear that reads it). False when ``dq`` does not read such a chain."""
+    from bbct.simulator.frontend.onnx_in import given_quant
+
+    chain, t = [], dq.inputs[0]
+    while True:
+        p = rw.prod.get(t)
+        if not (isinstance(p, F.OnnxOp) and p.positions[:1] == (0,)):
+            return False
+        if p.op_type == "QuantizeLinear":
+            break
+        if p.op_type not in MOVES or rw.users(p.name) != [chain[-1] if chain else dq]:
+            return False
+        chain.append(p)
+        t = p.inputs[0]
+    q = p
+    if q.positions != (0,) or len(rw.users(q.name)) != 1:
+        return False
+    zp = q.operand(2)
+    g = given_quant(rw.ctx.imp.prod[q.name], q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
+    dz = dq.operand(2)
+    if np.asarray(g.scale).ndim or not np.array_equal(np.asarray(dq.operand(1), np.float32), g.scale):
+        return False
+    if isinstance(dz, np.ndarray) and not np.array_equal(dz.astype(np.int64), g.zero_point):
+        return False
+    fq = F.FakeQuant(name=q.name, inputs=(q.inputs[0],), sources=q.sources, given=g)
+    # the moved value keeps the pair too (an exact one: it is on the grid already)
+    fq2 = F.FakeQuant(name=dq.name, inputs=(chain[0].name,), sources=dq.sources, given=g)
+    rw.nodes = [fq if n is q else fq2 if n is dq else n for n in rw.nodes]
+    rw._index()
+    return True
+
+
 def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
     """``u`` is a MatMul/Gemm of ``x`` by a constant weight the model stores quantized."""
     return (
@@ -194,6 +236,37 @@ def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
     )
 
 
+MOVES = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten")  # data movement: codes stay codes
+
+
+def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
+    """The tensor whose codes ``n`` requantizes unchanged: ``n`` reads data movement
+    (Reshape, Transpose, ...) of a tensor already on the same grid, so Q(DQ(codes)) is the
+    identity and the movement of codes is exact. None otherwise."""
+    t, ops = n.inputs[0], []
+    while True:
+        p = rw.prod.get(t)
+        if isinstance(p, F.Embedding) and p.given is not None and not np.asarray(p.given.scale).ndim:
+            ok = n.given.same_grid(p.given)  # a lookup of stored codes: already on the grid
+            return f"{' + '.join(['Gather', *reversed(ops)])} of the stored codes of {p.table_name}" if ok else None
+        if isinstance(p, F.FakeQuant):
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and n.given.same_grid(p.given) else None
+        g = rw.ctx.imp.given_acts.get(t)
+        if g is not None:
+            return f"{' + '.join(reversed(ops))} of the codes of {t}" if ops and n.given.same_grid(g[0]) else None
+        if not (isinstance(p, F.OnnxOp) and p.op_type in MOVES and p.positions[:1] == (0,)):
+            return None
+        ops.append(p.op_type)
+        t = p.inputs[0]
+
+
+def _give(rw: Rewriter, n: F.FakeQuant) -> None:
+    """Record ``n``'s given quantization on the tensor it reads (the graph output's name for
+    an output), for lowering to honour at the node that keeps that name."""
+    src = rw.ctx.imp.prod.get(n.inputs[0])
+    rw.ctx.give(n.name if n.name in rw.outputs else n.inputs[0], n.given, src.name if src is not None else "")
+
+
 def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
     for n in rw.nodes:
         if not isinstance(n, F.FakeQuant):
@@ -203,27 +276,45 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
         if not late and given:
             others = [u for u in users if u not in given]
             if not others and n.name not in rw.outputs:
+                if not n.given.dynamic and n.inputs[0] not in rw.ctx.imp.given_acts:
+                    _give(rw, n)  # the tensor's codes too, for a table over them (a GELU's output)
                 continue  # kept: quant_linear honours it
             if others:  # e.g. a residual sum reading the quantized LayerNorm output
-                rw.ctx.note(
-                    n.name,
-                    f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
-                    f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
-                )
+                if n.given.dynamic:
+                    rw.ctx.note(
+                        n.name,
+                        f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
+                        f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
+                    )
+                else:  # the others read the tensor's value at the given codes too
+                    _give(rw, n)
                 rw.nodes = [
                     replace(u, inputs=tuple(n.inputs[0] if i == n.name else i for i in u.inputs)) if u in others else u
                     for u in rw.nodes
                 ]
                 rw._index()
                 return True
-        why = "not the input of a linear layer with a quantized weight" if not late else "not fused into a linear"
-        rw.ctx.note(n.name, f"{n.given.short()} from {n.given.source}: {why}; bbct's config quantizes it")
+        moved = None if n.given.dynamic else _moved_codes(rw, n)
+        if moved is not None:
+            rw.ctx.imp.given_exact[n.name] = f"{n.given.short()} from {n.given.source}: exact, {moved} (same grid)"
+        elif n.given.dynamic:
+            rw.ctx.note(
+                n.name,
+                f"{n.given.short()} from {n.given.source}: a run-time float scale with no linear layer to take "
+                "bbct's dynamic_quantize; bbct's config quantizes it",
+            )
+        else:  # honoured where the tensor is computed (late: a linear bbct quantizes reads it)
+            _give(rw, n)
         rw.alias(n, n.inputs[0])
         return True
     return False
 
 
-@pattern("drop_fake_quant", "a fake_quant that no linear with a quantized weight reads: bbct's config quantizes it")
+@pattern(
+    "drop_fake_quant",
+    "a fake_quant that no linear with a quantized weight reads: its given codes recorded on the tensor "
+    "(lowering quantizes that tensor to them), or exact on moved codes",
+)
 def _drop_fake_quant_early(rw: Rewriter) -> bool:
     return _drop_fake_quant(rw, late=False)
 
@@ -312,12 +403,15 @@ def _linear(rw: Rewriter) -> bool:
                 raise n.error("Gemm bias is not a constant")
         out = n.name
         u = rw.only_user(out)
+        mid = None
         if bias is None and isinstance(u, F.OnnxOp) and u.op_type == "Add" and len(u.inputs) == 1:
             b = u.operand(1 - u.positions[0])
             if isinstance(b, np.ndarray) and b.size == w.shape[1] and b.shape[-1:] == (w.shape[1],):
                 bias = b.reshape(-1).astype(np.float32)
                 old.append(u)
                 out = u.name
+                g = rw.ctx.imp.given_acts.get(n.name)  # the product's given codes, before the bias
+                mid = g[0] if g is not None and not g[0].dynamic else None
         rw.replace(
             old,
             F.Linear(
@@ -328,6 +422,7 @@ def _linear(rw: Rewriter) -> bool:
                 bias=bias,
                 weight_name=w_name,
                 w_given=_oriented_given(rw.ctx.given(w_name), np.asarray(w, np.float32)),
+                mid_given=mid,
             ),
         )
         return True
@@ -367,6 +462,7 @@ def _quant_linear(rw: Rewriter) -> bool:
             weight=n.weight,
             bias=n.bias,
             weight_name=n.weight_name,
+            mid_given=n.mid_given,
             x_quant=fq.given,
             w_quant=wq,
         )
@@ -378,7 +474,10 @@ def _quant_linear(rw: Rewriter) -> bool:
     return False
 
 
-@pattern("drop_fake_quant_late", "a fake_quant left unfused (a scaled Gemm weight): bbct's config quantizes it")
+@pattern(
+    "drop_fake_quant_late",
+    "a fake_quant left unfused (a scaled Gemm weight): its given codes recorded on the tensor, as above",
+)
 def _drop_fake_quant_late(rw: Rewriter) -> bool:
     return _drop_fake_quant(rw, late=True)
 
@@ -503,11 +602,58 @@ def _gelu(rw: Rewriter) -> bool:
         m = _unary_region(rw, n, lambda v, a=approx: gelu_float(v, a))
         if m is not None:
             region, x, y = m
+            table_in, table = _region_table(rw, region, x, y)
             rw.replace(
-                region, F.Gelu(name=y, inputs=(x,), sources=tuple(r.sources[0] for r in region), approximate=approx)
+                region,
+                F.Gelu(
+                    name=y,
+                    inputs=(x,),
+                    sources=tuple(r.sources[0] for r in region),
+                    approximate=approx,
+                    table_in=table_in,
+                    table=table,
+                ),
             )
             return True
     return False
+
+
+REGION_OPS: dict[str, Callable[..., np.ndarray]] = {  # float32, as onnxruntime computes them
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Div": np.divide,
+    "Pow": np.power,
+    "Sqrt": np.sqrt,
+    "Tanh": np.tanh,
+    "Erf": np.vectorize(math.erf, otypes=[np.float64]),
+}
+TABLE_MAX_CODES = 1 << 16  # a region on codes of up to 16 bits becomes one table
+
+
+def _region_table(rw: Rewriter, region: list[F.FNode], x: str, y: str) -> tuple[F.GivenQuant | None, np.ndarray | None]:
+    """When the model gives the codes of ``x``, ``y`` and of every tensor inside the
+    element-wise region between them (and ``x`` has at most 2**16 codes), the output code for
+    each input code: the region evaluated in float32 on every input code's value, each inner
+    Q/DQ pair applied where the model has it. (None, None) otherwise."""
+    given = rw.ctx.imp.given_acts
+    gx, gy = (given.get(t, (None,))[0] for t in (x, y))
+    if gx is None or gy is None or gx.dynamic or gy.dynamic or gx.qmax - gx.qmin >= TABLE_MAX_CODES:
+        return None, None
+    q = np.arange(gx.qmin, gx.qmax + 1)
+    env = {x: ((q - int(gx.zero_point)).astype(np.float32) * np.float32(gx.scale)).astype(np.float32)}
+    inside = {id(r) for r in region}
+    for n in (r for r in rw.nodes if id(r) in inside):
+        k = len(n.inputs) + len(n.consts)
+        args = [n.operand(i) for i in range(k)]
+        args = [env[a] if isinstance(a, str) else np.asarray(a, np.float32) for a in args]
+        v = np.asarray(REGION_OPS[n.op_type](*args), np.float32)
+        g = given.get(n.name, (None,))[0]
+        if g is not None and n.name != y:
+            v = np.asarray(g.fake_quant(v), np.float32)
+        env[n.name] = v
+    codes = np.clip(np.rint(env[y] / np.float32(gy.scale)) + int(gy.zero_point), gy.qmin, gy.qmax)
+    return gx, codes.astype(np.int64)
 
 
 def _unary_region(rw: Rewriter, anchor: F.OnnxOp, fn: Callable[[np.ndarray], np.ndarray]) -> tuple | None:
@@ -537,12 +683,22 @@ def _unary_region(rw: Rewriter, anchor: F.OnnxOp, fn: Callable[[np.ndarray], np.
             if xv is None or yv is None or xv.shape != yv.shape:
                 continue
             want = fn(np.asarray(xv, np.float64))
-            if np.abs(want - yv).max() > 1e-5 * (1 + np.abs(want).max()):
+            err, tol = np.abs(want - yv).max(), 1e-5 * (1 + np.abs(want).max())
+            if err > tol and not rw.ctx.imp.given_acts:
                 continue
             region = _between(rw, x, y)
-            if region is not None:
+            if region is not None and err <= tol + _given_error(rw, region, xv):
                 return region, x, y
     return None
+
+
+def _given_error(rw: Rewriter, region: list[F.FNode], xv: np.ndarray) -> float:
+    """How far a quantized model's probe of a region may stray from the float function: each
+    given quantization inside it moves a value by up to half its scale, which the region
+    scales by at most ``1 + max|x|``; 0 without any."""
+    given = rw.ctx.imp.given_acts
+    half_steps = sum(float(given[n.name][0].scale) / 2 for n in region if n.name in given)
+    return half_steps * (1 + float(np.abs(xv).max()))
 
 
 def _between(rw: Rewriter, x: str, y: str) -> list[F.FNode] | None:
@@ -916,7 +1072,12 @@ def _embedding_sum(rw: Rewriter) -> bool:
         u = rw.only_user(n.name)
         if isinstance(u, F.Add) and all(isinstance(rw.prod.get(t), (F.Embedding, F.Add)) for t in u.inputs):
             continue  # the root of the tree is further down
-        leaves.sort(key=lambda e: -e.table.shape[0])  # stable: graph order among equal sizes
+        chain = _add_chain(rw, n) if any(a.name in rw.ctx.imp.given_acts for a in adds[1:]) else None
+        if chain is not None:  # a given partial sum: the graph's order of adds
+            leaves, partials = chain
+        else:
+            leaves.sort(key=lambda e: -e.table.shape[0])  # stable: graph order among equal sizes
+            partials = ()
         rw.replace(
             leaves + adds,
             F.EmbeddingSum(
@@ -926,10 +1087,25 @@ def _embedding_sum(rw: Rewriter) -> bool:
                 tables=tuple(e.table for e in leaves),
                 table_names=tuple(e.table_name for e in leaves),
                 givens=tuple(e.given for e in leaves),
+                partial_names=partials,
             ),
         )
         return True
     return False
+
+
+def _add_chain(rw: Rewriter, n: F.Add) -> tuple[list[F.Embedding], tuple[str, ...]] | None:
+    """A left-deep tree ``((l0 + l1) + l2) + ...`` of lookups: the leaves in order and the
+    partial sums' names (all but the root), or None for another shape."""
+    p = [rw.prod.get(t) for t in n.inputs]
+    if all(isinstance(x, F.Embedding) for x in p):
+        return list(p), ()
+    inner = [x for x in p if isinstance(x, F.Add)]
+    leaf = [x for x in p if isinstance(x, F.Embedding)]
+    if len(inner) != 1 or len(leaf) != 1:
+        return None
+    sub = _add_chain(rw, inner[0])
+    return None if sub is None else ([*sub[0], leaf[0]], (*sub[1], inner[0].name))
 
 
 def run_patterns(nodes: list[F.FNode], ctx: object) -> list[F.FNode]:
