@@ -38,7 +38,7 @@ from bbct.kernels.formats import EXP_ZERO, IntFormat, QTensor, Rounding, Saturat
 from bbct.kernels.requantize import quantize_multiplier
 from bbct.simulator import ir
 from bbct.simulator.config import OpSettings
-from bbct.simulator.errors import ConfigError
+from bbct.simulator.errors import ConfigError, LoweringError
 from bbct.simulator.frontend import fgraph as F
 from bbct.simulator.lower import SCORES_EXP, _Emitter, _fixed_exp_for_range, _fixed_fmt, _narrow_linear, rule
 
@@ -487,18 +487,42 @@ def scores_of_codes(e: _Emitter, n: F.Scores, acc: str, unit: float, bits: int, 
 def given_masked_scores(e: _Emitter, n: F.Softmax, inputs: list[str], s: OpSettings) -> list[str]:
     """Softmax inputs ``[scores, mask]``; when the model gives the codes of scores + mask (a
     Q/DQ pair on the Add that ``softmax`` fused), the unmasked scores are quantized to them
-    (a mask element adds 0 there) and the mask stays the softmax's: a masked element's given
-    code is the range's floor, ``exp()`` of which onnxruntime takes as 0 when the mask is the
-    usual large negative number (asserted at import: at most -1e3)."""
+    (a mask element adds 0 there) and the mask stays the softmax's (a masked probability is
+    0). onnxruntime clips a masked element to the range's floor and takes its ``exp()``: at
+    most ``exp(-(qmax - qmin) * scale)`` of the row's sum, so it rounds to probability 0 at
+    step ``s_prob`` (the probabilities' given step, else bbct's LSB) for every row of up to
+    ``S`` keys only when ``(qmax - qmin) * scale >= ln(2 * S / s_prob)``; a narrower given
+    range (calibrated without padding, say) is refused (:class:`LoweringError`)."""
     inner = inner_given(e, n)
     if len(inner) != 1:
         return inputs
     t, g = inner[0]
+    keys = masked_keys_bound(e)
+    gp = given_at(e, n.name)
+    s_prob = float(np.float32(gp.scale)) if gp is not None else 2.0**-s.softmax_out_bits
+    width = (g.qmax - g.qmin) * float(np.float32(g.scale))
+    need = math.log(2 * keys / s_prob)
+    if width < need:
+        raise LoweringError(
+            f"node {n.sources[0] if n.sources else n.name!r} (Softmax): the given codes of attention scores + "
+            f"mask on {t!r} span {width:.3g}, under ln(2 * {keys} keys / probability step {s_prob:.3g}) = "
+            f"{need:.3g}: onnxruntime would give a masked element a nonzero probability, bbct gives 0"
+        )
     base = e.role(n).short + ".masked"
     codes = affine(e, base, inputs[0], g, s)
     e.given_done[t] = "attention scores + mask"
     v = dequantize(e, base, codes, g, s, None)
     return [to_fixed(e, base, v, s.softmax_in_bits, SCORES_EXP, s, 4), *inputs[1:]]
+
+
+def masked_keys_bound(e: _Emitter) -> int:
+    """The most keys an attention row can have: the graph's ``max_positions``, else the
+    rows of the lowered position embedding table, else 512."""
+    bound = e.fg.info.get("max_positions")
+    pos = e.by_name.get("emb.position")
+    if bound is None and isinstance(pos, ir.Embed):
+        bound = int(pos.table.shape[0])
+    return int(bound or 512)
 
 
 def to_fixed(e: _Emitter, base: str, x: str, bits: int, exp: int, s: OpSettings, ndim: int) -> str:

@@ -80,10 +80,18 @@ class _Reader:
         return next(self.batches, None)
 
 
+class _UnpaddedReader(_Reader):
+    """The same batches with every mask all ones: calibration sees no masked score."""
+
+    def get_next(self):
+        b = super().get_next()
+        return None if b is None else {**b, "attention_mask": np.ones_like(b["attention_mask"])}
+
+
 def quantize_tiny(src: Path, out: Path, per_channel: bool, act: str = "QUInt8", **kw) -> Path:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
-    reader = type("Reader", (_Reader, CalibrationDataReader), {})()
+    reader = type("Reader", (kw.pop("reader", _Reader), CalibrationDataReader), {})()
     out.parent.mkdir(parents=True, exist_ok=True)
     quantize_static(
         str(src),
@@ -509,6 +517,29 @@ def test_every_op_quantized(qdq_all):
     assert len(tables) == 2 and all(isinstance(by_name[t.inputs[0]], ir.AffineQuantize) for t in tables)
     exact = " ".join(report["exact"].values())  # lookups of stored codes, moved heads
     assert exact.count("Gather of the stored codes") == 3 and "Reshape + Transpose of the codes" in exact
+
+
+def test_narrow_masked_scores_are_refused_by_name(tiny_bert_onnx, tmp_path):
+    """A given range of scores + mask a few units wide (what calibration gives when it sees
+    no padding; here the range quantize_static chose is narrowed to 255 steps of 0.02):
+    onnxruntime clips a masked element to the floor, 5.1 below the ceiling, and exp(-5.1) of
+    the row's largest term is far above half a probability step, while bbct's softmax gives
+    a masked element 0. bbct refuses the model, naming the softmax, instead of differing.
+    (Calibrated with all-ones masks, quantize_static also clips the mask itself, which the
+    import already refuses by name.)"""
+    from bbct.simulator.errors import LoweringError
+
+    path = quantize_tiny(tiny_bert_onnx, tmp_path / "model.onnx", False, act="QInt8", op_types=None)
+    m = onnx.load(path)
+    adds = {n.output[0] for n in m.graph.node if n.op_type == "Add" and n.name.endswith("attention/self/Add")}
+    scales = {n.input[1] for n in m.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in adds}
+    assert len(adds) == 2 and len(scales) == 2
+    for init in m.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(np.array(0.02, np.float32), init.name))
+    onnx.save(m, path)
+    with pytest.raises(LoweringError, match=r"node '.*' \(Softmax\): the given codes of attention scores \+ mask"):
+        lower(load_graph(path), Config())
 
 
 def test_multiplier_width_is_configurable(qdq_model):
