@@ -673,9 +673,9 @@ def format_given(info: dict) -> str:
     honoured, other = g.get("honoured", {}), g.get("not_honoured", {})
     weights, static = g.get("weights", {}), g.get("static_exponents", {})
     acts, exact = g.get("activations", {}), g.get("exact", {})
-    if not honoured and not other and not weights and not static and not acts:
+    if not honoured and not other and not weights and not static and not acts and not exact:
         return ""
-    parts = [f"{len(honoured)} linear layers"] if honoured or not (weights or static or acts) else []
+    parts = [f"{len(honoured)} linear layers"] if honoured or not (weights or static or acts or exact) else []
     if acts:
         kinds: dict[str, int] = {}
         for v in acts.values():

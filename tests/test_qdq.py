@@ -574,3 +574,16 @@ def test_vectors_of_a_quantized_model(qdq_model, tmp_path):
     assert {"affine_quantize", "rescale_channels", "linear"} <= set(outs)
     aq = outs["affine_quantize"]
     assert aq["signed"] and aq["bits"] == 9  # uint8 codes minus a zero point: -255..255
+
+
+def test_format_given_reports_exact_movements_alone():
+    """A model whose only honoured given codes are exact data movements is still reported
+    (it was '' before), without a '0 linear layers' part."""
+    from bbct.simulator.qdq import format_given
+
+    text = format_given({"given_quantization": {"exact": {"t": "int8 from q: exact"}}})
+    assert text.splitlines() == [
+        "given quantization honoured (1 exact data movements; every other tensor: bbct's config):",
+        "  t: int8 from q: exact",
+    ]
+    assert format_given({}) == ""
