@@ -587,3 +587,59 @@ def test_format_given_reports_exact_movements_alone():
         "  t: int8 from q: exact",
     ]
     assert format_given({}) == ""
+
+
+def _shared_tensor_model(path: Path, other: str) -> Path:
+    """Embedding lookup ``x``, ``t = tanh(x)`` read by a Q/DQ pair (u8, 0.05, zp 3) into
+    ``x + DQ(Q(t))``, and by ``other``: "" nothing, "direct" a Tanh of ``t`` itself, "grid"
+    a second Q/DQ pair of another scale (0.04) into another sum."""
+    init = [
+        numpy_helper.from_array(np.array(0.05, np.float32), "s"),
+        numpy_helper.from_array(np.array(0.04, np.float32), "s2"),
+        numpy_helper.from_array(np.array(3, np.uint8), "z"),
+        numpy_helper.from_array(np.linspace(-1, 1, 40, dtype=np.float32).reshape(10, 4), "table"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["x"], name="emb"),
+        helper.make_node("Tanh", ["x"], ["t"], name="tanh"),
+        helper.make_node("QuantizeLinear", ["t", "s", "z"], ["tq"], name="t_q"),
+        helper.make_node("DequantizeLinear", ["tq", "s", "z"], ["td"], name="t_dq"),
+        helper.make_node("Add", ["td", "x"], ["a"], name="add"),
+    ]
+    outs = ["a"]
+    if other == "direct":
+        nodes.append(helper.make_node("Tanh", ["t"], ["m"], name="direct_tanh"))
+        outs.append("m")
+    if other == "grid":
+        nodes += [
+            helper.make_node("QuantizeLinear", ["t", "s2", "z"], ["tq2"], name="t_q2"),
+            helper.make_node("DequantizeLinear", ["tq2", "s2", "z"], ["td2"], name="t_dq2"),
+            helper.make_node("Add", ["td2", "x"], ["a2"], name="add2"),
+        ]
+        outs.append("a2")
+    g = helper.make_graph(
+        nodes,
+        "shared",
+        [helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, ["b", "s", 4]) for o in outs],
+        init,
+    )
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_pair_on_one_reader_changes_no_other_reader(tmp_path):
+    """Given codes are recorded on a tensor (lowering quantizes the tensor itself) only when
+    every reader reads it through that grid: with a Q/DQ pair its only reader, ``t`` is
+    given; read directly too, or through a second pair of another scale, nothing is given
+    (each reader keeps the value it reads in the model) and the pairs are reported as not
+    honoured, with the reason."""
+    fg = load_graph(_shared_tensor_model(tmp_path / "only.onnx", ""))
+    assert list(fg.info["given_activations"]) == ["t"] and not fg.info["quant_not_honoured"]
+    fg = load_graph(_shared_tensor_model(tmp_path / "direct.onnx", "direct"))
+    assert not fg.info["given_activations"]
+    assert fg.info["quant_not_honoured"] == {
+        "td": "u8 scale=0.05 zp=3 from t_q: t is also read by direct_tanh without this grid; bbct's config quantizes it"
+    }
+    fg = load_graph(_shared_tensor_model(tmp_path / "grid.onnx", "grid"))
+    assert not fg.info["given_activations"] and set(fg.info["quant_not_honoured"]) == {"td", "td2"}

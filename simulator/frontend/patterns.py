@@ -260,11 +260,36 @@ def _moved_codes(rw: Rewriter, n: F.FakeQuant) -> str | None:
         t = p.inputs[0]
 
 
-def _give(rw: Rewriter, n: F.FakeQuant) -> None:
+def _grid_conflict(rw: Rewriter, n: F.FakeQuant) -> str | None:
+    """Why recording ``n``'s grid on the tensor ``x`` it reads would change what another
+    reader of ``x`` sees (lowering quantizes ``x`` itself, for every reader), or None when
+    every reader of ``x`` reads it through the same grid: another given grid on ``x``, or a
+    reader (or graph output) of ``x`` that reads it directly or through another grid. A
+    reader that reads ``x`` directly after an earlier pair of the same grid on ``x`` was
+    honoured read through that grid (it was checked then)."""
+    x = n.inputs[0]
+    have = rw.ctx.imp.given_acts.get(x)
+    if have is not None:
+        return None if have[0].same_grid(n.given) else f"{x} is given another grid too ({have[0].short()})"
+    direct = [
+        u.sources[0] if u.sources else u.name
+        for u in rw.users(x)
+        if u is not n and not (isinstance(u, F.FakeQuant) and not u.given.dynamic and u.given.same_grid(n.given))
+    ]
+    direct += ["the graph output"] if x in rw.outputs else []
+    return f"{x} is also read by {', '.join(direct)} without this grid" if direct else None
+
+
+def _give(rw: Rewriter, n: F.FakeQuant) -> bool:
     """Record ``n``'s given quantization on the tensor it reads (the graph output's name for
-    an output), for lowering to honour at the node that keeps that name."""
+    an output), for lowering to honour at the node that keeps that name; False (nothing
+    recorded) when another reader of the tensor does not read it through the same grid
+    (:func:`_grid_conflict`): the value another reader sees never changes."""
+    if _grid_conflict(rw, n) is not None:
+        return False
     src = rw.ctx.imp.prod.get(n.inputs[0])
     rw.ctx.give(n.name if n.name in rw.outputs else n.inputs[0], n.given, src.name if src is not None else "")
+    return True
 
 
 def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
@@ -280,14 +305,15 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
                     _give(rw, n)  # the tensor's codes too, for a table over them (a GELU's output)
                 continue  # kept: quant_linear honours it
             if others:  # e.g. a residual sum reading the quantized LayerNorm output
-                if n.given.dynamic:
+                # the others read the tensor's value at the given codes too, when it can be given
+                if n.given.dynamic or not _give(rw, n):
+                    why = "" if n.given.dynamic else f" ({_grid_conflict(rw, n)})"
                     rw.ctx.note(
                         n.name,
                         f"{n.given.short()} from {n.given.source}: honoured for the linear layers that read it; "
-                        f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's format",
+                        f"{', '.join(u.sources[0] if u.sources else u.name for u in others)} read it in bbct's "
+                        f"format{why}",
                     )
-                else:  # the others read the tensor's value at the given codes too
-                    _give(rw, n)
                 rw.nodes = [
                     replace(u, inputs=tuple(n.inputs[0] if i == n.name else i for i in u.inputs)) if u in others else u
                     for u in rw.nodes
@@ -303,8 +329,11 @@ def _drop_fake_quant(rw: Rewriter, late: bool) -> bool:
                 f"{n.given.short()} from {n.given.source}: a run-time float scale with no linear layer to take "
                 "bbct's dynamic_quantize; bbct's config quantizes it",
             )
-        else:  # honoured where the tensor is computed (late: a linear bbct quantizes reads it)
-            _give(rw, n)
+        elif not _give(rw, n):  # else honoured where the tensor is computed (late: a linear bbct quantizes reads it)
+            rw.ctx.note(
+                n.name,
+                f"{n.given.short()} from {n.given.source}: {_grid_conflict(rw, n)}; bbct's config quantizes it",
+            )
         rw.alias(n, n.inputs[0])
         return True
     return False
