@@ -643,3 +643,22 @@ def test_a_pair_on_one_reader_changes_no_other_reader(tmp_path):
     }
     fg = load_graph(_shared_tensor_model(tmp_path / "grid.onnx", "grid"))
     assert not fg.info["given_activations"] and set(fg.info["quant_not_honoured"]) == {"td", "td2"}
+
+
+@pytest.mark.parametrize("move", [False, True], ids=["direct", "moved"])
+def test_missing_dequantize_zero_point_is_zero(tmp_path, move):
+    """A DequantizeLinear without a zero point (0, as ONNX defines it) reading the codes a
+    QuantizeLinear of zero point 3 wrote computes ``c * s``, not ``(c - 3) * s``: it is no
+    fake quantization, directly or through moved codes, and is refused in one line naming
+    the node (bbct took the QuantizeLinear's zero point for both)."""
+    m = onnx.load(_shared_tensor_model(tmp_path / "only.onnx", ""))
+    dq = next(n for n in m.graph.node if n.name == "t_dq")
+    del dq.input[2]
+    if move:
+        dq.input[0] = "tq_moved"
+        m.graph.node.insert(3, helper.make_node("Transpose", ["tq"], ["tq_moved"], name="move", perm=[0, 1, 2]))
+    path = tmp_path / "model.onnx"
+    onnx.save(m, path)
+    why = r"Transpose of integer codes" if move else r"scale or zero point differs"
+    with pytest.raises(UnsupportedGraphError, match=rf"node 't_dq' \(DequantizeLinear\): .*{why}"):
+        load_graph(path)

@@ -174,10 +174,7 @@ def _fake_quant(rw: Rewriter) -> bool:
         src = rw.ctx.imp.prod[dq.inputs[0]]
         zp = q.operand(2)
         g = given_quant(src, q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
-        dz = dq.operand(2)
-        if not np.array_equal(np.asarray(dq.operand(1), np.float32), g.scale) or (
-            isinstance(dz, np.ndarray) and not np.array_equal(dz.astype(np.int64), g.zero_point)
-        ):
+        if not _same_params(dq, g):
             raise dq.error("DequantizeLinear's scale or zero point differs from its QuantizeLinear's")
         rw.replace([dq], F.FakeQuant(name=dq.name, inputs=(q.inputs[0],), sources=(dq.sources[0],), given=g))
         if not rw.users(q.name) and q.name not in rw.outputs:
@@ -212,10 +209,7 @@ def _dequantize_before_moves(rw: Rewriter, dq: F.OnnxOp) -> bool:
         return False
     zp = q.operand(2)
     g = given_quant(rw.ctx.imp.prod[q.name], q.operand(1), zp if isinstance(zp, np.ndarray) else None, None)
-    dz = dq.operand(2)
-    if np.asarray(g.scale).ndim or not np.array_equal(np.asarray(dq.operand(1), np.float32), g.scale):
-        return False
-    if isinstance(dz, np.ndarray) and not np.array_equal(dz.astype(np.int64), g.zero_point):
+    if np.asarray(g.scale).ndim or not _same_params(dq, g):
         return False
     fq = F.FakeQuant(name=q.name, inputs=(q.inputs[0],), sources=q.sources, given=g)
     # the moved value keeps the pair too (an exact one: it is on the grid already)
@@ -223,6 +217,16 @@ def _dequantize_before_moves(rw: Rewriter, dq: F.OnnxOp) -> bool:
     rw.nodes = [fq if n is q else fq2 if n is dq else n for n in rw.nodes]
     rw._index()
     return True
+
+
+def _same_params(dq: F.OnnxOp, g: F.GivenQuant) -> bool:
+    """``dq`` dequantizes with the scale and zero point of ``g`` (both constant; a missing
+    zero point is 0, as ONNX defines it)."""
+    scale, zp = dq.operand(1), dq.operand(2)
+    if not isinstance(scale, np.ndarray) or isinstance(zp, str):
+        return False
+    zp = np.zeros(np.shape(g.zero_point), np.int64) if zp is None else zp.astype(np.int64)
+    return np.array_equal(scale.astype(np.float32), g.scale) and np.array_equal(zp, np.asarray(g.zero_point, np.int64))
 
 
 def _reads_given_weight(rw: Rewriter, u: F.FNode, x: str) -> bool:
