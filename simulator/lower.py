@@ -705,8 +705,12 @@ def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
     r = e.role(n)
     s = e.settings(n)
     x = e.value[n.inputs[0]]
-    if x in e.codes:  # LayerNorm is scale-invariant: it reads the given codes themselves
-        x = e.codes[x][0]
+    eps = float(n.eps)
+    have = e.codes.get(x)
+    if have is not None and not np.ndim(have[1].scale):
+        # LayerNorm is scale-invariant but for eps: it reads the given codes c of x = c * s
+        # themselves, and LN(c * s) = (c - mean) / sqrt(var(c) + eps / s**2)
+        x, eps = have[0], eps / float(np.float32(have[1].scale)) ** 2
     src = e.by_name.get(x)
     bits = (
         _qdq.out_bits(src) if isinstance(src, ir.AffineQuantize) else getattr(getattr(src, "fmt", None), "bits", None)
@@ -720,7 +724,7 @@ def _layernorm(e: _Emitter, n: F.LayerNorm) -> str:
         )
     xa = e.align(r.short + ".in", x, s)
     p = make_layernorm_params(
-        np.asarray(n.gamma, np.float64), np.asarray(n.beta, np.float64), float(n.eps), out_bits=s.layernorm_out_bits
+        np.asarray(n.gamma, np.float64), np.asarray(n.beta, np.float64), eps, out_bits=s.layernorm_out_bits
     )
     e.count(r.short + ".gamma", n.gamma.size, 16, 0, None)
     e.count(r.short + ".beta", n.beta.size, 16, 0, None)

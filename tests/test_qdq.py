@@ -662,3 +662,36 @@ def test_missing_dequantize_zero_point_is_zero(tmp_path, move):
     why = r"Transpose of integer codes" if move else r"scale or zero point differs"
     with pytest.raises(UnsupportedGraphError, match=rf"node 't_dq' \(DequantizeLinear\): .*{why}"):
         load_graph(path)
+
+
+def test_layernorm_of_codes_scales_eps(tiny_bert_onnx, tmp_path):
+    """A LayerNorm reading given codes ``c`` of ``x = c * s`` computes
+    ``(c - mean) / sqrt(var(c) + eps / s**2)``: its eps is the model's over ``s**2`` (it was
+    the model's, too small by ``s**2`` -- invisible at eps 1e-12, here 1e-3)."""
+    from bbct.kernels.layernorm import make_layernorm_params
+
+    path = quantize_tiny(tiny_bert_onnx, tmp_path / "model.onnx", False, act="QInt8", op_types=None)
+    m = onnx.load(path)
+    lns = [n for n in m.graph.node if n.op_type == "LayerNormalization"]
+    assert lns
+    for n in lns:
+        for a in n.attribute:
+            if a.name == "epsilon":
+                a.f = 1e-3
+    onnx.save(m, path)
+    fg = load_graph(path)
+    g = lower(fg, Config())
+    by_name = {n.name: n for n in g.nodes}
+    given = fg.info["given_activations"]
+    f_lns = [n for n in fg.nodes if isinstance(n, F.LayerNorm)]
+    i_lns = [n for n in g.nodes if isinstance(n, ir.LayerNorm)]
+    assert len(f_lns) == len(i_lns)
+    on_codes = 0
+    for f, n in zip(f_lns, i_lns, strict=True):
+        src = by_name[by_name[n.inputs[0]].inputs[0]]  # LayerNorm <- Align <- its input
+        eps = float(f.eps)
+        if isinstance(src, ir.AffineQuantize):
+            eps, on_codes = eps / float(np.float32(given[f.inputs[0]][0].scale)) ** 2, on_codes + 1
+        want = make_layernorm_params(np.asarray(f.gamma, np.float64), np.asarray(f.beta, np.float64), eps, 8)
+        assert (n.params.eps_m, n.params.eps_e) == (want.eps_m, want.eps_e), (f.name, eps)
+    assert on_codes >= 4  # the residual sums' codes: 2 layers x 2
