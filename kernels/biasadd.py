@@ -10,7 +10,7 @@ only.
 
 Contract of :func:`bias_add`:
 
-* ``x``: int64 codes of any shape ``(..., N)`` at one exponent (the caller's); ``|x| < 2**62``.
+* ``x``: int64 codes of shape ``(..., N)`` (at least 1-D) at one exponent (the caller's); ``|x| < 2**62``.
 * ``bias``: int64 codes ``(N,)`` at the same exponent, ``|bias| < 2**62``.
 * ``y = sat(x + bias[n])`` to ``bits`` (2..62, signed) with ``saturation``; the sum is exact
   in int64 (``|x + b| < 2**63``); each clipped element is one saturation event.
@@ -34,7 +34,7 @@ def _setup(x: np.ndarray, bias: np.ndarray, bits: int) -> tuple[np.ndarray, np.n
     bias = require_int("bias_add: bias", bias).astype(np.int64, copy=False)
     if not 2 <= int(bits) <= 62:
         raise ValueError(f"bias_add: bits={bits} must be in 2..62")
-    if bias.ndim != 1 or (x.ndim and bias.shape[0] != x.shape[-1]):
+    if x.ndim < 1 or bias.ndim != 1 or bias.shape[0] != x.shape[-1]:
         raise ValueError(
             f"bias_add: bias of shape {bias.shape} for x of shape {x.shape}: need one per channel (last axis)"
         )

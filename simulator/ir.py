@@ -250,6 +250,9 @@ class BiasAdd(Node):
     def validate(self) -> None:
         b = self.bias
         _req(b is not None and b.ndim == 1 and b.dtype.kind == "i", self, "a 1-D integer bias")
+        bits = self.fmt.bits  # 2..62, checked by IntFormat
+        lim = 1 << (bits - 1)
+        _req(not b.size or (int(b.min()) >= -lim and int(b.max()) < lim), self, f"a bias that fits s{bits}")
 
     def attrs(self) -> str:
         return f"+b[{self.bias.size}] -> {self.fmt.short()}"
@@ -269,6 +272,9 @@ class CodeTable(Node):
     def validate(self) -> None:
         t = self.table
         _req(t is not None and t.ndim == 1 and t.size > 0 and t.dtype.kind == "i", self, "a 1-D integer table")
+        _req(2 <= self.bits <= 62, self, f"bits={self.bits} must be in 2..62")
+        lim = 1 << (self.bits - 1)
+        _req(int(t.min()) >= -lim and int(t.max()) < lim, self, f"table entries that fit s{self.bits}")
 
     def attrs(self) -> str:
         return f"table[{self.table.size}] from {self.c_lo} -> s{self.bits} ({self.given})"

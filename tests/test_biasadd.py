@@ -50,3 +50,18 @@ def test_bias_add_errors():
         bias_add(np.zeros((2, 3), np.int64), np.zeros(3, np.int64), 70, Saturation.SAT)
     with pytest.raises(TypeError):
         bias_add(np.zeros((2, 3)), np.zeros(3, np.int64), 8, Saturation.SAT)
+    for f in (bias_add, bias_add_ref):  # a 0-d x has no channel axis (the twins disagreed on it)
+        with pytest.raises(ValueError, match="one per channel"):
+            f(np.array(5), np.array([1]), 8, Saturation.SAT)
+
+
+def test_bias_add_node_validates_width_and_bias():
+    """The IR node checks that the bias fits its declared width (2..62, checked by
+    IntFormat), by name."""
+    from bbct.kernels.formats import IntFormat
+    from bbct.simulator.errors import LoweringError
+    from bbct.simulator.ir import BiasAdd
+
+    BiasAdd(name="b", inputs=("x",), bias=np.array([-128, 127]), fmt=IntFormat(bits=8))
+    with pytest.raises(LoweringError, match=r"node b \(bias_add\): a bias that fits s8"):
+        BiasAdd(name="b", inputs=("x",), bias=np.array([128]), fmt=IntFormat(bits=8))

@@ -43,3 +43,15 @@ def test_code_table_errors():
         code_table(np.array([0, 3]), np.arange(5, dtype=np.int64), -2)
     with pytest.raises(ValueError, match="1-D and non-empty"):
         code_table(np.array([0]), np.zeros((0,), np.int64), 0)
+
+
+def test_code_table_node_validates_width_and_entries():
+    """The IR node checks its declared output width (2..62) and that every entry fits it."""
+    from bbct.simulator.errors import LoweringError
+    from bbct.simulator.ir import CodeTable
+
+    CodeTable(name="t", inputs=("c",), table=np.array([-8, 7]), bits=4)
+    with pytest.raises(LoweringError, match=r"node t \(code_table\): table entries that fit s4"):
+        CodeTable(name="t", inputs=("c",), table=np.array([-9, 7]), bits=4)
+    with pytest.raises(LoweringError, match=r"node t \(code_table\): bits=1 must be in 2..62"):
+        CodeTable(name="t", inputs=("c",), table=np.array([0]), bits=1)
