@@ -376,7 +376,7 @@ class _Emitter:
         return np.asarray(exp, dtype=np.int32)
 
     def requant(self, name: str, x: str, s: OpSettings, point: str, ndim: int, onnx: str | None) -> str:
-        if _qdq.quantized_next(self, point):  # the model gives this tensor's codes: one rounding, there
+        if _qdq.quantized_next(self, point):  # the model gives this tensor's codes: rounded to them there
             return x
         fmt = _act_fmt(s)
         return self.add(
@@ -559,7 +559,7 @@ def _embedding(e: _Emitter, n: F.FNode) -> str:
         last = k == len(looked) - 1
         point = n.name if last else f"{n.name}#partial{k}"
         given = _qdq.given_at(e, n.name if last else (n.partial_names[k - 1 : k] or ("",))[0])
-        if given is not None:  # the exact sum (31 bits over twice the given range), then the given codes
+        if given is not None:  # the sum rounded to 31 bits over twice the given range, then the given codes
             gfmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, sr)
             exp = np.full((1, 1, 1), _qdq.fine_exp(gfmt.bits, 2 * _qdq.given_range(given)), np.int32)
             total = e.add(ir.Add(name="emb.sum" if last else f"emb.sum{k}", inputs=(total, t), fmt=gfmt, exp=exp))
@@ -691,7 +691,7 @@ def _residual(e: _Emitter, n: F.Add) -> str:
     fmt = _act_fmt(s, s.residual_bits)
     a, b = (e.value[i] for i in n.inputs)
     g = _qdq.given_at(e, n.name)
-    if g is not None:  # the exact sum (31 bits over twice the given range), then the given codes
+    if g is not None:  # the sum rounded to 31 bits over twice the given range, then the given codes
         fmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, s)
         exp = np.full((1,) * e.ndim(n.name), _qdq.fine_exp(fmt.bits, 2 * _qdq.given_range(g)), np.int32)
         return e.add(ir.Add(name=r.short + ".sum", inputs=(a, b), fmt=fmt, exp=exp))

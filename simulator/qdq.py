@@ -17,11 +17,15 @@ onnxruntime's quantizer stores a Gemm bias), which gives back a stored int32 bia
 Every other given (static, per-tensor) activation pair is honoured where its tensor is
 computed (:func:`honour_output`, called by the emit loop after each rule)::
 
-    value (wide, one rounding) -affine_quantize-> c = q - zp -rescale_channels(m)-> c * m @2^-k
+    value (wide) -[requant to 31 bits]-affine_quantize-> c = q - zp -rescale_channels(m)-> c * m @2^-k
 
-with ``m * 2**-k ~= scale``; the codes ``c`` travel beside the value (``_Emitter.codes``) for
-the ops that compute on codes: linears, attention matmuls (exact ``MatMulInteger``),
-LayerNorm, data movement, a GELU region as one table (:func:`region_codes`). Pairs inside a
+with ``m * 2**-k ~= scale``; the value is not narrowed to bbct's format first, but it has
+been rounded before (a GEMM's accumulator times its scale to 2 bits below its finest unit,
+a sum to 31 bits over twice the given range), and one more rounding to 31 bits (``2**-30``
+of its range) precedes ``affine_quantize`` when it is wider. The codes ``c`` travel beside
+the value (``_Emitter.codes``) for the ops that compute on codes: linears, attention
+matmuls (exact ``MatMulInteger``), LayerNorm, data movement, a GELU region as one table
+(:func:`region_codes`). Pairs inside a
 fused node: the product before a bias (``bias_add``), scores before their scale, scores +
 mask, embedding partial sums; what stays unhonoured is reported with why (:data:`INSIDE`).
 """
@@ -340,8 +344,9 @@ def given_at(e: _Emitter, name: str) -> F.GivenQuant | None:
 def quantized_next(e: _Emitter, name: str) -> bool:
     """Float tensor ``name`` is quantized to given codes next: its own given quantization, or
     every reader is a linear that quantizes its input to given codes, or data movement whose
-    output is quantized next. Its producer then skips its own narrowing, so that the given
-    codes come from one rounding of the wide value, as ``QuantizeLinear`` rounds a float."""
+    output is quantized next. Its producer then skips its own narrowing (bbct's format): the
+    given codes are rounded from the wide value (itself rounded at most twice before, see the
+    module docstring), as ``QuantizeLinear`` rounds a float."""
     if given_at(e, name) is not None:
         return True
     users = e.cons.get(name, [])
@@ -418,7 +423,7 @@ def dequantize(e: _Emitter, base: str, codes: str, g: F.GivenQuant, s: OpSetting
 
 def honour_output(e: _Emitter, n: F.FNode, y: str) -> str:
     """Node ``n``'s value ``y`` quantized to the codes its model gives its output tensor: the
-    one rounding to the given grid (the rules skip their own narrowing for such outputs, see
+    rounding to the given grid (the rules skip their own narrowing for such outputs, see
     ``_Emitter.requant``); downstream reads the codes' exact value. Data movement of codes
     already on that grid (heads split or merged, a row taken) passes them unchanged."""
     g = given_at(e, n.name)
