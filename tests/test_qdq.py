@@ -494,6 +494,8 @@ def test_every_op_quantized(qdq_all):
     _check_attention_gemms(g, res, expect=4)
     err, sqnr, scale = _logit_error(qdq_all, res, feeds)
     assert err <= 2 * scale and sqnr > 40, (err, sqnr, scale)
+    per_channel = any(np.ndim(n.w_quant.scale) for n in fg.nodes if isinstance(n, F.QuantLinear))
+    assert per_channel or err < scale / 2, (err, scale)  # per tensor every logit code equal (README)
     report = g.info["given_quantization"]
     kinds = {v.split(":")[0] for v in report["activations"].values()}
     assert {
