@@ -560,8 +560,7 @@ def _embedding(e: _Emitter, n: F.FNode) -> str:
         point = n.name if last else f"{n.name}#partial{k}"
         given = _qdq.given_at(e, n.name if last else (n.partial_names[k - 1 : k] or ("",))[0])
         if given is not None:  # the sum rounded to 31 bits over twice the given range, then the given codes
-            gfmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, sr)
-            exp = np.full((1, 1, 1), _qdq.fine_exp(gfmt.bits, 2 * _qdq.given_range(given)), np.int32)
+            gfmt, exp = _qdq.given_sum_format(given, sr, 3)
             total = e.add(ir.Add(name="emb.sum" if last else f"emb.sum{k}", inputs=(total, t), fmt=gfmt, exp=exp))
             if not last:  # a partial sum's given codes, here; the last one's after the rule
                 codes = _qdq.affine(e, f"emb.sum{k}", total, given, sr)
@@ -692,8 +691,7 @@ def _residual(e: _Emitter, n: F.Add) -> str:
     a, b = (e.value[i] for i in n.inputs)
     g = _qdq.given_at(e, n.name)
     if g is not None:  # the sum rounded to 31 bits over twice the given range, then the given codes
-        fmt = _fixed_fmt(_qdq.AFFINE_IN_BITS, s)
-        exp = np.full((1,) * e.ndim(n.name), _qdq.fine_exp(fmt.bits, 2 * _qdq.given_range(g)), np.int32)
+        fmt, exp = _qdq.given_sum_format(g, s, e.ndim(n.name))
         return e.add(ir.Add(name=r.short + ".sum", inputs=(a, b), fmt=fmt, exp=exp))
     return e.add(
         ir.Add(name=r.short, inputs=(a, b), onnx_name=n.name, fmt=fmt, exp=e.static_exp(n.name, fmt, s, e.ndim(n.name)))

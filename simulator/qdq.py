@@ -581,6 +581,13 @@ def fine_exp(bits: int, amax: float) -> int:
     return _fixed_exp_for_range(bits, max(amax, 2.0**-60))
 
 
+def given_sum_format(g: F.GivenQuant, s: OpSettings, ndim: int) -> tuple[IntFormat, np.ndarray]:
+    """Format and exponent of a sum whose result has given codes ``g``: ``AFFINE_IN_BITS``
+    wide over twice the given range (the sum rounded once there, then to the codes)."""
+    fmt = _fixed_fmt(AFFINE_IN_BITS, s)
+    return fmt, np.full((1,) * ndim, fine_exp(fmt.bits, 2 * given_range(g)), np.int32)
+
+
 def given_static_exp(given: dict, fmt: IntFormat, s: OpSettings) -> np.ndarray | None:
     """Block exponents of an activation from its given per-channel power-of-two scales
     (:func:`bbct.simulator.export.read_static_activations`), or None when they are not one
@@ -612,11 +619,13 @@ KINDS = {  # what a given activation is, by the float node that computes it
     F.MeanPool: "mean pool",
     F.L2Normalize: "L2 normalization",
 }
+_BEFORE_BIAS = (
+    "the MatMul output before the bias: bbct adds the bias in the exact accumulator and rounds once, "
+    "at the linear's output"
+)
 INSIDE = {  # why a given quantization inside a fused node is not honoured
-    F.Linear: "the MatMul output before the bias: bbct adds the bias in the exact accumulator and rounds once, "
-    "at the linear's output",
-    F.QuantLinear: "the MatMul output before the bias: bbct adds the bias in the exact accumulator and rounds "
-    "once, at the linear's output",
+    F.Linear: _BEFORE_BIAS,
+    F.QuantLinear: _BEFORE_BIAS,
     F.Gelu: "inside the GELU: bbct's GELU kernel computes x * Phi(x) in one piece from its input",
     F.Scores: "inside the scaled scores: bbct rescales the exact product Q.K^T once by every scale",
     F.Softmax: "inside the softmax",
