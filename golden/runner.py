@@ -12,7 +12,9 @@ plain session does not optimize either (tested).
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,10 +192,12 @@ class GoldenRunner:
         """Every node output (and the graph outputs) by tensor name."""
         feeds = self.check_inputs(feeds)
         if self._all is None:
-            m = onnx.ModelProto()
-            m.CopyFrom(self.model)
+            # every node output becomes a graph output for the session, added to the model
+            # itself and removed again: a copy would hold the weights twice
+            m = self.model
             typed = _inferred_types(m)
             have = {o.name for o in m.graph.output}
+            n_out = len(m.graph.output)
             for node in m.graph.node:
                 for t in node.output:
                     if t:
@@ -203,7 +207,10 @@ class GoldenRunner:
                             # infers the rest itself from an untyped output
                             m.graph.output.append(typed.get(t) or onnx.ValueInfoProto(name=t))
                             have.add(t)
-            self._all = self._session(m)
+            try:
+                self._all = self._session(m)
+            finally:
+                del m.graph.output[n_out:]
             self._all_names = [o.name for o in self._all.get_outputs()]
         vals = self._run(self._all, feeds)
         return Golden(dict(zip(self._all_names, vals, strict=True)), self.producer, self.output_names)
@@ -211,11 +218,30 @@ class GoldenRunner:
 
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """value_info of every tensor onnx shape inference can type (empty if it cannot run)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # inference is a convenience here; onnxruntime types the outputs anyway
-        return {}
+    with _large_weights_set_aside(model):  # inference reads their dims, not their values
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # inference is a convenience here; onnxruntime types the outputs anyway
+            return {}
     return {v.name: v for v in inferred.graph.value_info if v.type.HasField("tensor_type")}
+
+
+@contextlib.contextmanager
+def _large_weights_set_aside(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> Iterator[None]:
+    """Take the raw data of initializers of ``min_bytes`` or more out of ``model`` for the
+    duration (dims and type stay), so that what copies or serializes the model meanwhile (shape
+    inference does both) handles kilobytes, not the weights. Small ones (shapes, indices,
+    constants an inference may read) stay."""
+    aside = []
+    for t in model.graph.initializer:
+        if t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+            aside.append((t, t.raw_data))
+            t.ClearField("raw_data")
+    try:
+        yield
+    finally:
+        for t, raw in aside:
+            t.raw_data = raw
 
 
 def run_float(

@@ -8,6 +8,7 @@ This is what the CLI, the benchmarks and user scripts use::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -49,7 +50,7 @@ class Simulator:
         self.fgraph: FGraph = load_graph(self.model_path)
         self.tokenizer = find_tokenizer(self.model_path)
         self.max_length = max_length
-        self.golden = GoldenRunner(self.model_path, threads=threads)
+        self._threads = threads
         self.calibration: Calibration | None = None
         if self.config.needs_calibration:
             if not calib_texts:
@@ -62,6 +63,12 @@ class Simulator:
             self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
         except LoweringError as e:  # name the model: the message names only its node
             raise LoweringError(f"{self.model_path}: {e}") from None
+
+    @functools.cached_property
+    def golden(self) -> GoldenRunner:
+        """The float model in onnxruntime, loaded on first use: a run of the integer model
+        alone never holds a second copy of the float weights."""
+        return GoldenRunner(self.model_path, threads=self._threads)
 
     def encode(self, texts: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by
