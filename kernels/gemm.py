@@ -240,18 +240,31 @@ def _where(name: str, x: np.ndarray, bad: np.ndarray) -> str:
     return f"{name}{at} = {int(x[idx])}"
 
 
-def _operand(name: str, x: object) -> np.ndarray:
-    """``x`` as int64, refusing ``|x| >= 2**62`` before the cast (which wraps an uint64 above
-    the int64 maximum and gives ``np.abs(int64 min) < 0``, so no later bound would see it)."""
+@nb.njit(cache=True)
+def _min_max(x):
+    """(min, max) of a non-empty integer array in one pass."""
+    lo = x.flat[0]
+    hi = lo
+    for v in x.flat:
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+def _operand(name: str, x: object) -> tuple[np.ndarray, int]:
+    """``x`` as int64 and its ``max |x|``, refusing ``|x| >= 2**62`` before the cast (which
+    wraps an uint64 above the int64 maximum and gives ``np.abs(int64 min) < 0``, so no later
+    bound would see it)."""
     x = require_int(f"gemm: {name}", x)
-    info = np.iinfo(x.dtype)
-    if x.size and (info.max >= _DATAPATH or info.min <= -_DATAPATH):
-        if int(x.max()) >= _DATAPATH or int(x.min()) <= -_DATAPATH:
-            bad = x >= _DATAPATH if x.dtype.kind == "u" else (x >= _DATAPATH) | (x <= -_DATAPATH)
-            raise ValueError(
-                f"gemm: {_where(name, x, bad)} is outside |x| < 2**62, the int64 datapath the kernel is exact on"
-            )
-    return x.astype(np.int64, copy=False)
+    if not x.size:
+        return x.astype(np.int64, copy=False), 0
+    lo, hi = (int(v) for v in _min_max(x if x.flags.c_contiguous else np.ascontiguousarray(x)))
+    if hi >= _DATAPATH or lo <= -_DATAPATH:
+        bad = x >= _DATAPATH if x.dtype.kind == "u" else (x >= _DATAPATH) | (x <= -_DATAPATH)
+        raise ValueError(
+            f"gemm: {_where(name, x, bad)} is outside |x| < 2**62, the int64 datapath the kernel is exact on"
+        )
+    return x.astype(np.int64, copy=False), max(hi, -lo)
 
 
 def _exponent(name: str, e: object) -> np.ndarray:
@@ -315,8 +328,8 @@ def _bias_table(bias, e_acc, e_bias, rounding, rows, acc_bits, acc_saturation):
 def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
     """Validate the contract's inputs; returns int64 operands, the bias, the batch shape, the
     int32 accumulator exponents (zero rows resolved) and the float-exactness bound P."""
-    a = _operand("a", a)
-    b = _operand("b", b)
+    a, amax = _operand("a", a)
+    b, bmax = _operand("b", b)
     ea = _exponent("ea", ea)
     eb = _exponent("eb", eb)
     if a.ndim < 2 or b.ndim < 2 or a.shape[-1] != b.shape[-2]:
@@ -338,19 +351,16 @@ def _check(a, ea, b, eb, acc_bits, acc_saturation, bias, e_bias):
         raise ValueError(f"gemm: {_where('(ea + eb)', e_acc, bad)} is outside int32 (exponents are int32)")
     zero = _zero_rows(a, ea, b, eb, rows)
     k = a.shape[-1]
-    amax = int(np.max(np.abs(a))) if a.size else 0
-    bmax = int(np.max(np.abs(b))) if b.size else 0
     if amax * bmax >= 1 << 62:
         raise ValueError(f"gemm: max|a|*max|b| = {amax * bmax} must stay below 2**62 (int64 products)")
     if bias is not None:
-        bias = _operand("bias", bias)
+        bias, bmx = _operand("bias", bias)
         if bias.shape != (b.shape[-1],):
             raise ValueError(f"gemm: bias shape {bias.shape}, expected ({b.shape[-1]},)")
         eb_ = _exponent("e_bias", e_bias)
         if eb_.ndim:
             raise ValueError(f"gemm: e_bias must be one integer, got shape {eb_.shape}")
         e_bias = int(eb_)
-        bmx = int(np.max(np.abs(bias))) if bias.size else 0
         if zero.any():  # the bias alone: at its own exponent, raised until it fits (docstring)
             e_zero = e_bias + max(0, bit_length_ref(bmx) - (acc_bits - 1))
             if e_zero > _I32[1]:
