@@ -301,6 +301,26 @@ def run_engines(
     return rows
 
 
+def _linear_floor(rows: list[dict]) -> None:
+    """Per simulator row: its linears' total time against numpy float64 / float32 GEMM of the
+    same products (at the rates measured in that process), and the float64 total over
+    onnxruntime fp32's whole run. bbct's products are exact in float64 (docs/KERNELS.md,
+    gemm), so the float64 total bounds from below what this exact path can reach here."""
+    base = next((r["median_s"] for r in rows if r["engine"] == "ort-fp32"), None)
+    for r in rows:
+        lin = r.get("linears")
+        if not lin:
+            continue
+        fl = {"bbct_ms": sum(li["count"] * li["bbct_ms"] for li in lin)}
+        for ft in ("float64", "float32"):
+            fl[f"{ft}_ms"] = sum(
+                li["count"] * 2 * li["m"] * li["k"] * li["n"] / li[f"numpy_{ft}_gflops"] / 1e6 for li in lin
+            )
+        if base:
+            fl["float64_vs_ort_fp32"] = fl["float64_ms"] / 1e3 / base
+        r["linear_floor"] = fl
+
+
 def _ratios(rows: list[dict]) -> None:
     base = rows[0]
     for r in rows:
@@ -309,6 +329,7 @@ def _ratios(rows: list[dict]) -> None:
         if r.get("pred") is not None and base.get("pred") is not None:
             same = sum(a == b for a, b in zip(r["pred"], base["pred"], strict=True))
             r["agreement_with_fp32"] = same / len(r["pred"])
+    _linear_floor(rows)
 
 
 def _print_rows(title: str, rows: list[dict]) -> None:
@@ -340,6 +361,13 @@ def _print_profiles(rows: list[dict]) -> None:
                     f"    {li['m']:>6} x {li['k']:>5} x {li['n']:>5}: {li['count']:>3}, {li['bbct_ms']:8.1f} ms, "
                     f"{li['bbct_gflops']:6.1f}; numpy {li['numpy_float32_gflops']:6.1f} / "
                     f"{li['numpy_float64_gflops']:6.1f}"
+                )
+            fl = r.get("linear_floor")
+            if fl:
+                print(
+                    f"    all linears: bbct {fl['bbct_ms']:.0f} ms; the same products as numpy GEMM: float64 "
+                    f"{fl['float64_ms']:.0f} ms ({fl['float64_vs_ort_fp32']:.2f}x onnxruntime fp32's whole run), "
+                    f"float32 {fl['float32_ms']:.0f} ms"
                 )
 
 
