@@ -78,7 +78,8 @@ def _align_rows(x, e, bs, guard, mode, out, e_ref):
         e_ref[r] = ref
         for b in range(e.shape[1]):
             j0 = b * bs
-            shift_block(x, r, j0, min(n, j0 + bs), np.int64(ref) - e[r, b], mode, out)
+            j1 = min(n, j0 + bs)
+            shift_block(x[r, j0:j1], np.int64(ref) - e[r, b], mode, out[r, j0:j1])
 
 
 def _last_axis_rows(q: QTensor, reduce_axes: tuple[int, ...]) -> bool:
