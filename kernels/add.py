@@ -26,7 +26,7 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.blocks import effective_block, rows_restore, rows_view
-from bbct.kernels.blockshift import shift_block
+from bbct.kernels.blockshift import shift_consts, shift_el
 from bbct.kernels.formats import (
     EXP_ZERO,
     FormatError,
@@ -112,9 +112,9 @@ def _exact_sum(a: QTensor, b: QTensor, fmt: IntFormat, ref: bool) -> tuple[np.nd
 
 
 @nb.njit(cache=True)
-def _sum_blocks(a, ea, b, eb, bs, mode, out, e_blk, tmp):
+def _sum_blocks(a, ea, b, eb, bs, mode, out, e_blk):
     """:func:`_sum_rows` when both operands are blocked like the output: one exponent per
-    operand and block, so one common exponent and two shifts per block."""
+    operand and block, so one common exponent and two shifts per block, in one loop."""
     rows, n = a.shape
     for r in range(rows):
         for k in range(e_blk.shape[1]):
@@ -130,10 +130,10 @@ def _sum_blocks(a, ea, b, eb, bs, mode, out, e_blk, tmp):
             else:
                 e = max(min(xa, xb), max(xa, xb) - MAX_ALIGN)
             e_blk[r, k] = e
-            shift_block(a, r, j0, j1, e - xa, mode, out)
-            shift_block(b, r, j0, j1, e - xb, mode, tmp)
-            for j in range(j0, j1):
-                out[r, j] += tmp[r, j]
+            ka, kb = shift_consts(e - xa, mode), shift_consts(e - xb, mode)
+            av, bv, ov = a[r, j0:j1], b[r, j0:j1], out[r, j0:j1]
+            for j in range(ov.size):
+                ov[j] = shift_el(np.int64(av[j]), ka) + shift_el(np.int64(bv[j]), kb)
 
 
 def _same_blocks(q: QTensor, fmt: IntFormat) -> np.ndarray | None:
@@ -168,10 +168,10 @@ def add(a: QTensor, b: QTensor, fmt: IntFormat, exp_out: np.ndarray | None = Non
                 raise ValueError(f"add: operand {name} has |value| {top}, must stay below 2**31")
         n = a.shape[-1]
         ar, br = np.ascontiguousarray(a.data).reshape(-1, n), np.ascontiguousarray(b.data).reshape(-1, n)
-        out, tmp = np.empty(ar.shape, np.int64), np.empty(ar.shape, np.int64)
+        out = np.empty(ar.shape, np.int64)
         e_blk = np.empty(ea.shape, np.int64)
         bs = max(effective_block(n, fmt.block_size), 1)
-        _sum_blocks(ar, ea, br, eb, bs, int(fmt.rounding), out, e_blk, tmp)
+        _sum_blocks(ar, ea, br, eb, bs, int(fmt.rounding), out, e_blk)
         return requantize_blocks(out, e_blk, fmt, exp_out, a.shape)
     s, e = _exact_sum(a, b, fmt, ref=False)
     return requantize(s, e, fmt, exp_out)

@@ -66,33 +66,41 @@ def _align_flat(x, m, s, mode, out):
 
 
 @nb.njit(cache=True)
-def _align_rows(x, e, bs, guard, mode, out, e_ref):
-    """One group per row of ``x`` (rows, n), blocks of ``bs`` along it with exponents ``e``
-    (rows, nblocks): the module docstring's rule, one shift per block."""
+def _align_rows(x, e, per, bs, guard, mode, out, e_ref):
+    """One group per ``per`` consecutive rows of ``x`` (rows, n), blocks of ``bs`` along each
+    row with exponents ``e`` (rows, nblocks): the module docstring's rule, one shift per block."""
     rows, n = x.shape
-    for r in range(rows):
-        top = e[r, 0]
-        for b in range(1, e.shape[1]):
-            top = max(top, e[r, b])
+    for g in range(rows // per):
+        r0 = g * per
+        top = e[r0, 0]
+        for r in range(r0, r0 + per):
+            for b in range(e.shape[1]):
+                top = max(top, e[r, b])
         ref = top - guard
-        e_ref[r] = ref
-        for b in range(e.shape[1]):
-            j0 = b * bs
-            shift_block(x, r, j0, min(n, j0 + bs), np.int64(ref) - e[r, b], mode, out)
+        e_ref[g] = ref
+        for r in range(r0, r0 + per):
+            for b in range(e.shape[1]):
+                j0 = b * bs
+                j1 = min(n, j0 + bs)
+                shift_block(x[r, j0:j1], np.int64(ref) - e[r, b], mode, out[r, j0:j1])
 
 
-def _last_axis_rows(q: QTensor, reduce_axes: tuple[int, ...]) -> bool:
-    """Groups are rows along the last axis, which is also the block axis, scales POW2."""
+def _trailing_groups(q: QTensor, reduce_axes: tuple[int, ...]) -> int:
+    """How many trailing axes the groups span (the reduced axes are the last ones, the last
+    being the block axis, scales POW2: every group is a run of whole rows), else 0."""
     nd = q.data.ndim
     e = np.asarray(q.exp)
-    return (
+    axes = tuple(sorted({a % nd for a in reduce_axes})) if nd else ()
+    ok = (
         nd >= 1
         and q.mant is None
-        and tuple(sorted({a % nd for a in reduce_axes})) == (nd - 1,)
+        and bool(axes)
+        and axes == tuple(range(nd - len(axes), nd))
         and q.fmt.block_axis % nd == nd - 1
         and e.ndim == nd
         and e.shape[-1] in (1, -(-q.shape[-1] // effective_block(q.shape[-1], q.fmt.block_size)) if q.shape[-1] else 1)
     )
+    return len(axes) if ok else 0
 
 
 def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Rounding) -> tuple[np.ndarray, np.ndarray]:
@@ -107,7 +115,8 @@ def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Roundi
     Returns:
         ``(wide int64, e_ref int32)``; bit-identical to :func:`align_ref`.
     """
-    if _last_axis_rows(q, reduce_axes) and q.data.size:
+    k = _trailing_groups(q, reduce_axes)
+    if k and q.data.size:
         _check_guard(guard)
         x = np.ascontiguousarray(q.data)
         n = x.shape[-1]
@@ -117,10 +126,12 @@ def align(q: QTensor, reduce_axes: tuple[int, ...], guard: int, rounding: Roundi
         ex = np.asarray(q.exp)
         e2 = np.broadcast_to(ex, x.shape[:-1] + ex.shape[-1:]).reshape(-1, ex.shape[-1]).astype(np.int64)
         out = np.empty(x.shape, np.int64)
-        e_ref = np.empty(e2.shape[0], np.int64)
+        gshape = x.shape[: x.ndim - k]
+        e_ref = np.empty(int(np.prod(gshape)), np.int64)
         bs = n if ex.shape[-1] == 1 else effective_block(n, q.fmt.block_size)
-        _align_rows(x.reshape(-1, n), e2, bs, int(guard), int(rounding), out.reshape(-1, n), e_ref)
-        return out, e_ref.astype(np.int32).reshape(x.shape[:-1] + (1,))
+        per = int(np.prod(x.shape[x.ndim - k : -1]))
+        _align_rows(x.reshape(-1, n), e2, per, bs, int(guard), int(rounding), out.reshape(-1, n), e_ref)
+        return out, e_ref.astype(np.int32).reshape(gshape + (1,) * k)
     e, x, m = _expand(q, guard)
     e_ref = _e_ref(e, reduce_axes, guard)
     s = np.ascontiguousarray(np.broadcast_to(e_ref, x.shape) - e).ravel()

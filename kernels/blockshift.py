@@ -3,8 +3,10 @@
 Within one block every element is shifted by the same amount, so the rounding of
 :func:`bbct.kernels.formats.shift_round` can be written as one add and one arithmetic shift
 whose constants depend on the shift and the mode only (:func:`rshift_consts`); the element
-loop then has no branch and vectorizes. :func:`shift_block` is that loop; the requantize and
-align kernels call it per block. Values are bit-identical to ``shift_round`` (tests).
+loop then has no branch and vectorizes. :func:`shift_block` is that loop, which the align
+kernel calls per block; :func:`shift_el` is one element of it with a left or right shift,
+which the add kernel uses for both operands in one loop. Values are bit-identical to
+``shift_round`` (tests).
 """
 
 from __future__ import annotations
@@ -62,17 +64,41 @@ def rshift_consts(s: np.int64, mode: np.int64) -> tuple[np.int64, np.int64, np.i
 
 
 @nb.njit(cache=True, inline="always")
-def shift_block(x, r, j0, j1, s, mode, out):
-    """``out[r, j] = x[r, j] >>r s`` for ``j0 <= j < j1`` (``shift_round``, shifts beyond 62
-    taken as 62); a shift ``s <= 0`` is a left shift the caller has proven exact."""
+def shift_block(x, s, mode, out):
+    """``out[j] = x[j] >>r s`` over the 1-D views ``x``, ``out`` of one block (``shift_round``,
+    shifts beyond 62 taken as 62); a shift ``s <= 0`` is a left shift the caller has proven
+    exact. Zero-based loops over views keep the loads and stores contiguous (vectorized)."""
     if s <= 0:
-        for j in range(j0, j1):
-            out[r, j] = np.int64(x[r, j]) << (-s)
+        for j in range(x.size):
+            out[j] = np.int64(x[j]) << (-s)
         return
     if s > 62:
         s = 62
     c, t, u, odd = rshift_consts(s, mode)
-    for j in range(j0, j1):
-        v = np.int64(x[r, j])
+    for j in range(x.size):
+        v = np.int64(x[j])
         sg = v >> 63
-        out[r, j] = (v + c + (sg & t) + (sg & 1) * u + ((v >> s) & odd)) >> s
+        out[j] = (v + c + (sg & t) + (sg & 1) * u + ((v >> s) & odd)) >> s
+
+
+@nb.njit(cache=True, inline="always")
+def shift_consts(s: np.int64, mode: np.int64) -> tuple[np.int64, np.int64, np.int64, np.int64, np.int64, np.int64]:
+    """``(ls, s', c, t, u, odd)`` for :func:`shift_el`: a shift ``s <= 0`` is the left shift
+    ``ls = -s`` (exact, as the caller proves) and a right shift by 0; ``s`` in 1..62 (beyond
+    62 taken as 62) is ``ls = 0`` and :func:`rshift_consts`. One element loop serves both."""
+    if s <= 0:
+        z = np.int64(0)
+        return -s, z, z, z, z, z
+    if s > 62:
+        s = 62
+    c, t, u, odd = rshift_consts(s, mode)
+    return np.int64(0), s, c, t, u, odd
+
+
+@nb.njit(cache=True, inline="always")
+def shift_el(v: np.int64, k: tuple) -> np.int64:
+    """``shift_round(v, s, mode)`` with ``k = shift_consts(s, mode)``; branch-free."""
+    ls, s, c, t, u, odd = k
+    w = v << ls
+    sg = w >> 63
+    return (w + c + (sg & t) + (sg & 1) * u + ((w >> s) & odd)) >> s

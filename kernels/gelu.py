@@ -37,7 +37,16 @@ import numba as nb
 import numpy as np
 
 from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
-from bbct.kernels.lut import LutParams, lut, lut_counted, lut_counted_ref, lut_ref, make_lut, symmetric_range_bits
+from bbct.kernels.lut import (
+    LutParams,
+    lut,
+    lut_counted,
+    lut_counted_ref,
+    lut_ref,
+    make_lut,
+    symmetric_range_bits,
+    tabulated,
+)
 
 POLY_A = -0.2575083
 POLY_C = 1.8306205
@@ -113,7 +122,9 @@ def _check_in(name: str, x: Any, in_bits: int) -> np.ndarray:
 
 
 @nb.njit(cache=True)
-def _gelu_poly_flat(x, c_q, a_q, s_a, frac, shift, lo, hi, bits, out):
+def _gelu_poly_flat(x, c_q, a_q, s_a, frac, shift, lo, hi, bits, out, hits):
+    """The module docstring's steps per element; returns the saturation events and, when
+    ``hits`` is not empty, stores each element's event flag there."""
     one = np.int64(1) << frac
     events = np.int64(0)
     for i in range(x.size):
@@ -128,6 +139,8 @@ def _gelu_poly_flat(x, c_q, a_q, s_a, frac, shift, lo, hi, bits, out):
         out[i] = saturate(y, lo, hi, False, bits)
         if out[i] != y:
             events += 1
+        if hits.size:
+            hits[i] = out[i] != y
     return events
 
 
@@ -146,9 +159,9 @@ def gelu_poly_counted(x: np.ndarray, p: GeluPolyParams) -> tuple[np.ndarray, int
     when ``e_out >= e_in``, since GELU(x) <= max(x, 0))."""
     x = _check_in("gelu_poly", x, p.in_bits)
     lo, hi = int_range(p.out_bits, True)
-    out = np.empty(x.size, np.int64)
     shift = p.frac + 1 + p.e_out - p.e_in
-    ev = _gelu_poly_flat(np.ascontiguousarray(x).ravel(), p.c_q, p.a_q, p.s_a, p.frac, shift, lo, hi, p.out_bits, out)
+    xf = np.ascontiguousarray(x).ravel()
+    out, ev = tabulated(xf, _gelu_poly_flat, p.c_q, p.a_q, p.s_a, p.frac, shift, lo, hi, p.out_bits)
     return out.reshape(x.shape), int(ev)
 
 

@@ -43,7 +43,8 @@ from typing import Any
 import numba as nb
 import numpy as np
 
-from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
+from bbct.kernels.blockshift import shift_consts, shift_el
+from bbct.kernels.formats import int_range, require_int, saturate_ref, shift_round, shift_round_ref
 
 RB = 48
 RND = 2  # Rounding.RND: half up
@@ -208,40 +209,56 @@ def bit_len(v):
 
 @nb.njit(cache=True)
 def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bits, out):
+    """The module docstring's steps per row of ``x`` (rows, h). Returns (events, max, min)
+    with max/min over ``x`` and 0, for the caller's overflow check (made after the rows: a
+    row beyond the bound computes garbage, never an error). The final two roundings are
+    branch-free (:func:`shift_el`, the same values as ``shift_round`` for shifts up to 62)."""
     rows, h = x.shape
     d = np.empty(h, np.int64)
     hb = bit_len(np.int64(h))
     events = np.int64(0)
+    gmx = np.int64(0)
+    gmn = np.int64(0)
+    k2 = shift_consts(e_out - e_gamma + fn, RND)
     for r in range(rows):
+        xr = x[r]
         s = np.int64(0)
-        amax = np.int64(0)
+        mx = np.int64(0)
+        mn = np.int64(0)
         for j in range(h):
-            s += x[r, j]
-            a = x[r, j] if x[r, j] >= 0 else -x[r, j]
-            if a > amax:
-                amax = a
+            v = np.int64(xr[j])
+            s += v
+            mx = max(mx, v)
+            mn = min(mn, v)
+        gmx = max(gmx, mx)
+        gmn = min(gmn, mn)
+        amax = max(mx, -mn)
         m = (59 - hb - 2 * bit_len(amax)) // 2
         mu = ((s << (m + 1)) + h) // (2 * h)
         v = np.int64(0)
         for j in range(h):
-            d[j] = (x[r, j] << m) - mu
-            v += d[j] * d[j]
+            dj = (np.int64(xr[j]) << m) - mu
+            d[j] = dj
+            v += dj * dj
         v, clamped = _eps_add(v, h, e_row[r] - m, eps_m, eps_e)
         if clamped:
             events += 1
         t = max(0, (61 - bit_len(v)) // 2)
         sigma = isqrt((v << (2 * t)) // h)
         recip = (np.int64(1) << RB) // sigma if sigma > 0 else np.int64(0)
+        k1 = shift_consts(RB - fn - t, RND)
+        orow = out[r]
         for j in range(h):
-            n = shift_round(d[j] * recip, RB - fn - t, RND)
-            y = shift_round(n * gamma[j], e_out - e_gamma + fn, RND) + beta[j]
-            out[r, j] = saturate(y, lo, hi, False, bits)
-            if out[r, j] != y:
-                events += 1
-    return events
+            y = shift_el(shift_el(d[j] * recip, k1) * gamma[j], k2) + beta[j]
+            ys = min(max(y, lo), hi)
+            orow[j] = ys
+            events += ys != y
+    return events, gmx, gmn
 
 
-def _setup(x: Any, e_row: Any, p: LayerNormParams) -> tuple[np.ndarray, np.ndarray]:
+def _setup(x: Any, e_row: Any, p: LayerNormParams, check: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``x`` and their exponents, checked (``check``: the int64 variance bound too,
+    else the caller checks it with :func:`_check_bound`)."""
     x = require_int("layernorm: x", x)
     e_row = require_int("layernorm: e_row", e_row)
     if x.ndim == 0:
@@ -256,15 +273,19 @@ def _setup(x: Any, e_row: Any, p: LayerNormParams) -> tuple[np.ndarray, np.ndarr
     if er.size and (int(er.min()) < -1100 or int(er.max()) > 1100):
         raise ValueError(f"layernorm: e_row values must be in -1100..1100, got {int(er.min())}..{int(er.max())}")
     xr = np.ascontiguousarray(x, dtype=np.int64).reshape(-1, h)
-    if xr.size:
-        b = max(abs(int(xr.min())), abs(int(xr.max()))).bit_length()
-        if 2 * b + h.bit_length() > 59:
-            raise ValueError(
-                f"layernorm: |x| of {b} bits with H={h} would overflow the int64 variance "
-                f"(2 * bitlen(max|x|) + bitlen(H) must be <= 59); narrow the input to "
-                f"{(59 - h.bit_length()) // 2} magnitude bits"
-            )
+    if check and xr.size:
+        _check_bound(int(xr.max()), int(xr.min()), h)
     return xr, np.ascontiguousarray(er, dtype=np.int64).reshape(-1)
+
+
+def _check_bound(mx: int, mn: int, h: int) -> None:
+    b = max(abs(mn), abs(mx)).bit_length()
+    if 2 * b + h.bit_length() > 59:
+        raise ValueError(
+            f"layernorm: |x| of {b} bits with H={h} would overflow the int64 variance "
+            f"(2 * bitlen(max|x|) + bitlen(H) must be <= 59); narrow the input to "
+            f"{(59 - h.bit_length()) // 2} magnitude bits"
+        )
 
 
 def layernorm(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.ndarray, int]:
@@ -280,12 +301,14 @@ def layernorm(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.
 def layernorm_counted(x: np.ndarray, e_row: np.ndarray, p: LayerNormParams) -> tuple[np.ndarray, int]:
     """:func:`layernorm`'s codes and its saturation events: each output value step 6's SAT
     changes, and each row whose variance plus eps (step 3) saturates at ``2**62 - 1``."""
-    xr, er = _setup(x, e_row, p)
+    xr, er = _setup(x, e_row, p, check=False)
     lo, hi = int_range(p.out_bits, True)
     out = np.empty(xr.shape, np.int64)
-    ev = _ln_rows(
+    ev, mx, mn = _ln_rows(
         xr, er, p.gamma, p.beta, p.e_gamma, p.eps_m, p.eps_e, p.norm_frac_bits, p.e_out, lo, hi, p.out_bits, out
     )
+    if xr.size:
+        _check_bound(int(mx), int(mn), xr.shape[1])
     return out.reshape(np.shape(x)), int(ev)
 
 

@@ -42,6 +42,7 @@ import numpy as np
 from bbct.kernels.formats import int_range, require_int, saturate, saturate_ref, shift_round, shift_round_ref
 
 RND = 2  # Rounding.RND: half up
+TABULATE = 4  # elements per code of the input's span from which an element-wise kernel tabulates
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,7 +190,11 @@ def interp_ref(table: np.ndarray, a: int, f: int, frac_bits: int) -> int:
 
 
 @nb.njit(cache=True)
-def _lut_flat(x, table, clipped, q_lo, q_hi, frac_bits, use_interp, below, above, ident, sh_id, lo, hi, bits, out):
+def _lut_flat(
+    x, table, clipped, q_lo, q_hi, frac_bits, use_interp, below, above, ident, sh_id, lo, hi, bits, out, hits
+):
+    """The module docstring's steps per element; returns the saturation events and, when
+    ``hits`` is not empty, stores each element's event flag there."""
     mask = (np.int64(1) << frac_bits) - 1
     events = np.int64(0)
     for i in range(x.size):
@@ -207,9 +212,58 @@ def _lut_flat(x, table, clipped, q_lo, q_hi, frac_bits, use_interp, below, above
             y = interp(table, a, f, frac_bits) if use_interp else table[a]
             hit = clipped[a] != 0 or (use_interp and f != 0 and clipped[a + 1] != 0)
         out[i] = saturate(y, lo, hi, False, bits)
-        if hit or out[i] != y:
+        hit = hit or out[i] != y
+        if hit:
             events += 1
+        if hits.size:
+            hits[i] = hit
     return events
+
+
+def code_span(x: np.ndarray) -> np.ndarray | None:
+    """Every code from ``min(x)`` to ``max(x)`` (int64, ``x`` 1-D integer) when ``x`` has at
+    least :data:`TABULATE` elements per code of that span, else None. An element-wise
+    kernel of one narrow input code then evaluates each code once and looks every element
+    up (:func:`lookup_codes`): the same values, fewer evaluations."""
+    if not x.size:
+        return None
+    c0, c1 = int(x.min()), int(x.max())
+    if (c1 - c0 + 1) * TABULATE > x.size:
+        return None
+    return np.arange(c0, c1 + 1, dtype=np.int64)
+
+
+@nb.njit(cache=True)
+def lookup_codes(x, c0, vals, hits, out):
+    """``out[i] = vals[x[i] - c0]`` (``vals`` and ``hits``, 0/1 event flags, per code from
+    ``c0``); returns the number of elements whose code has an event."""
+    events = np.int64(0)
+    any_hit = False
+    for k in range(hits.size):
+        any_hit |= hits[k] != 0
+    if not any_hit:
+        for i in range(x.size):
+            out[i] = vals[np.int64(x[i]) - c0]
+        return events
+    for i in range(x.size):
+        k = np.int64(x[i]) - c0
+        out[i] = vals[k]
+        events += hits[k]
+    return events
+
+
+def tabulated(x: np.ndarray, kernel: Any, *args: Any) -> tuple[np.ndarray, int]:
+    """``kernel(x, *args, out, hits) -> events`` (an element-wise Numba kernel of one input
+    code, ``x`` 1-D) on ``x``: on the codes of :func:`code_span` and then one lookup per
+    element when that span is small, else directly. int64 out, same values either way."""
+    out = np.empty(x.size, np.int64)
+    codes = code_span(x)
+    if codes is None:
+        return out, int(kernel(x, *args, out, np.empty(0, np.uint8)))
+    vals = np.empty(codes.size, np.int64)
+    hits = np.empty(codes.size, np.uint8)
+    kernel(codes, *args, vals, hits)
+    return out, int(lookup_codes(x, codes[0], vals, hits, out))
 
 
 def _check(x: Any, p: LutParams) -> np.ndarray:
@@ -238,11 +292,11 @@ def lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
     ``sat_out`` changes (an identity-region or interpolated value beyond ``out_bits``)."""
     x = _check(x, p)
     lo, hi = int_range(p.out_bits, p.signed)
-    out = np.empty(x.size, np.int64)
     # entry flags, then the below / above constants' flags, in one array for the kernel
     flags = np.concatenate([p.clipped, [int(p.below_clipped), int(p.above_clipped)]]).astype(np.int64)
-    events = _lut_flat(
+    out, events = tabulated(
         np.ascontiguousarray(x).ravel(),
+        _lut_flat,
         p.table,
         flags,
         p.q_lo,
@@ -256,7 +310,6 @@ def lut_counted(x: np.ndarray, p: LutParams) -> tuple[np.ndarray, int]:
         lo,
         hi,
         p.out_bits,
-        out,
     )
     return out.reshape(x.shape), int(events)
 

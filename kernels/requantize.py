@@ -140,66 +140,102 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
 
 
 @nb.njit(cache=True, inline="always")
-def _narrow_block(x, r, j0, j1, s, mode, lo, hi, wrap, bits, out):
-    """``out[r, j0:j1] = sat(x >>r s)`` for one block's shift ``s`` (right shifts beyond 62
-    taken as 62); returns the overflow count. Same values as :func:`_shift_narrow`."""
+def _extent(x):
+    """(max, min) of the 1-D ``x`` and 0, as int64: one vectorizable pass."""
+    mx = np.int64(0)
+    mn = np.int64(0)
+    for j in range(x.size):
+        v = np.int64(x[j])
+        mx = max(mx, v)
+        mn = min(mn, v)
+    return mx, mn
+
+
+@nb.njit(cache=True, inline="always")
+def _narrow_block(x, s, amax, mode, lo, hi, wrap, bits, out):
+    """``out = sat(x >>r s)`` for one block (1-D views; zero-based loops over views keep the
+    loads and stores contiguous) with one shift ``s`` (right shifts beyond 62 taken as 62),
+    ``amax`` the block's max |x|; returns the overflow count. Same values as
+    :func:`_shift_narrow`: a left shift with ``bitlen(amax) - s <= 62`` is exact for every
+    element, so that loop has no branch; a longer one goes element by element."""
     n_over = 0
     if s <= 0:
-        for j in range(j0, j1):
-            y, over = _shift_narrow(x[r, j], s, mode, lo, hi, wrap, bits)
-            n_over += over
-            out[r, j] = y
+        if _bitlen(amax) - s > 62:
+            for j in range(x.size):
+                y, over = _shift_narrow(np.int64(x[j]), s, mode, lo, hi, wrap, bits)
+                n_over += over
+                out[j] = y
+            return n_over
+        for j in range(x.size):
+            q = np.int64(x[j]) << (-s)
+            y = saturate(q, lo, hi, wrap, bits)
+            n_over += y != q
+            out[j] = y
         return n_over
     if s > 62:
         s = 62
     c, t, u, odd = _rshift_consts(s, mode)
-    for j in range(j0, j1):
-        v = x[r, j]
+    for j in range(x.size):
+        v = np.int64(x[j])
         sg = v >> 63
         q = (v + c + (sg & t) + (sg & 1) * u + ((v >> s) & odd)) >> s
         y = saturate(q, lo, hi, wrap, bits)
         n_over += y != q
-        out[r, j] = y
+        out[j] = y
     return n_over
 
 
 @nb.njit(cache=True)
 def _static_blocks(x, e_blk, e_out, bs, mode, lo, hi, wrap, bits, out):
-    """Static narrowing when the input exponent is one per output block (``e_blk``)."""
+    """Static narrowing when the input exponent is one per output block (``e_blk``).
+    Returns (overflow count, max, min) with max/min over ``x`` and 0, for the caller's
+    range check."""
     rows, n = x.shape
     n_over = 0
+    gmx = np.int64(0)
+    gmn = np.int64(0)
     for r in range(rows):
         for b in range(e_out.shape[1]):
             j0 = b * bs
+            j1 = min(n, j0 + bs)
+            xb = x[r, j0:j1]
+            mx, mn = _extent(xb)
+            gmx = max(gmx, mx)
+            gmn = min(gmn, mn)
             s = np.int64(e_out[r, b]) - np.int64(e_blk[r, b])
-            n_over += _narrow_block(x, r, j0, min(n, j0 + bs), s, mode, lo, hi, wrap, bits, out)
-    return n_over
+            n_over += _narrow_block(xb, s, max(mx, -mn), mode, lo, hi, wrap, bits, out[r, j0:j1])
+    return n_over, gmx, gmn
 
 
 @nb.njit(cache=True)
 def _dynamic_blocks(x, e_blk, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
     """:func:`_dynamic_rows` when the input exponent is one per output block (``e_blk``), so
-    there is nothing to check, in two vectorizable passes per block."""
+    there is nothing to check, in two vectorizable passes per block. Returns what
+    :func:`_static_blocks` returns."""
     rows, n = x.shape
     n_over = 0
+    gmx = np.int64(0)
+    gmn = np.int64(0)
     for r in range(rows):
         for b in range(e_out.shape[1]):
             j0 = b * bs
             j1 = min(n, j0 + bs)
-            amax = np.int64(0)
-            for j in range(j0, j1):
-                amax = max(amax, abs(x[r, j]))
-            if amax == 0:
+            xb = x[r, j0:j1]
+            ob = out[r, j0:j1]
+            mx, mn = _extent(xb)
+            gmx = max(gmx, mx)
+            gmn = min(gmn, mn)
+            if mx == 0 and mn == 0:
                 e_out[r, b] = EXP_ZERO
-                for j in range(j0, j1):
-                    out[r, j] = 0
+                ob[:] = 0
                 continue
+            amax = max(mx, -mn)
             s = _bitlen(amax) - (bits - 1 if signed else bits)
             if shift_round(amax, s, mode) > hi:
                 s += 1
             e_out[r, b] = e_blk[r, b] + s
-            n_over += _narrow_block(x, r, j0, j1, s, mode, lo, hi, wrap, bits, out)
-    return n_over
+            n_over += _narrow_block(xb, s, amax, mode, lo, hi, wrap, bits, ob)
+    return n_over, gmx, gmn
 
 
 def _per_row(e_in: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray | None:
@@ -208,35 +244,58 @@ def _per_row(e_in: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray 
     e = np.asarray(e_in)
     if not shape or axis % len(shape) != len(shape) - 1 or e.ndim != len(shape) or e.shape[-1] != 1:
         return None
-    return np.ascontiguousarray(np.broadcast_to(e, shape[:-1] + (1,))).reshape(-1).astype(np.int64)
+    try:
+        e = np.broadcast_to(e, shape[:-1] + (1,))
+    except ValueError:
+        return None
+    return np.ascontiguousarray(e).reshape(-1).astype(np.int64)
+
+
+def _top(x: np.ndarray) -> int:
+    """max |x| (0 for an empty array), in Python ints."""
+    return max(int(x.max()), -int(x.min())) if x.size else 0
+
+
+def _check_top(top: int) -> None:
+    if top >= _LIMIT:
+        raise ValueError(f"requantize: |x| must be < 2**62, got {top}")
 
 
 def requantize_blocks(
     rows: np.ndarray, e_blk: np.ndarray, fmt: IntFormat, exp_out: np.ndarray | None, shape: tuple[int, ...]
 ) -> QTensor:
-    """:func:`requantize` of ``rows`` (int64 (rows, n): ``x`` of ``shape`` with its last axis,
-    the block axis, as rows; ``|x| < 2**62``) whose input exponent is one per output block,
-    ``e_blk`` (rows, nblocks). Bit-identical to :func:`requantize` of the same values."""
+    """:func:`requantize` of ``rows`` (int (rows, n): ``x`` of ``shape`` with its last axis,
+    the block axis, as rows; ``|x| < 2**62``, checked) whose input exponent is one per
+    output block, ``e_blk`` (rows, nblocks). Bit-identical to :func:`requantize` of the same
+    values. Any integer dtype is read as is (no int64 copy)."""
     if fmt.scale != ScaleKind.POW2:
         raise FormatError("requantize produces POW2 formats; use requantize_mult for a multiplier rescale")
-    rows = require_int("requantize: x", rows).astype(np.int64, copy=False)
-    if rows.size and max(int(rows.max()), -int(rows.min())) >= _LIMIT:
-        raise ValueError(f"requantize: |x| must be < 2**62, got {max(int(rows.max()), -int(rows.min()))}")
+    rows = require_int("requantize: x", rows)
+    if rows.dtype == np.uint64:
+        rows = rows.astype(np.int64)
     n = rows.shape[1]
     bs = max(effective_block(n, fmt.block_size), 1)
     nblk = -(-n // bs) if n else 0
     lo, hi, wrap = sat_bounds(fmt.bits, fmt.signed, fmt.saturation)
-    out = np.empty(rows.shape, fmt.dtype)
     bshape = blocks_shape(shape, -1, fmt.block_size)
-    e_blk = np.broadcast_to(require_int("requantize: e_blk", e_blk), (rows.shape[0], nblk))
+    try:
+        e_blk = np.broadcast_to(require_int("requantize: e_blk", e_blk), (rows.shape[0], nblk))
+        eo = None
+        if exp_out is not None:
+            eo = block_rows(require_int("requantize: exp_out", exp_out), shape, -1, fmt.block_size)
+    except ValueError:  # the kernels check the range as they go; it is reported first
+        _check_top(_top(rows))
+        raise
+    out = np.empty(rows.shape, fmt.dtype)
     mode = int(fmt.rounding)
-    if exp_out is not None:
-        eo = block_rows(require_int("requantize: exp_out", exp_out), shape, -1, fmt.block_size)
-        n_over = _static_blocks(rows, e_blk, eo, bs, mode, lo, hi, wrap, fmt.bits, out)
+    if eo is not None:
+        n_over, mx, mn = _static_blocks(rows, e_blk, eo, bs, mode, lo, hi, wrap, fmt.bits, out)
+        _check_top(max(int(mx), -int(mn)))
         exp = np.ascontiguousarray(np.broadcast_to(np.asarray(exp_out, np.int32), bshape))
     else:
         eo = np.empty((rows.shape[0], nblk), np.int64)
-        n_over = _dynamic_blocks(rows, e_blk, bs, mode, lo, hi, wrap, fmt.bits, fmt.signed, out, eo)
+        n_over, mx, mn = _dynamic_blocks(rows, e_blk, bs, mode, lo, hi, wrap, fmt.bits, fmt.signed, out, eo)
+        _check_top(max(int(mx), -int(mn)))
         exp = eo.astype(np.int32).reshape(bshape)
     return QTensor(out.reshape(shape), fmt, exp, None, {"overflow": int(n_over)})
 
@@ -246,8 +305,7 @@ def _setup(x, e_in, fmt):
     e_in = require_int("requantize: e_in", e_in)
     if fmt.scale != ScaleKind.POW2:
         raise FormatError("requantize produces POW2 formats; use requantize_mult for a multiplier rescale")
-    if x.size and max(int(x.max()), -int(x.min())) >= _LIMIT:
-        raise ValueError(f"requantize: |x| must be < 2**62, got {max(int(x.max()), -int(x.min()))}")
+    _check_top(_top(x))
     try:
         e_full = np.broadcast_to(e_in, x.shape)
     except ValueError:
@@ -263,12 +321,13 @@ def requantize(x: np.ndarray, e_in: np.ndarray, fmt: IntFormat, exp_out: np.ndar
     narrowing (see the module docstring). Returns a QTensor with ``fmt.dtype`` codes, int32
     exponents of the blocks shape and ``meta['overflow']`` = saturated elements.
     """
-    x, e_full = _setup(x, e_in, fmt)
-    axis = fmt.block_axis
-    e_row = _per_row(e_in, x.shape, axis)
+    xa = require_int("requantize: x", x)
+    e_row = _per_row(require_int("requantize: e_in", e_in), xa.shape, fmt.block_axis)
     if e_row is not None:
-        rows = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
-        return requantize_blocks(rows, e_row[:, None], fmt, exp_out, x.shape)
+        rows = np.ascontiguousarray(xa).reshape(-1, xa.shape[-1])
+        return requantize_blocks(rows, e_row[:, None], fmt, exp_out, xa.shape)
+    x, e_full = _setup(xa, e_in, fmt)
+    axis = fmt.block_axis
     rows, moved = rows_view(x, axis)
     e_rows = rows_view(e_full, axis)[0]
     bs = effective_block(rows.shape[1], fmt.block_size)
@@ -357,14 +416,23 @@ def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
 @nb.njit(cache=True)
 def _mult_rows(x, m, s_row, mode, lo, hi, wrap, bits, out):
     """:func:`_mult_flat` for one multiplier and one shift per row of ``x`` (rows, n): the
-    product row, then one per-block narrowing (``out`` holds the product first)."""
+    product row, then one per-block narrowing (``out`` holds the product first). Returns
+    (overflow count, max, min) with max/min over ``x`` and 0, for the caller's range check."""
     rows, n = x.shape
     n_over = 0
+    gmx = np.int64(0)
+    gmn = np.int64(0)
+    am = abs(m)
     for r in range(rows):
+        xr = x[r]
+        pr = out[r]
+        mx, mn = _extent(xr)
+        gmx = max(gmx, mx)
+        gmn = min(gmn, mn)
         for j in range(n):
-            out[r, j] = x[r, j] * m
-        n_over += _narrow_block(out, r, 0, n, s_row[r], mode, lo, hi, wrap, bits, out)
-    return n_over
+            pr[j] = xr[j] * m
+        n_over += _narrow_block(pr, s_row[r], max(mx, -mn) * am, mode, lo, hi, wrap, bits, pr)
+    return n_over, gmx, gmn
 
 
 def _mult_setup(x, multiplier, shift):
@@ -400,11 +468,11 @@ def requantize_mult(
     if ma.size == 1 and s_row is not None and xa.size:  # one multiplier, one shift per row
         xr = np.ascontiguousarray(xa, np.int64).reshape(-1, xa.shape[-1])
         m = int(ma.ravel()[0])
-        big = max(int(xr.max()), -int(xr.min())) * abs(m)
+        out = np.empty(xr.shape, np.int64)
+        n, mx, mn = _mult_rows(xr, np.int64(m), s_row, int(rounding), lo, hi, wrap, bits, out)
+        big = max(int(mx), -int(mn)) * abs(m)
         if big >= _LIMIT:
             raise ValueError(f"requantize_mult: |x * multiplier| reaches {big}, must stay below 2**62")
-        out = np.empty(xr.shape, np.int64)
-        n = _mult_rows(xr, np.int64(m), s_row, int(rounding), lo, hi, wrap, bits, out)
         return out.reshape(xa.shape), int(n)
     x, m, s = _mult_setup(x, multiplier, shift)
     out = np.empty(x.size, np.int64)

@@ -67,6 +67,8 @@ EXP_A, EXP_B = 0.36118282, 1.34295297
 EXP_C = 1.0 - EXP_A * EXP_B**2  # P(0) = 1
 IBERT_EXP = (0.3585, 1.353, 0.344)
 METHODS = ("poly", "lut")
+MEMO_SIZE = 1 << 17  # exp values kept per call, for d in (-MEMO_SIZE, 0]
+MEMO_LIMIT = 1 << 31
 
 
 @dataclass(frozen=True, eq=False)
@@ -267,43 +269,58 @@ def _exp_consts(p: SoftmaxParams) -> tuple:
 
 
 @nb.njit(cache=True)
-def _softmax_rows(x, m, lo_in, hi_in, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv, addr_bits, table, ob, out):
+def _softmax_rows(
+    x, mc, mrow, lo_in, hi_in, poly, g, ln2_q, c1, c2, c0, l2e_q, sv, fv, addr_bits, table, ob, memo, out
+):
+    """The module docstring's steps per row of ``x`` (rows, n; any int dtype); the mask row
+    of row ``r`` is ``mc[mrow[r]]``. exp is a function of ``d`` alone, so it is evaluated
+    once per distinct ``d``: runs of equal ``d`` (a row's masked tail) reuse it, and
+    ``memo[-d]`` (int32, -1 = not yet; exp values are below 2**31) keeps it across rows.
+    ``>>RND`` by ``s = F + 16`` is ``(v + 2**(s-1)) >> s``, as :func:`shift_round`."""
     rows, n = x.shape
     e = np.empty(n, np.int64)
     hi_out = (np.int64(1) << ob) - 1
+    s_out = F + RECIP_EXTRA
+    h_out = np.int64(1) << (s_out - 1)
     events = np.int64(0)
     for r in range(rows):
-        zmax = lo_in
+        xr = x[r]
+        mr = mc[mrow[r]]
+        zmax = np.int64(lo_in)
         for j in range(n):
-            z = x[r, j] + m[r, j]
-            if z < lo_in:
-                z = lo_in  # masking: clipping at the bottom is how a mask acts, not an event
-            elif z > hi_in:
-                z = hi_in
-                events += 1
+            z = np.int64(xr[j]) + np.int64(mr[j])
+            events += z > hi_in  # clipping at the bottom is how a mask acts, not an event
+            z = min(max(z, lo_in), hi_in)
             e[j] = z
-            if z > zmax:
-                zmax = z
+            zmax = max(zmax, z)
         total = np.int64(0)
+        last_d = np.int64(1)  # no d is positive
+        v = np.int64(0)
         for j in range(n):
             d = e[j] - zmax
-            if poly:
-                v = _exp_poly(d, g, ln2_q, c1, c2, c0)
-            else:
-                v = _exp_lut(d, l2e_q, sv, fv, addr_bits, table)
+            if d != last_d:
+                last_d = d
+                v = np.int64(memo[-d]) if -d < memo.size else np.int64(-1)
+                if v < 0:
+                    if poly:
+                        v = _exp_poly(d, g, ln2_q, c1, c2, c0)
+                    else:
+                        v = _exp_lut(d, l2e_q, sv, fv, addr_bits, table)
+                    if -d < memo.size and v < MEMO_LIMIT:
+                        memo[-d] = v
             e[j] = v
             total += v
         recip = (np.int64(1) << (F + ob + RECIP_EXTRA)) // total
+        orow = out[r]
         for j in range(n):
-            y = shift_round(e[j] * recip, F + RECIP_EXTRA, RND)
-            if y > hi_out:
-                y = hi_out
-                events += 1
-            out[r, j] = y
+            y = (e[j] * recip + h_out) >> s_out
+            events += y > hi_out
+            orow[j] = min(y, hi_out)
     return events
 
 
-def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndarray]:
+def _checked(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndarray]:
+    """``x`` and ``mask_add`` as integer arrays, every input check done (ValueError)."""
     x = require_int("softmax: x", x)
     m = require_int("softmax: mask_add", mask_add)
     if x.ndim == 0:
@@ -315,7 +332,7 @@ def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndar
     if m.size and (int(m.min()) < -(1 << 62) or int(m.max()) > (1 << 62)):
         raise ValueError("softmax: mask_add values must be within +-2**62")
     try:
-        m = np.broadcast_to(m, x.shape)
+        np.broadcast_to(m, x.shape)
     except ValueError:
         raise ValueError(f"softmax: mask_add shape {m.shape} does not broadcast to x shape {x.shape}") from None
     n = x.shape[-1]
@@ -324,8 +341,24 @@ def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndar
             f"softmax: rows of {n} elements could overflow the {p.sum_bits}-bit sum (at most {p.max_len}); "
             "raise sum_bits"
         )
+    return x, m
+
+
+def _mask_rows(m: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The mask (broadcastable to ``shape``) as its own rows (rows_m, n), and for each row of
+    the (rows, n) view of ``shape`` the index of its mask row: no copy broadcast to x."""
+    n = shape[-1]
+    m = m.reshape((1,) * (len(shape) - m.ndim) + m.shape)
+    mc = np.ascontiguousarray(np.broadcast_to(m, m.shape[:-1] + (n,))).reshape(-1, n)
+    ridx = np.arange(mc.shape[0], dtype=np.int64).reshape(m.shape[:-1])
+    return mc, np.ascontiguousarray(np.broadcast_to(ridx, shape[:-1])).reshape(-1)
+
+
+def _setup(x: Any, mask_add: Any, p: SoftmaxParams) -> tuple[np.ndarray, np.ndarray]:
+    x, m = _checked(x, mask_add, p)
+    n = x.shape[-1]
     xr = np.ascontiguousarray(x, dtype=np.int64).reshape(-1, n)
-    mr = np.ascontiguousarray(m, dtype=np.int64).reshape(-1, n)
+    mr = np.ascontiguousarray(np.broadcast_to(m, x.shape), dtype=np.int64).reshape(-1, n)
     return xr, mr
 
 
@@ -347,19 +380,14 @@ def softmax_counted(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> tu
     """:func:`softmax` and its saturation events: each ``z`` clipped at the top of the input
     range (a positive ``mask_add``; clipping at the bottom is the mask acting) and each
     probability clipped to ``2**out_bits - 1`` (1.0, or a value rounded up to it) is one."""
-    xr, mr = _setup(x, mask_add, p)
+    x, m = _checked(x, mask_add, p)
+    xr = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    mc, mrow = _mask_rows(m, x.shape)
     lo_in, hi_in = int_range(p.in_bits, True)
-    out = np.empty(xr.shape, np.int64)
-    events = _softmax_rows(
-        xr,
-        mr,
-        lo_in,
-        hi_in,
-        *_exp_consts(p),
-        p.out_bits,
-        out,
-    )
-    return out.reshape(np.shape(x)).astype(_out_dtype(p)), int(events)
+    out = np.empty(xr.shape, _out_dtype(p))
+    memo = np.full(min(1 << (p.in_bits + 1), MEMO_SIZE), -1, np.int32)
+    events = _softmax_rows(xr, mc, mrow, lo_in, hi_in, *_exp_consts(p), p.out_bits, memo, out)
+    return out.reshape(x.shape), int(events)
 
 
 def softmax_ref(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> np.ndarray:

@@ -94,3 +94,20 @@ def test_add_errors():
         add(a, wide, IntFormat())
     with pytest.raises(FormatError, match="requantize_mult"):
         add(a, a, IntFormat(scale=ScaleKind.MULT))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data(), st.sampled_from([8, 16]), st.sampled_from([8, 16]), st.booleans())
+def test_add_residual_layout_long_rows_twins(data, bits_a, bits, static):
+    """The residual stream's shape: rows of 96 in blocks of 32 (the vectorized loops), an
+    8- or 16-bit operand with an 8-bit one, exponent gaps within and beyond 30, every
+    rounding mode, static and dynamic output exponents."""
+    from bbct.kernels.testing import rounding_modes
+
+    mode = data.draw(rounding_modes())
+    a = data.draw(qtensors(IntFormat(bits=bits_a, block_size=32), (4, 96), exp_range=(-50, 10)))
+    b = data.draw(qtensors(IntFormat(bits=8, block_size=32), (4, 96), exp_range=(-50, 10)))
+    fo = IntFormat(bits=bits, block_size=32, rounding=mode)
+    exp_out = data.draw(int_arrays(a.exp.shape, 7)) if static else None
+    assert _same_blocks(a, fo) is not None and _same_blocks(b, fo) is not None
+    assert_qtensor_equal(add(a, b, fo, exp_out), add_ref(a, b, fo, exp_out))

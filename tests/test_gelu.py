@@ -125,3 +125,38 @@ def test_gelu_input_errors():
     with pytest.raises(ValueError, match="addr_bits"):
         make_gelu_lut(-10, in_bits=8, addr_bits=10)
     assert make_gelu_lut(-10, approximate="tanh").target == "gelu_tanh"  # the ONNX attribute spelling
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(["poly", "gelu_erf", "gelu_tanh", "tanh"]),
+    st.integers(-12, -6),
+    st.integers(-3, 2),
+    st.integers(-(1 << 15), (1 << 15) - 1),
+    st.integers(1, 300),
+    st.integers(0, 2**32 - 1),
+)
+def test_tabulated_twins(method, e_in, e_shift, c0, span, seed):
+    """Inputs with at least TABULATE elements per code of their span: each code evaluated
+    once, then looked up, against the references with their saturation events; spans across
+    the table's edges and into the identity region, outputs that saturate (12 bits out,
+    finer output exponents), tanh's clipped +1.0."""
+    from bbct.kernels.gelu import gelu_lut_counted, gelu_lut_counted_ref, gelu_poly_counted, gelu_poly_counted_ref
+    from bbct.kernels.lut import code_span
+    from bbct.kernels.tanh import make_tanh_lut, tanh_lut_counted, tanh_lut_counted_ref
+
+    lo = min(c0, (1 << 15) - span)
+    x = np.random.default_rng(seed).integers(lo, lo + span, size=(4, span + 3)).astype(np.int16)
+    assert code_span(x.ravel()) is not None  # the tabulated path runs
+    if method == "poly":
+        p = make_gelu_poly(e_in, 16, 12, e_out=e_in + e_shift)
+        f, fr = gelu_poly_counted, gelu_poly_counted_ref
+    elif method == "tanh":
+        p = make_tanh_lut(e_in, 16, 8, 12)
+        f, fr = tanh_lut_counted, tanh_lut_counted_ref
+    else:
+        p = make_gelu_lut(e_in, 16, 8, 12, method, e_out=e_in + e_shift, interp=seed % 2 == 0)
+        f, fr = gelu_lut_counted, gelu_lut_counted_ref
+    (a, na), (b, nb) = f(x, p), fr(x, p)
+    assert_bit_equal(a, b)
+    assert na == nb

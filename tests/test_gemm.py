@@ -29,6 +29,21 @@ def test_align_twins(data, fmt, shape, guard, axes):
     assert_bit_equal(ea, eb)
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.sampled_from([8, 16]), st.sampled_from([0, 5, 32]), st.integers(0, 12))
+def test_align_trailing_groups_twins(data, bits, block, guard):
+    """3-D tensors in blocks of up to 32 along rows of 70: groups of one row, of every row of
+    a leading index (reduce (1, 2)), the whole tensor, and a non-trailing set (generic path)."""
+    q = data.draw(qtensors(IntFormat(bits=bits, block_size=block), (3, 4, 70), exp_range=(-60, 20)))
+    mode = data.draw(rounding_modes())
+    for axes in ((-1,), (1, 2), (0, 1, 2), (0, 2)):
+        a, ea = align(q, axes, guard, mode)
+        b, eb = align_ref(q, axes, guard, mode)
+        assert_bit_equal(a, b)
+        assert_bit_equal(ea, eb)
+        assert ea.shape == eb.shape
+
+
 def test_align_hand_golden():
     # blocks [3, -3] at exponent 0, [5, 1] at -2, and an all-zero block; guard 1: e_ref = -1
     # block 0 shifts left by 1: 6, -6; block 1 right by 1: 2.5 -> 2 (RND_CONV), 0.5 -> 0

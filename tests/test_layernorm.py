@@ -98,3 +98,26 @@ def test_layernorm_twins(data, rows, h, bits, fn):
     x = data.draw(int_arrays((rows, h), bits))
     e = data.draw(int_arrays((rows, 1), 7))
     assert_bit_equal(layernorm(x, e, p)[0], layernorm_ref(x, e, p)[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.sampled_from([96, 384]), st.integers(2, 24), st.integers(0, 20), st.integers(-3, 0))
+def test_layernorm_counted_long_rows_twins(data, h, bits, fn, exp_shift):
+    """Rows of 96 and 384 (the vectorized loops), outputs that saturate (an output exponent
+    below the one lowering picks), saturation events against the reference; an int64
+    minimum is refused with the bound's message."""
+    from bbct.kernels.layernorm import layernorm_counted, layernorm_counted_ref
+
+    rng = np.random.default_rng(h + bits)
+    g, b = rng.normal(1, 0.5, h), rng.normal(0, 0.3, h)
+    e_out = make_layernorm_params(g, b, 1e-5).e_out + exp_shift
+    p = make_layernorm_params(g, b, 1e-5, norm_frac_bits=fn, out_exp=e_out, out_bits=12)
+    x = data.draw(int_arrays((3, h), bits))
+    e = data.draw(int_arrays((3, 1), 7))
+    (a, na), (r, nr) = layernorm_counted(x, e, p), layernorm_counted_ref(x, e, p)
+    assert_bit_equal(a, r)
+    assert na == nr
+    x[1, data.draw(st.integers(0, h - 1))] = np.iinfo(np.int64).min
+    for f in (layernorm_counted, layernorm_counted_ref):
+        with pytest.raises(ValueError, match="64 bits with H="):
+            f(x, e, p)

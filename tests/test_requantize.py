@@ -212,3 +212,42 @@ def test_block_kernels_at_the_datapath_edges():
         assert_qtensor_equal(
             requantize(x, np.zeros((1, 1), np.int64), fmt), requantize_ref(x, np.zeros((1, 1), np.int64), fmt)
         )
+
+
+def test_block_kernels_left_shifts_near_the_limit():
+    """Static left shifts per block: exact loops when ``bitlen(max|x|) - s <= 62``, element
+    by element beyond (SAT clips by sign, WRAP keeps the low bits). Blocks of 3 and 32 and
+    whole rows mix both cases; every rounding and saturation mode; an all-zero block."""
+    edges = sorted({v for k in range(63) for v in ((1 << k) - 1, 1 << k, (1 << k) + 1) if v < 1 << 62})
+    vals = edges + [-v for v in edges] + [0] * 32
+    x = np.array([vals, vals[::-1]], np.int64)
+    for mode, sat in itertools.product(Rounding, Saturation):
+        for bs in (0, 3, 32):
+            fmt = IntFormat(bits=16, block_size=bs, rounding=mode, saturation=sat)
+            for s in (-1, -2, -30, -31, -45, -60, -61, -62, -63, -64, -70):
+                e_out = np.full((1, 1), s)
+                assert_qtensor_equal(
+                    requantize(x, np.zeros((2, 1), np.int64), fmt, e_out),
+                    requantize_ref(x, np.zeros((2, 1), np.int64), fmt, e_out),
+                )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.data(),
+    st.sampled_from([np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32]),
+    int_formats(max_bits=16, max_block=40),
+    st.booleans(),
+)
+def test_block_kernels_read_every_int_dtype(data, dt, fmt, static):
+    """Rows read in their own dtype (no int64 copy), long rows and blocks of up to 40 (the
+    vectorized loops and their remainders), all-zero blocks, static and dynamic."""
+    info = np.iinfo(dt)
+    x = data.draw(int_arrays((3, 97), min(info.bits, 62), signed=info.min < 0))
+    x[1, data.draw(st.integers(0, 60)) :][:32] = 0
+    x = x.astype(dt)
+    e_in = data.draw(int_arrays((3, 1), 5))
+    exp_out = None
+    if static:
+        exp_out = data.draw(int_arrays(requantize(x, e_in, fmt).exp.shape, 6))
+    assert_qtensor_equal(requantize(x, e_in, fmt, exp_out), requantize_ref(x, e_in, fmt, exp_out))

@@ -156,3 +156,23 @@ def test_softmax_input_errors():
     small = make_softmax_params(-9, 12, 8, sum_bits=24)  # rows up to 3 elements
     with pytest.raises(ValueError, match="24-bit sum"):
         softmax(np.zeros((1, 4), np.int64), np.zeros(4, np.int64), small)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data(), st.sampled_from(["poly", "lut"]), st.integers(2, 16), st.integers(4, 20), st.integers(-16, -4))
+def test_softmax_counted_broadcast_mask_twins(data, method, out_bits, in_bits, e_in):
+    """(B, H, S, T) scores in int32 with a (B, 1, S, T) mask: masked tails, a positive mask
+    that saturates at the top, rows repeating their differences (exp evaluated once per
+    distinct d); values and saturation events against the reference."""
+    from bbct.kernels.softmax import softmax_counted, softmax_counted_ref
+
+    p = make_softmax_params(e_in, in_bits, out_bits, method)
+    t = data.draw(st.integers(1, 40))
+    x = data.draw(int_arrays((2, 3, 2, t), in_bits)).astype(np.int32)
+    x[1, 1] = x[0, 0]  # the same rows again
+    m = np.zeros((2, 1, 2, t), np.int32)
+    m[1, :, :, data.draw(st.integers(0, t)) :] = -(1 << (in_bits + data.draw(st.integers(-1, 2))))
+    m[0, 0, 1, data.draw(st.integers(0, t - 1))] = data.draw(st.integers(0, 1 << in_bits))
+    (a, na), (b, nb) = softmax_counted(x, m, p), softmax_counted_ref(x, m, p)
+    assert_bit_equal(a, b)
+    assert a.dtype == b.dtype and na == nb
