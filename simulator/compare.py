@@ -79,10 +79,16 @@ def real_tokens(g: np.ndarray, mask: np.ndarray | None) -> np.ndarray | None:
     return None
 
 
+@nb.njit(cache=True, inline="always")
+def _combine8(r, k):
+    return ((r[k, 0] + r[k, 1]) + (r[k, 2] + r[k, 3])) + ((r[k, 4] + r[k, 5]) + (r[k, 6] + r[k, 7]))
+
+
 @nb.njit(cache=True)
-def _leaf(g, x, lo, n):
+def _leaf(g, x, lo, n, r):
     """One leaf block (n <= 128) of numpy's pairwise sum, for g*g, e*e, g*x and x*x at once
-    (e = g - x): eight strided partial sums combined as numpy combines them, then the tail."""
+    (e = g - x): eight strided partial sums (in the scratch ``r``, (4, 8)) combined as numpy
+    combines them, then the tail."""
     if n < 8:
         a = b = c = d = 0.0
         for i in range(lo, lo + n):
@@ -93,26 +99,22 @@ def _leaf(g, x, lo, n):
             c += gi * xi
             d += xi * xi
         return a, b, c, d
-    ra, rb, rc, rd = np.empty(8), np.empty(8), np.empty(8), np.empty(8)
     for j in range(8):
         gi, xi = g[lo + j], x[lo + j]
         ei = gi - xi
-        ra[j], rb[j], rc[j], rd[j] = gi * gi, ei * ei, gi * xi, xi * xi
+        r[0, j], r[1, j], r[2, j], r[3, j] = gi * gi, ei * ei, gi * xi, xi * xi
     m = n - n % 8
     i = 8
     while i < m:
         for j in range(8):
             gi, xi = g[lo + i + j], x[lo + i + j]
             ei = gi - xi
-            ra[j] += gi * gi
-            rb[j] += ei * ei
-            rc[j] += gi * xi
-            rd[j] += xi * xi
+            r[0, j] += gi * gi
+            r[1, j] += ei * ei
+            r[2, j] += gi * xi
+            r[3, j] += xi * xi
         i += 8
-    a = ((ra[0] + ra[1]) + (ra[2] + ra[3])) + ((ra[4] + ra[5]) + (ra[6] + ra[7]))
-    b = ((rb[0] + rb[1]) + (rb[2] + rb[3])) + ((rb[4] + rb[5]) + (rb[6] + rb[7]))
-    c = ((rc[0] + rc[1]) + (rc[2] + rc[3])) + ((rc[4] + rc[5]) + (rc[6] + rc[7]))
-    d = ((rd[0] + rd[1]) + (rd[2] + rd[3])) + ((rd[4] + rd[5]) + (rd[6] + rd[7]))
+    a, b, c, d = _combine8(r, 0), _combine8(r, 1), _combine8(r, 2), _combine8(r, 3)
     while i < n:
         gi, xi = g[lo + i], x[lo + i]
         ei = gi - xi
@@ -132,6 +134,7 @@ def _pairwise4(g, x, n):
     n_s = np.empty(128, np.int64)
     st_s = np.empty(128, np.int64)
     val = np.empty((128, 4))  # partial sums of the ranges done, in the order they finished
+    r = np.empty((4, 8))  # a leaf's strided partial sums
     top = 0
     nv = 0
     lo_s[0], n_s[0], st_s[0] = 0, n, 0
@@ -144,7 +147,7 @@ def _pairwise4(g, x, n):
             for k in range(4):
                 val[nv - 1, k] = val[nv - 1, k] + val[nv, k]
         elif m <= 128:
-            a, b, c, d = _leaf(g, x, lo, m)
+            a, b, c, d = _leaf(g, x, lo, m, r)
             val[nv, 0], val[nv, 1], val[nv, 2], val[nv, 3] = a, b, c, d
             nv += 1
         else:
