@@ -96,3 +96,14 @@ def test_trace_a_set_keeps_those_tensors(bench):
     for k in keep:
         assert np.array_equal(some.tensors[k].data, every.tensors[k].data)
     assert np.array_equal(some.outputs["logits"].data, every.outputs["logits"].data)
+
+
+def test_a_config_object_is_lowered_once(bench):
+    """``bbct eval`` lowers its config to check the model, then evaluates it: one lowering
+    (one GPTQ); another config, or a config by name, lowers again."""
+    from bbct.simulator.config import load_config
+
+    cfg = load_config("w8a8")
+    graph = bench.lower(cfg)
+    assert bench.evaluate(cfg).summary["examples"] == 40 and bench.sim.graph is graph
+    assert bench.lower("w8a8") is not graph and bench.lower(load_config("w8a8")) is not graph

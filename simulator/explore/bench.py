@@ -61,6 +61,7 @@ class Bench:
         self._calib: dict[bool, Calibration] = {}
         self._feeds = [self.sim.encode(data.inputs(i, i + batch)) for i in range(0, len(data), batch)]
         self._float: np.ndarray | None = None
+        self._lowered: Config | None = None  # the config self.sim.graph was lowered from
         self.mask_name = self.sim.fgraph.role_input("attention_mask")
 
     @property
@@ -87,9 +88,13 @@ class Bench:
         return self._calib[gptq]
 
     def lower(self, cfg: Config | str | dict) -> Any:
-        """The integer graph of ``cfg`` (the Simulator now runs it)."""
+        """The integer graph of ``cfg`` (the Simulator now runs it); the graph already lowered
+        when ``cfg`` is the Config object it was lowered from (``bbct eval`` lowers once to
+        check the model, then evaluates: GPTQ runs once)."""
         from bbct.simulator.errors import LoweringError
 
+        if isinstance(cfg, Config) and cfg is self._lowered:
+            return self.sim.graph
         cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         try:
             graph = lower(self.sim.fgraph, cfg, self.calibration(cfg))
@@ -97,6 +102,7 @@ class Bench:
             raise LoweringError(f"{self.model_path}: {e}") from None
         self.sim.config, self.sim.graph = cfg, graph
         self.sim.calibration = self._calib.get(cfg.uses_gptq) if cfg.needs_calibration else None
+        self._lowered = cfg
         return graph
 
     def float_logits(self) -> np.ndarray:
