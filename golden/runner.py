@@ -100,6 +100,9 @@ class Golden:
         }
 
 
+_FORKED: list = []  # sessions a process dropped by GoldenRunner.reset (see there)
+
+
 class GoldenRunner:
     """Runs a model in onnxruntime; ``run_all`` exposes every node output by tensor name."""
 
@@ -113,6 +116,7 @@ class GoldenRunner:
         self.input_names = [n for n in self.input_names if n not in init]
         self._plain: ort.InferenceSession | None = None
         self._all: ort.InferenceSession | None = None
+        self._some: dict[tuple[str, ...], tuple[ort.InferenceSession, list[str]]] = {}
         self.producer: dict[str, tuple[str, str]] = {}
         self.vocab_size = self._vocab_size()
 
@@ -187,6 +191,47 @@ class GoldenRunner:
             self._plain = self._session(self.model)
         vals = self._run(self._plain, feeds)
         return dict(zip(self.output_names, vals, strict=True))
+
+    def reset(self, threads: int | None = None) -> None:
+        """Drop the onnxruntime sessions (made again on the next run), with ``threads``: a
+        forked process must not use its parent's sessions, whose thread pools it lacks."""
+        # the old sessions are kept, never destroyed here: in a forked child their thread pools
+        # do not exist, and tearing them down could wait on threads that will never answer
+        _FORKED.append((self._plain, self._all, self._some))
+        self.threads = threads
+        self._plain = self._all = None
+        self._some = {}
+
+    def tensor_names(self) -> list[str]:
+        """Every tensor :meth:`run_all` returns: node outputs and graph outputs, in graph order."""
+        names = dict.fromkeys(t for node in self.model.graph.node for t in node.output if t)
+        names.update(dict.fromkeys(self.output_names))
+        return list(names)
+
+    def run_some(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
+        """The graph outputs and the tensors ``names`` (node outputs) by name: the values
+        :meth:`run_all` gives (the same unoptimized graph), without copying out the others."""
+        feeds = self.check_inputs(feeds)
+        key = tuple(sorted(set(names) - set(self.output_names)))
+        if key not in self._some:
+            m = onnx.ModelProto()
+            m.CopyFrom(self.model)
+            typed = _inferred_types(m)
+            made = {t for node in m.graph.node for t in node.output if t}
+            missing = [t for t in key if t not in made]
+            if missing:
+                raise BbctError(f"{self._where} has no tensor(s) {missing[:3]}")
+            for node in m.graph.node:
+                for t in node.output:
+                    if t:
+                        self.producer[t] = (node.name, node.op_type)
+            for t in key:
+                m.graph.output.append(typed.get(t) or onnx.ValueInfoProto(name=t))
+            session = self._session(m)
+            self._some[key] = (session, [o.name for o in session.get_outputs()])
+        session, out_names = self._some[key]
+        vals = self._run(session, feeds)
+        return dict(zip(out_names, vals, strict=True))
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> Golden:
         """Every node output (and the graph outputs) by tensor name."""

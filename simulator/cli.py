@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -454,7 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _warn_accumulators(sim)
     truncated = _warn_truncated(sim, data.inputs())
     t0 = time.time()
-    ev = bench.evaluate(cfg, layer_examples=args.layer_examples, progress=True)
+    ev = bench.evaluate(cfg, layer_examples=args.layer_examples, progress=True, jobs=args.jobs)
     t_run = time.time() - t0
     s = ev.summary
     res: dict[str, Any] = {
@@ -554,10 +555,25 @@ def add_eval(sub: Any) -> None:
         default=None,
         help="per-layer SQNR over the first N examples (None: the whole split)",
     )
+    p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=_cores(),
+        help="worker processes the batches are spread over (default: the usable cores, here %(default)s); "
+        "every number of the report is the same for any value",
+    )
     p.add_argument("--json", default=None, help="write the results as JSON")
     p.add_argument("--plot", default=None, help="PNG: float vs integer logits and the confusion of disagreements")
     _common(p)
     p.set_defaults(func=cmd_eval)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 # -- vectors / ir ----------------------------------------------------------------------------

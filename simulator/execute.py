@@ -371,9 +371,13 @@ def _check_lookups(graph: ir.Graph, feeds: dict[str, np.ndarray], index: dict[st
 
 
 def run(
-    graph: ir.Graph, inputs: dict[str, np.ndarray], trace: bool = False, profile: dict[str, float] | None = None
+    graph: ir.Graph,
+    inputs: dict[str, np.ndarray],
+    trace: bool | set[str] | frozenset[str] = False,
+    profile: dict[str, float] | None = None,
 ) -> Result:
-    """Execute ``graph`` on integer id inputs; ``trace`` keeps every intermediate tensor.
+    """Execute ``graph`` on integer id inputs; ``trace`` keeps every intermediate tensor (True)
+    or those of the named nodes (a set), freeing the others as soon as nothing reads them.
 
     ``profile``, when given, accumulates wall seconds per IR op (nonlinear ones by kind).
     """
@@ -383,6 +387,8 @@ def run(
         for i in n.inputs:
             uses[i] = uses.get(i, 0) + 1
     keep = set(graph.outputs.values())
+    trace_all = trace is True
+    traced = set(trace) if not isinstance(trace, bool) else set()
     overflow: dict[str, int] = {}
     tensors: dict[str, QTensor] = {}
     for n in graph.nodes:
@@ -400,11 +406,11 @@ def run(
         env[n.name] = out
         if ov:
             overflow[n.name] = ov
-        if trace:
+        if trace_all or n.name in traced:
             tensors[n.name] = out
         for i in n.inputs:  # free what no later node reads, to keep peak memory low
             uses[i] -= 1
-            if uses[i] == 0 and i not in keep and not trace:
+            if uses[i] == 0 and i not in keep and not trace_all:
                 env.pop(i, None)
     outputs = {role: env[t] for role, t in graph.outputs.items()}
     return Result(outputs=outputs, tensors=tensors, overflow=overflow)

@@ -77,7 +77,9 @@ class Simulator:
         by_role = {role: name for name, role in self.fgraph.inputs.items()}
         return {by_role[k]: v for k, v in feeds.items() if k in by_role}
 
-    def run(self, feeds: dict[str, np.ndarray], trace: bool = False, profile: dict[str, float] | None = None) -> Result:
+    def run(
+        self, feeds: dict[str, np.ndarray], trace: bool | set[str] = False, profile: dict[str, float] | None = None
+    ) -> Result:
         return run(self.graph, feeds, trace=trace, profile=profile)
 
     def float_outputs(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

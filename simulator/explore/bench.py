@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from bbct.golden.errors import BbctError
-from bbct.simulator.compare import Comparison, Row
+from bbct.simulator.compare import Comparison, Row, batch_stats, compared_nodes
 from bbct.simulator.config import Config, load_config
 from bbct.simulator.lower import Calibration, compression, lower
 from bbct.simulator.tasks import Dataset, metric, predictions
@@ -61,6 +61,7 @@ class Bench:
         self._calib: dict[bool, Calibration] = {}
         self._feeds = [self.sim.encode(data.inputs(i, i + batch)) for i in range(0, len(data), batch)]
         self._float: np.ndarray | None = None
+        self._lowered: Config | None = None  # the config self.sim.graph was lowered from
         self.mask_name = self.sim.fgraph.role_input("attention_mask")
 
     @property
@@ -87,9 +88,13 @@ class Bench:
         return self._calib[gptq]
 
     def lower(self, cfg: Config | str | dict) -> Any:
-        """The integer graph of ``cfg`` (the Simulator now runs it)."""
+        """The integer graph of ``cfg`` (the Simulator now runs it); the graph already lowered
+        when ``cfg`` is the Config object it was lowered from (``bbct eval`` lowers once to
+        check the model, then evaluates: GPTQ runs once)."""
         from bbct.simulator.errors import LoweringError
 
+        if isinstance(cfg, Config) and cfg is self._lowered:
+            return self.sim.graph
         cfg = cfg if isinstance(cfg, Config) else load_config(cfg)
         try:
             graph = lower(self.sim.fgraph, cfg, self.calibration(cfg))
@@ -97,6 +102,7 @@ class Bench:
             raise LoweringError(f"{self.model_path}: {e}") from None
         self.sim.config, self.sim.graph = cfg, graph
         self.sim.calibration = self._calib.get(cfg.uses_gptq) if cfg.needs_calibration else None
+        self._lowered = cfg
         return graph
 
     def float_logits(self) -> np.ndarray:
@@ -105,19 +111,80 @@ class Bench:
             self._float = np.concatenate([np.asarray(self.sim.golden.run(f)[name], np.float64) for f in self._feeds])
         return self._float
 
+    def run_batch(self, i: int, trace: bool) -> BatchPart:
+        """Batch ``i`` in integers, with its per-layer error sums against the float golden when
+        ``trace`` (only the compared tensors are kept, and only they are asked of onnxruntime)."""
+        feeds = self._feeds[i]
+        n = len(next(iter(feeds.values())))
+        graph = self.sim.graph
+        logits_name = graph.info["onnx_outputs"]["logits"]
+        stats = None
+        if trace:
+            keep = set(compared_nodes(graph, self.sim.golden.tensor_names()))
+            r = self.sim.run(feeds, trace=keep)
+            golden = self.sim.golden.run_some(feeds, [n.onnx_name for n in graph.nodes if n.name in keep])
+            stats = batch_stats(graph, r, golden, feeds.get(self.mask_name) if self.mask_name else None)
+        else:
+            r = self.sim.run(feeds)
+            golden = self.sim.golden.run(feeds) if self._float is None else {}
+        fl = np.asarray(golden[logits_name], np.float64) if logits_name in golden else None
+        del golden
+        overflow = {node: int(k) for node, k in r.overflow.items()}
+        return BatchPart(n, r.outputs["logits"].dequantize(), overflow, r.overflow_count, stats, fl)
+
+    def _run_batches(self, plan: list[tuple[int, bool]], jobs: int):
+        """:meth:`run_batch` over ``plan`` (batch index, trace), in order; in ``jobs`` forked worker
+        processes when there is more than one job and more than one batch."""
+        jobs = max(1, min(int(jobs), len(plan)))
+        if jobs == 1:
+            return (self.run_batch(i, t) for i, t in plan)
+        return self._parallel(plan, jobs)
+
+    def _parallel(self, plan: list[tuple[int, bool]], jobs: int):
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        global _WORKER
+        _WORKER = self
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork"), initializer=_worker_init) as ex:
+                # at most two batches queued per worker: results are merged in order as they come
+                pending = []
+                it = iter(plan)
+                for i, t in it:
+                    pending.append(ex.submit(_worker_batch, i, t))
+                    if len(pending) >= 2 * jobs:
+                        break
+                while pending:
+                    part = pending.pop(0).result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        pending.append(ex.submit(_worker_batch, *nxt))
+                    yield part
+        finally:
+            _WORKER = None
+
     def evaluate(
-        self, cfg: Config | str | dict, layer_examples: int | None = None, progress: bool = False
+        self,
+        cfg: Config | str | dict,
+        layer_examples: int | None = None,
+        progress: bool = False,
+        jobs: int = 1,
     ) -> Evaluation:
         """Accuracy (and the task's metrics) of ``cfg`` in float and integers, agreement,
         overflow events, weight compression, and per-layer SQNR over the first
-        ``layer_examples`` examples (None: all of them)."""
+        ``layer_examples`` examples (None: all of them). ``jobs`` > 1 runs the batches in that
+        many worker processes; the result is the same."""
         t0 = time.time()
         self.lower(cfg)
         t_lower = time.time() - t0
         if "logits" not in self.sim.graph.outputs:
             raise BbctError(f"{self.model_path}: needs a classifier with a logits output")
-        fl = self.float_logits()
         task = self.data.task
+        # the float logits come with the batches (onnxruntime runs once per batch, for the
+        # compared tensors and the logits together); the first batch's checks the width first
+        name = self.sim.graph.info["onnx_outputs"]["logits"]
+        fl = self._float if self._float is not None else self.sim.golden.run(self._feeds[0])[name]
         if fl.shape[-1] != task.num_labels:
             raise BbctError(
                 f"{self.model_path}: the model has {fl.shape[-1]} logit(s), task {task.name} needs {task.num_labels} "
@@ -127,28 +194,32 @@ class Bench:
         traced = 0
         il, ovf = [], 0
         by_node: dict[str, int] = {}
-        feeds_iter = self._feeds
+        plan, start = [], 0
+        for i, feeds in enumerate(self._feeds):
+            trace = layer_examples is None or start < layer_examples
+            plan.append((i, trace))
+            start += len(next(iter(feeds.values())))
+        parts = self._run_batches(plan, jobs)
         if progress:
             from bbct.golden.progress import progress as bar
 
-            feeds_iter = bar(self._feeds, desc=f"eval {task.name} {self.sim.config.name}", unit="batch")
+            parts = bar(parts, total=len(plan), desc=f"eval {task.name} {self.sim.config.name}", unit="batch")
         t0 = time.time()
-        for feeds in feeds_iter:
-            n = len(next(iter(feeds.values())))
-            trace = layer_examples is None or traced < layer_examples
-            r = self.sim.run(feeds, trace=trace)
-            if trace:  # per-layer error needs every float tensor of the batch: one batch at a time
-                golden = self.sim.golden.run_all(feeds).values
-                comparison.add(r, golden, feeds.get(self.mask_name) if self.mask_name else None)
-                traced += n
-                del golden
-            il.append(r.outputs["logits"].dequantize())
-            ovf += r.overflow_count
-            for node, k in r.overflow.items():  # which nodes saturate, so a count can be read
+        fls = []
+        for (_, trace), part in zip(plan, parts, strict=True):
+            fls.append(part.float_logits)
+            if trace:  # merged in batch order: the same sums however the batches were spread
+                comparison.merge(part.stats)
+                traced += part.n
+            il.append(part.logits)
+            ovf += part.overflow_count
+            for node, k in part.overflow.items():  # which nodes saturate, so a count can be read
                 if k:
                     by_node[node] = by_node.get(node, 0) + int(k)
-            del r
         t_run = time.time() - t0
+        if self._float is None:
+            self._float = np.concatenate(fls)
+        fl = self._float
         iq = np.concatenate(il)
         rows = comparison.rows()
         summary = summarize(self.data, fl, iq)
@@ -166,6 +237,37 @@ class Bench:
             }
         )
         return Evaluation(summary, fl, iq, rows)
+
+
+@dataclass
+class BatchPart:
+    """What one batch contributes to an evaluation: its integer logits, overflow events by
+    node, and (when traced) its per-layer error sums."""
+
+    n: int
+    logits: np.ndarray
+    overflow: dict[str, int]
+    overflow_count: int
+    stats: dict[str, list] | None
+    float_logits: np.ndarray | None  # the golden's, when this pass ran it
+
+
+_WORKER: Bench | None = None  # the Bench a forked worker process runs batches of
+
+
+def _worker_init() -> None:
+    # each worker is one of ``jobs`` processes on as many cores: one BLAS and one onnxruntime
+    # thread each, and fresh onnxruntime sessions (the parent's thread pools are not forked)
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    assert _WORKER is not None
+    _WORKER.sim.golden.reset(threads=1)
+
+
+def _worker_batch(i: int, trace: bool) -> BatchPart:
+    assert _WORKER is not None
+    return _WORKER.run_batch(i, trace)
 
 
 def summarize(data: Dataset, fl: np.ndarray, iq: np.ndarray) -> dict[str, Any]:
