@@ -208,27 +208,41 @@ class GoldenRunner:
         names.update(dict.fromkeys(self.output_names))
         return list(names)
 
+    def _session_with_outputs(self, names: list[str] | None) -> tuple[ort.InferenceSession, list[str]]:
+        """A session whose outputs are the graph outputs and the node outputs ``names`` (None:
+        every node output). The outputs are added to the model itself and removed again: a
+        copy would hold the weights twice."""
+        m = self.model
+        typed = _inferred_types(m)
+        made = {t for node in m.graph.node for t in node.output if t}
+        missing = [t for t in names or () if t not in made]
+        if missing:
+            raise BbctError(f"{self._where} has no tensor(s) {missing[:3]}")
+        for node in m.graph.node:
+            for t in node.output:
+                if t:
+                    self.producer[t] = (node.name, node.op_type)
+        have = {o.name for o in m.graph.output}
+        n_out = len(m.graph.output)
+        for t in [t for node in m.graph.node for t in node.output if t] if names is None else names:
+            if t not in have:
+                # typed from shape inference where it knows the tensor; onnxruntime infers the
+                # rest itself from an untyped output
+                m.graph.output.append(typed.get(t) or onnx.ValueInfoProto(name=t))
+                have.add(t)
+        try:
+            session = self._session(m)
+        finally:
+            del m.graph.output[n_out:]
+        return session, [o.name for o in session.get_outputs()]
+
     def run_some(self, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """The graph outputs and the tensors ``names`` (node outputs) by name: the values
         :meth:`run_all` gives (the same unoptimized graph), without copying out the others."""
         feeds = self.check_inputs(feeds)
         key = tuple(sorted(set(names) - set(self.output_names)))
         if key not in self._some:
-            m = onnx.ModelProto()
-            m.CopyFrom(self.model)
-            typed = _inferred_types(m)
-            made = {t for node in m.graph.node for t in node.output if t}
-            missing = [t for t in key if t not in made]
-            if missing:
-                raise BbctError(f"{self._where} has no tensor(s) {missing[:3]}")
-            for node in m.graph.node:
-                for t in node.output:
-                    if t:
-                        self.producer[t] = (node.name, node.op_type)
-            for t in key:
-                m.graph.output.append(typed.get(t) or onnx.ValueInfoProto(name=t))
-            session = self._session(m)
-            self._some[key] = (session, [o.name for o in session.get_outputs()])
+            self._some[key] = self._session_with_outputs(list(key))
         session, out_names = self._some[key]
         vals = self._run(session, feeds)
         return dict(zip(out_names, vals, strict=True))
@@ -237,26 +251,7 @@ class GoldenRunner:
         """Every node output (and the graph outputs) by tensor name."""
         feeds = self.check_inputs(feeds)
         if self._all is None:
-            # every node output becomes a graph output for the session, added to the model
-            # itself and removed again: a copy would hold the weights twice
-            m = self.model
-            typed = _inferred_types(m)
-            have = {o.name for o in m.graph.output}
-            n_out = len(m.graph.output)
-            for node in m.graph.node:
-                for t in node.output:
-                    if t:
-                        self.producer[t] = (node.name, node.op_type)
-                        if t not in have:
-                            # typed from shape inference where it knows the tensor; onnxruntime
-                            # infers the rest itself from an untyped output
-                            m.graph.output.append(typed.get(t) or onnx.ValueInfoProto(name=t))
-                            have.add(t)
-            try:
-                self._all = self._session(m)
-            finally:
-                del m.graph.output[n_out:]
-            self._all_names = [o.name for o in self._all.get_outputs()]
+            self._all, self._all_names = self._session_with_outputs(None)
         vals = self._run(self._all, feeds)
         return Golden(dict(zip(self._all_names, vals, strict=True)), self.producer, self.output_names)
 
