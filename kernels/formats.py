@@ -226,13 +226,16 @@ def int_range(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def require_int(name: str, a: Any) -> np.ndarray:
-    """Return ``a`` as an integer ndarray; a float (or bool/object) array is a TypeError.
+    """Return ``a`` as an integer ndarray in native byte order; a float (or bool/object)
+    array is a TypeError.
 
     Kernels call this on every input: floats become integers once, at lowering.
     """
     arr = np.asarray(a)
     if arr.dtype.kind not in "iu":
         raise TypeError(f"{name}: integer array expected, got dtype {arr.dtype}")
+    if not arr.dtype.isnative:  # big-endian data (from a file): the compiled kernels read native
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     return arr
 
 

@@ -242,10 +242,10 @@ def _where(name: str, x: np.ndarray, bad: np.ndarray) -> str:
 
 @nb.njit(cache=True)
 def _min_max(x):
-    """(min, max) of a non-empty integer array in one pass."""
-    lo = x.flat[0]
+    """(min, max) of a non-empty 1-D integer array in one pass."""
+    lo = x[0]
     hi = lo
-    for v in x.flat:
+    for v in x:
         lo = min(lo, v)
         hi = max(hi, v)
     return lo, hi
@@ -258,7 +258,7 @@ def _operand(name: str, x: object) -> tuple[np.ndarray, int]:
     x = require_int(f"gemm: {name}", x)
     if not x.size:
         return x.astype(np.int64, copy=False), 0
-    lo, hi = (int(v) for v in _min_max(x if x.flags.c_contiguous else np.ascontiguousarray(x)))
+    lo, hi = (int(v) for v in _min_max(np.ascontiguousarray(x).reshape(-1)))
     if hi >= _DATAPATH or lo <= -_DATAPATH:
         bad = x >= _DATAPATH if x.dtype.kind == "u" else (x >= _DATAPATH) | (x <= -_DATAPATH)
         raise ValueError(

@@ -58,6 +58,8 @@ def isqrt(n: np.int64) -> np.int64:
     """floor(sqrt(n)) for 0 <= n < 2**62 (Numba scalar), digit by digit: the restoring
     base-4 method, two bits of ``n`` and one result bit per step (31 steps at most).
     Negative ``n`` returns 0."""
+    if n <= 0:
+        return np.int64(0)
     res = np.int64(0)
     bit = np.int64(1) << 60
     while bit > n:
@@ -211,7 +213,7 @@ def bit_len(v):
 def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bits, out):
     """The module docstring's steps per row of ``x`` (rows, h). Returns (events, max, min)
     with max/min over ``x`` and 0, for the caller's overflow check (made after the rows: a
-    row beyond the bound computes garbage, never an error). The final two roundings are
+    row beyond the bound is skipped, its output left unwritten). The final two roundings are
     branch-free (:func:`shift_el`, the same values as ``shift_round`` for shifts up to 62)."""
     rows, h = x.shape
     d = np.empty(h, np.int64)
@@ -233,6 +235,8 @@ def _ln_rows(x, e_row, gamma, beta, e_gamma, eps_m, eps_e, fn, e_out, lo, hi, bi
         gmx = max(gmx, mx)
         gmn = min(gmn, mn)
         amax = max(mx, -mn)
+        if 2 * bit_len(amax) + hb > 59:  # beyond the int64 variance: the caller raises
+            continue
         m = (59 - hb - 2 * bit_len(amax)) // 2
         mu = ((s << (m + 1)) + h) // (2 * h)
         v = np.int64(0)

@@ -283,7 +283,7 @@ def requantize_blocks(
         eo = None
         if exp_out is not None:
             eo = block_rows(require_int("requantize: exp_out", exp_out), shape, -1, fmt.block_size)
-    except ValueError:  # the kernels check the range as they go; it is reported first
+    except (ValueError, TypeError):  # the kernels check the range as they go; it is reported first
         _check_top(_top(rows))
         raise
     out = np.empty(rows.shape, fmt.dtype)

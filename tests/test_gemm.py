@@ -204,3 +204,15 @@ def test_gemm_errors():
         gemm(np.zeros((2, 2), np.int64), z, np.zeros((2, 2), np.int64), np.array(0), 63)
     with pytest.raises(ValueError, match="must stay below 2\\*\\*62"):
         gemm(np.full((1, 1), 1 << 40), np.zeros((1, 1), np.int64), np.full((1, 1), 1 << 30), np.array(0), 62)
+
+
+def test_gemm_big_endian_and_0d_operands():
+    """Operands in big-endian byte order (as read from a file) give the native result; a 0-d
+    operand is refused with the shape error, not a compiler error."""
+    a = np.arange(6).reshape(2, 3)
+    b = np.arange(12).reshape(3, 4) - 5
+    z = np.zeros((2, 1), np.int64)
+    _same(gemm(a.astype(">i4"), z, b.astype(">i2"), np.array(0)), gemm(a, z, b, np.array(0)))
+    _same(gemm_ref(a.astype(">i4"), z, b.astype(">i2"), np.array(0)), gemm(a, z, b, np.array(0)))
+    with pytest.raises(ValueError, match="do not multiply"):
+        gemm(np.array(3), np.zeros((1, 1), np.int64), b, np.array(0))

@@ -75,6 +75,11 @@ def test_layernorm_edge_rows_and_errors():
     assert_bit_equal(y, layernorm_ref(x, np.array([[[-3]], [[2]]]), p)[0])
     with pytest.raises(ValueError, match="would overflow the int64 variance"):
         layernorm(np.full((1, h), 1 << 28), np.zeros((1, 1), np.int64), p)
+    # a varying row beyond the bound (its variance would wrap negative): refused, never hung
+    wide = np.array([[-8153246259908784, 25797397883516704, -13866631510220393, 5, -7]])
+    with pytest.raises(ValueError, match="would overflow the int64 variance"):
+        layernorm(np.concatenate([np.zeros((1, h), np.int64), wide]), np.zeros((2, 1), np.int64), p)
+    assert isqrt(np.int64(-4)) == 0 and isqrt(np.int64(0)) == 0
     with pytest.raises(TypeError, match="integer array"):
         layernorm(np.zeros((1, h)), np.zeros((1, 1), np.int64), p)
     with pytest.raises(ValueError, match="H=4 channels, gamma has 5"):

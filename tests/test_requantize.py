@@ -251,3 +251,16 @@ def test_block_kernels_read_every_int_dtype(data, dt, fmt, static):
     if static:
         exp_out = data.draw(int_arrays(requantize(x, e_in, fmt).exp.shape, 6))
     assert_qtensor_equal(requantize(x, e_in, fmt, exp_out), requantize_ref(x, e_in, fmt, exp_out))
+
+
+def test_requantize_big_endian_and_range_error_first():
+    """Big-endian input (as read from a file) gives the native result; an input beyond 2**62
+    is reported before a bad ``exp_out``, as the reference does."""
+    x = np.arange(8).reshape(2, 4) * 3
+    f = IntFormat(bits=4, block_axis=-1, block_size=0)
+    e = np.zeros((2, 1), np.int64)
+    assert_bit_equal(requantize(x.astype(">i4"), e, f).data, requantize_ref(x, e, f).data)
+    fb = IntFormat(bits=8, block_axis=-1, block_size=2)
+    for fn in (requantize, requantize_ref):
+        with pytest.raises(ValueError, match="must be < 2"):
+            fn(np.array([[1 << 62, 1]]), np.zeros((1, 1), np.int64), fb, np.array([[0.5]]))

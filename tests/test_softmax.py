@@ -176,3 +176,10 @@ def test_softmax_counted_broadcast_mask_twins(data, method, out_bits, in_bits, e
     (a, na), (b, nb) = softmax_counted(x, m, p), softmax_counted_ref(x, m, p)
     assert_bit_equal(a, b)
     assert a.dtype == b.dtype and na == nb
+
+
+def test_softmax_big_endian_scores():
+    """Scores in big-endian byte order (as read from a file) give the native result."""
+    p = make_softmax_params(-9, 16, 8)
+    s = (np.arange(8).reshape(2, 4) * 100).astype(">i2")
+    assert_bit_equal(softmax(s, np.zeros(4, np.int64), p), softmax_ref(s.astype(np.int64), np.zeros(4, np.int64), p))
