@@ -442,13 +442,14 @@ def gemm(
     m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
     lo, hi, wrap = sat_bounds(acc_bits, True, acc_saturation)
     out_shape = batch + (m_, n_)
-    a3 = np.broadcast_to(a, batch + (m_, k_)).reshape(-1, m_, k_)
-    b3 = b.reshape(1, k_, n_) if b.ndim == 2 else np.broadcast_to(b, batch + (k_, n_)).reshape(-1, k_, n_)
+    nbt = int(np.prod(batch, dtype=np.int64))  # explicit: -1 cannot be inferred for empty operands
+    a3 = np.broadcast_to(a, batch + (m_, k_)).reshape(nbt, m_, k_)
+    b3 = b.reshape(1, k_, n_) if b.ndim == 2 else np.broadcast_to(b, batch + (k_, n_)).reshape(nbt, k_, n_)
     n_over = 0
     rid, tab, force = _bias_table(bias, e_acc, e_bias, bias_rounding, a3.shape[0] * m_, acc_bits, acc_saturation)
     use_bias = bias is not None
     acc = np.empty((a3.shape[0], m_, n_), np.int64)
-    if bound < EXACT_F64:
+    if bound < EXACT_F64 and a3.size and b3.size:  # empty operands: the loop gives 0 (+ bias)
         ft = np.float32 if bound < EXACT_F32 else np.float64  # exact: module docstring, step 1
         accf = _float_matmul(a, b, ft, out_shape).reshape(-1, m_, n_)
         a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)

@@ -216,3 +216,13 @@ def test_gemm_big_endian_and_0d_operands():
     _same(gemm_ref(a.astype(">i4"), z, b.astype(">i2"), np.array(0)), gemm(a, z, b, np.array(0)))
     with pytest.raises(ValueError, match="do not multiply"):
         gemm(np.array(3), np.zeros((1, 1), np.int64), b, np.array(0))
+
+
+@pytest.mark.parametrize("m, k, n", [(0, 3, 4), (2, 0, 4), (2, 3, 0), (0, 0, 0)])
+def test_gemm_empty_operands(m, k, n):
+    """Zero rows, zero reduction length or zero columns: the reference's result (an empty
+    product, or the aligned bias alone for K = 0)."""
+    a, b = np.ones((1, m, k), np.int64), np.ones((k, n), np.int64)
+    bias = np.arange(n, dtype=np.int64) * 5
+    args = (a, np.zeros((1, m, 1), np.int64), b, np.array(0), 20, Saturation.SAT, bias, -1)
+    _same(gemm(*args), gemm_ref(*args))
