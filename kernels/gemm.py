@@ -380,6 +380,10 @@ _BLAS = ThreadpoolController()
 # costs more than they save, and far more when other processes keep the cores busy
 # (64 x 384 x 384 took 60 ms on two threads of a loaded machine, under 1 ms on one).
 _BLAS_THREADED_MACS = 1 << 28
+# A stacked product (attention) runs each item on all BLAS threads from this many
+# multiply-adds per item on (seq 256 x head 32 x 256; at seq 512 two threads took 51 ms where
+# one took 80, at seq 64 both took 4 ms): below it, per-item thread wake-ups cost what they save.
+_BLAS_THREADED_ITEM_MACS = 1 << 21
 
 
 def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, ...]) -> np.ndarray:
@@ -388,8 +392,9 @@ def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, 
     A 2-D ``b`` (a linear layer's weights) multiplies all rows of ``a`` in one 2-D BLAS call:
     numpy's stacked matmul issues one small call per batch item, each spinning up the BLAS
     threads, which collapses when another process shares the cores. Products with batch axes
-    on both sides (attention) are many small matrices: they run on one BLAS thread, as do
-    2-D products below ``_BLAS_THREADED_MACS``."""
+    on both sides (attention) are many small matrices: they run on one BLAS thread unless each
+    item has ``_BLAS_THREADED_ITEM_MACS`` or more (long sequences), as do 2-D products below
+    ``_BLAS_THREADED_MACS``."""
     k_, n_ = b.shape[-2], b.shape[-1]
     if b.ndim == 2:
         a2 = a.reshape(-1, k_).astype(ft)
@@ -399,6 +404,8 @@ def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, 
             with _BLAS.limit(limits=1, user_api="blas"):
                 accf = a2 @ b.astype(ft)
         accf = accf.reshape(a.shape[:-1] + (n_,))
+    elif a.shape[-2] * k_ * n_ >= _BLAS_THREADED_ITEM_MACS:  # long sequences: big enough per item
+        accf = np.matmul(a.astype(ft), b.astype(ft))
     else:
         with _BLAS.limit(limits=1, user_api="blas"):
             accf = np.matmul(a.astype(ft), b.astype(ft))
