@@ -214,17 +214,16 @@ class GoldenRunner:
         copy would hold the weights twice."""
         m = self.model
         typed = _inferred_types(m)
-        made = {t for node in m.graph.node for t in node.output if t}
-        missing = [t for t in names or () if t not in made]
-        if missing:
-            raise BbctError(f"{self._where} has no tensor(s) {missing[:3]}")
         for node in m.graph.node:
             for t in node.output:
                 if t:
                     self.producer[t] = (node.name, node.op_type)
+        missing = [t for t in names or () if t not in self.producer]
+        if missing:
+            raise BbctError(f"{self._where} has no tensor(s) {missing[:3]}")
         have = {o.name for o in m.graph.output}
         n_out = len(m.graph.output)
-        for t in [t for node in m.graph.node for t in node.output if t] if names is None else names:
+        for t in list(self.producer) if names is None else names:
             if t not in have:
                 # typed from shape inference where it knows the tensor; onnxruntime infers the
                 # rest itself from an untyped output

@@ -483,6 +483,19 @@ def sat_bounds(bits: int, signed: bool, mode: Saturation | int) -> tuple[int, in
 
 
 @nb.njit(cache=True, inline="always")
+def extent(x):
+    """(max, min) of the 1-D integer ``x`` and 0, as int64: one vectorizable pass (the range
+    checks of the kernels, read in the pass that also does their work)."""
+    mx = np.int64(0)
+    mn = np.int64(0)
+    for j in range(x.size):
+        v = np.int64(x[j])
+        mx = max(mx, v)
+        mn = min(mn, v)
+    return mx, mn
+
+
+@nb.njit(cache=True, inline="always")
 def bit_length(x: np.int64) -> np.int64:
     """Numba twin of :func:`bit_length_ref` for |x| < 2**63."""
     if x < 0:

@@ -74,6 +74,7 @@ from bbct.kernels.formats import (
     Rounding,
     Saturation,
     bit_length_ref,
+    extent,
     require_int,
     sat_bounds,
     saturate,
@@ -149,25 +150,24 @@ def _gemm_seq_at(a, b, idx, rid, tab, force, use_bias, lo, hi, wrap, bits, out):
 @nb.njit(cache=True)
 def _finish(accf, rid, tab, force, use_bias, rmax, rsum, cmax, csum, hi, lo, wrap, bits, out, skip):
     """Exact float sums (module docstring, steps 1-2) -> int64, plus the aligned bias with
-    narrowing. An output whose prefix-sum bound (step 2) exceeds ``hi`` is marked in ``skip``
-    and left for :func:`_gemm_seq_at`; returns (events, marked outputs). The bound factors
+    narrowing, for products where some outputs may leave the range (otherwise
+    :func:`_finish_rows`). An output whose prefix-sum bound (step 2) exceeds ``hi`` is marked
+    in ``skip`` and left for :func:`_gemm_seq_at`; returns (events, marked outputs). The bound factors
     are int64 row/column statistics of ``|a|`` and ``|b|`` whose products are <= P < 2**53."""
     bt, m_, n_ = accf.shape
     n_over = 0
     n_skip = 0
-    check = rmax.shape[0] > 0
     for t in range(bt):
         tb = t if csum.shape[0] > 1 else 0
         for i in range(m_):
             r = rid[t * m_ + i]
             for j in range(n_):
-                if check:
-                    p1 = rmax[t, i] * csum[tb, j]
-                    p2 = rsum[t, i] * cmax[tb, j]
-                    if (p1 if p1 < p2 else p2) > hi:
-                        skip[t, i, j] = True
-                        n_skip += 1
-                        continue
+                p1 = rmax[t, i] * csum[tb, j]
+                p2 = rsum[t, i] * cmax[tb, j]
+                if (p1 if p1 < p2 else p2) > hi:
+                    skip[t, i, j] = True
+                    n_skip += 1
+                    continue
                 s = np.int64(accf[t, i, j])  # an integer below 2**53: exact conversion
                 if use_bias:
                     s, ov = _plus_bias(s, tab, force, r, j, lo, hi, wrap, bits)
@@ -240,17 +240,6 @@ def _where(name: str, x: np.ndarray, bad: np.ndarray) -> str:
     return f"{name}{at} = {int(x[idx])}"
 
 
-@nb.njit(cache=True)
-def _min_max(x):
-    """(min, max) of a non-empty 1-D integer array in one pass."""
-    lo = x[0]
-    hi = lo
-    for v in x:
-        lo = min(lo, v)
-        hi = max(hi, v)
-    return lo, hi
-
-
 def _operand(name: str, x: object) -> tuple[np.ndarray, int]:
     """``x`` as int64 and its ``max |x|``, refusing ``|x| >= 2**62`` before the cast (which
     wraps an uint64 above the int64 maximum and gives ``np.abs(int64 min) < 0``, so no later
@@ -258,7 +247,7 @@ def _operand(name: str, x: object) -> tuple[np.ndarray, int]:
     x = require_int(f"gemm: {name}", x)
     if not x.size:
         return x.astype(np.int64, copy=False), 0
-    lo, hi = (int(v) for v in _min_max(np.ascontiguousarray(x).reshape(-1)))
+    hi, lo = (int(v) for v in extent(np.ascontiguousarray(x).reshape(-1)))
     if hi >= _DATAPATH or lo <= -_DATAPATH:
         bad = x >= _DATAPATH if x.dtype.kind == "u" else (x >= _DATAPATH) | (x <= -_DATAPATH)
         raise ValueError(

@@ -47,6 +47,7 @@ from bbct.kernels.formats import (
     Saturation,
     ScaleKind,
     bit_length,
+    extent,
     require_int,
     sat_bounds,
     saturate,
@@ -140,18 +141,6 @@ def _dynamic_rows(x, e_in, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
 
 
 @nb.njit(cache=True, inline="always")
-def _extent(x):
-    """(max, min) of the 1-D ``x`` and 0, as int64: one vectorizable pass."""
-    mx = np.int64(0)
-    mn = np.int64(0)
-    for j in range(x.size):
-        v = np.int64(x[j])
-        mx = max(mx, v)
-        mn = min(mn, v)
-    return mx, mn
-
-
-@nb.njit(cache=True, inline="always")
 def _narrow_block(x, s, amax, mode, lo, hi, wrap, bits, out):
     """``out = sat(x >>r s)`` for one block (1-D views; zero-based loops over views keep the
     loads and stores contiguous) with one shift ``s`` (right shifts beyond 62 taken as 62),
@@ -199,7 +188,7 @@ def _static_blocks(x, e_blk, e_out, bs, mode, lo, hi, wrap, bits, out):
             j0 = b * bs
             j1 = min(n, j0 + bs)
             xb = x[r, j0:j1]
-            mx, mn = _extent(xb)
+            mx, mn = extent(xb)
             gmx = max(gmx, mx)
             gmn = min(gmn, mn)
             s = np.int64(e_out[r, b]) - np.int64(e_blk[r, b])
@@ -222,7 +211,7 @@ def _dynamic_blocks(x, e_blk, bs, mode, lo, hi, wrap, bits, signed, out, e_out):
             j1 = min(n, j0 + bs)
             xb = x[r, j0:j1]
             ob = out[r, j0:j1]
-            mx, mn = _extent(xb)
+            mx, mn = extent(xb)
             gmx = max(gmx, mx)
             gmn = min(gmn, mn)
             if mx == 0 and mn == 0:
@@ -426,7 +415,7 @@ def _mult_rows(x, m, s_row, mode, lo, hi, wrap, bits, out):
     for r in range(rows):
         xr = x[r]
         pr = out[r]
-        mx, mn = _extent(xr)
+        mx, mn = extent(xr)
         gmx = max(gmx, mx)
         gmn = min(gmn, mn)
         for j in range(n):

@@ -68,7 +68,6 @@ EXP_C = 1.0 - EXP_A * EXP_B**2  # P(0) = 1
 IBERT_EXP = (0.3585, 1.353, 0.344)
 METHODS = ("poly", "lut")
 MEMO_SIZE = 1 << 17  # exp values kept per call, for d in (-MEMO_SIZE, 0]
-MEMO_LIMIT = 1 << 31
 
 
 @dataclass(frozen=True, eq=False)
@@ -275,7 +274,7 @@ def _softmax_rows(
     """The module docstring's steps per row of ``x`` (rows, n; any int dtype); the mask row
     of row ``r`` is ``mc[mrow[r]]``. exp is a function of ``d`` alone, so it is evaluated
     once per distinct ``d``: runs of equal ``d`` (a row's masked tail) reuse it, and
-    ``memo[-d]`` (int32, -1 = not yet; exp values are below 2**31) keeps it across rows.
+    ``memo[-d]`` (-1 = not yet; int32 whenever ``e_max`` fits) keeps it across rows.
     ``>>RND`` by ``s = F + 16`` is ``(v + 2**(s-1)) >> s``, as :func:`shift_round`."""
     rows, n = x.shape
     e = np.empty(n, np.int64)
@@ -306,7 +305,7 @@ def _softmax_rows(
                         v = _exp_poly(d, g, ln2_q, c1, c2, c0)
                     else:
                         v = _exp_lut(d, l2e_q, sv, fv, addr_bits, table)
-                    if -d < memo.size and v < MEMO_LIMIT:
+                    if -d < memo.size:
                         memo[-d] = v
             e[j] = v
             total += v
@@ -385,7 +384,7 @@ def softmax_counted(x: np.ndarray, mask_add: np.ndarray, p: SoftmaxParams) -> tu
     mc, mrow = _mask_rows(m, x.shape)
     lo_in, hi_in = int_range(p.in_bits, True)
     out = np.empty(xr.shape, _out_dtype(p))
-    memo = np.full(min(1 << (p.in_bits + 1), MEMO_SIZE), -1, np.int32)
+    memo = np.full(min(1 << (p.in_bits + 1), MEMO_SIZE), -1, np.int32 if p.e_max < 1 << 31 else np.int64)
     events = _softmax_rows(xr, mc, mrow, lo_in, hi_in, *_exp_consts(p), p.out_bits, memo, out)
     return out.reshape(x.shape), int(events)
 

@@ -27,11 +27,11 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import numba as nb
 import numpy as np
+from bench_simulator import _time  # tools/ is this script's folder
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((2048, 384, 384), (2048, 384, 1536), (2048, 1536, 384))  # RT classifier: q/k/v/out, ffn1, ffn2
@@ -44,16 +44,6 @@ def _combine(p, ea, ew, out):
         for c in range(nblk):
             for n in range(n_):
                 out[m, n] += np.int64(p[c, m, n]) << (ea[m, c] + ew[c, n])
-
-
-def _time(fn, repeats: int) -> list[float]:
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def measure(m: int, k: int, n: int, block: int, repeats: int) -> dict:
