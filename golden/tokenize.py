@@ -65,11 +65,17 @@ def encode(
     }
 
 
-def count_truncated(tokenizer: str | Path, texts: list, max_length: int) -> int:
-    """How many of ``texts`` (strings or (text, pair) tuples) are longer than ``max_length`` tokens."""
+def token_counts(tokenizer: str | Path, texts: list, max_length: int | None = None) -> np.ndarray:
+    """Tokens of each of ``texts`` (strings or (text, pair) tuples), special tokens included,
+    before padding; at most ``max_length`` when given (what :func:`encode` keeps)."""
     tok = _load(str(tokenizer))
     tok.no_truncation()
     tok.no_padding()
     items = [t if isinstance(t, str) else tuple(t) for t in texts]
-    n = sum(len(e.ids) > max_length for e in tok.encode_batch(items))
-    return int(n)
+    n = np.array([len(e.ids) for e in tok.encode_batch(items)], dtype=np.int64)
+    return n if max_length is None else np.minimum(n, max_length)
+
+
+def count_truncated(tokenizer: str | Path, texts: list, max_length: int) -> int:
+    """How many of ``texts`` (strings or (text, pair) tuples) are longer than ``max_length`` tokens."""
+    return int(np.sum(token_counts(tokenizer, texts) > max_length))

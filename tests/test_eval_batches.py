@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from test_sweep import _data  # sentences of 2 to 11 words: batches padded to unlike lengths
 
-from bbct.simulator.compare import Comparison, compared_nodes, error_sums
+from bbct.simulator.compare import Comparison, compared_nodes, error_sums, real_tokens
 from bbct.simulator.explore.bench import Bench
 from bbct.simulator.tasks import get_task, load_dataset
 
@@ -41,7 +41,8 @@ def _serial_reference(b: Bench, cfg: str):
     comp = Comparison(b.sim.graph)
     name = b.sim.graph.info["onnx_outputs"]["logits"]
     fl, il, by_node = [], [], {}
-    for feeds in b._feeds:
+    plan = b.plan(b.head(None))
+    for _, feeds in plan:
         r = b.sim.run(feeds, trace=True)
         comp.add(r, b.sim.golden.run_all(feeds).values, feeds[b.mask_name])
         fl.append(np.asarray(b.sim.golden.run(feeds)[name], np.float64))
@@ -49,14 +50,16 @@ def _serial_reference(b: Bench, cfg: str):
         for node, k in r.overflow.items():
             if k:
                 by_node[node] = by_node.get(node, 0) + int(k)
-    return np.concatenate(fl), np.concatenate(il), comp.rows(), by_node
+    order = np.concatenate([sel for sel, _ in plan])  # back to the split's order
+    inv = np.argsort(order)
+    return np.concatenate(fl)[inv], np.concatenate(il)[inv], comp.rows(), by_node
 
 
 @pytest.mark.parametrize("cfg", ["w8a8", "mx-int8"])
 def test_eval_over_workers_equals_the_serial_pass(bench, cfg):
     fl, il, rows, by_node = _serial_reference(bench, cfg)
     for jobs in (1, 2):
-        bench._float = None  # the float logits come with the batches again
+        bench._floats.clear()  # the float logits come with the batches again
         ev = bench.evaluate(cfg, jobs=jobs)
         assert np.array_equal(ev.float_logits, fl) and np.array_equal(ev.int_logits, il)
         assert ev.layers == rows  # every SQNR, cosine, max error and overflow, exactly
@@ -67,14 +70,40 @@ def test_eval_over_workers_equals_the_serial_pass(bench, cfg):
 
 def test_layer_examples_trace_only_the_first_batches(bench):
     full = bench.evaluate("w8a8", jobs=2)
-    part = bench.evaluate("w8a8", layer_examples=9, jobs=2)  # batches 0 and 1 (8 + 8 examples)
+    part = bench.evaluate("w8a8", layer_examples=9, jobs=2)  # the first 16 examples (two batches of 8)
     assert part.summary["layer_examples"] == 16
-    assert np.array_equal(part.int_logits, full.int_logits)
-    assert part.summary["overflow_by_node"] == full.summary["overflow_by_node"]
+    assert [r.node for r in part.layers] == [r.node for r in full.layers]
+    # the 16 are batched apart from the rest, so padding differs: the classes stay
+    assert np.array_equal(np.argmax(part.int_logits, -1), np.argmax(full.int_logits, -1))
+    lone = bench.evaluate("w8a8", layer_examples=0, jobs=2)
+    assert lone.summary["layer_examples"] == 0 and lone.layers == []
+
+
+def test_batches_go_by_length_and_results_by_the_split(bench):
+    """Batches are formed in order of token count within the traced head and within the rest;
+    each is padded to its longest; every example is in exactly one batch."""
+    n = len(bench.data)
+    counts = [int(f[bench.mask_name].sum(axis=1).max()) for _, f in bench.plan(n)]
+    assert counts == sorted(counts) and len(set(counts)) > 2  # _data's sentences are of unlike lengths
+    for head in (0, 16, n):
+        plan = bench.plan(head)
+        order = np.concatenate([sel for sel, _ in plan])
+        assert sorted(order.tolist()) == list(range(n))
+        assert set(order[:head].tolist()) == set(range(head))  # the head's batches come first
+        for sel, feeds in plan:
+            mask = feeds[bench.mask_name]
+            assert np.array_equal(mask.sum(axis=1), bench._counts[sel]) and mask.shape[1] == bench._counts[sel].max()
+    # the integer logits in the split's order: batch by batch as the file gives them, the same
+    # sentence gives the same class (its bits may differ only through another's padding)
+    ev = bench.evaluate("w8a8")
+    sim = bench.sim
+    by_file = [sim.run(sim.encode(bench.data.inputs(i, i + 8))).outputs["logits"].dequantize() for i in range(0, n, 8)]
+    by_file = np.concatenate(by_file)
+    assert np.array_equal(np.argmax(ev.int_logits, -1), np.argmax(by_file, -1))
 
 
 def test_run_some_gives_run_alls_values(bench):
-    feeds = bench._feeds[0]
+    feeds = bench.plan(40)[0][1]
     golden = bench.sim.golden
     names = [n for n in golden.tensor_names() if n not in golden.output_names][::7]
     some = golden.run_some(feeds, names)
@@ -88,7 +117,7 @@ def test_run_some_gives_run_alls_values(bench):
 
 def test_trace_a_set_keeps_those_tensors(bench):
     bench.lower("w8a8")
-    graph, feeds = bench.sim.graph, bench._feeds[1]
+    graph, feeds = bench.sim.graph, bench.plan(40)[1][1]
     keep = set(compared_nodes(graph, bench.sim.golden.tensor_names())[:5])
     every = bench.sim.run(feeds, trace=True)
     some = bench.sim.run(feeds, trace=keep)
@@ -107,3 +136,67 @@ def test_a_config_object_is_lowered_once(bench):
     graph = bench.lower(cfg)
     assert bench.evaluate(cfg).summary["examples"] == 40 and bench.sim.graph is graph
     assert bench.lower("w8a8") is not graph and bench.lower(load_config("w8a8")) is not graph
+
+
+def _numpy_pairs(q, g, mask):
+    sel = real_tokens(g, mask)
+    return np.asarray(g, np.float64)[sel], q.dequantize()[sel]
+
+
+@pytest.mark.parametrize(
+    "shape, axis, block, mult",
+    [
+        ((3, 5, 70), -1, 32, False),  # token rows, blocks of the last axis with a short last block
+        ((3, 5, 70), -1, 0, True),  # one MULT scale per row
+        ((3, 5, 64), 1, 2, False),  # blocks across tokens: one scale per row, from its block
+        ((3, 5, 64), 0, 0, False),  # one scale per (token, column): broadcast over the batch
+        ((3, 4, 5, 5), -1, 2, False),  # attention scores: real query rows, real key columns
+        ((3, 4, 5, 8), -1, 4, True),  # heads split: real query rows, every column
+        ((3, 5), -1, 2, False),  # one value per token
+        ((3, 5, 2, 6), -1, 4, False),  # token-major 4-D
+    ],
+)
+def test_real_pairs_are_the_selected_dequantized_values(shape, axis, block, mult):
+    """The row-wise gather gives what selecting with :func:`real_tokens` and dequantizing the
+    whole tensor gives: the same float64 values in the same order (so the same sums)."""
+    from bbct.kernels.formats import IntFormat, QTensor, ScaleKind, expand_blocks
+    from bbct.simulator.compare import _real_pairs
+
+    rng = np.random.default_rng(len(shape) * 100 + block)
+    fmt = IntFormat(bits=8, block_axis=axis, block_size=block, scale=ScaleKind.MULT if mult else ScaleKind.POW2)
+    ax = axis % len(shape)
+    nb = 1 if block == 0 else -(-shape[ax] // block)
+    eshape = [1 if (i == 0 and axis == 0) else s for i, s in enumerate(shape)]
+    eshape[ax] = nb
+    exp = rng.integers(-12, 3, eshape).astype(np.int32)
+    mant = rng.integers(1, 255, eshape).astype(np.int32) if mult else None
+    q = QTensor(rng.integers(-128, 128, shape).astype(np.int8), fmt, exp, mant)
+    assert expand_blocks(np.ones(eshape), shape, axis, block).shape == shape
+    g = rng.standard_normal(shape).astype(np.float32)
+    mask = np.zeros((3, 5), np.int64)
+    for b, n in enumerate((5, 2, 3)):
+        mask[b, :n] = 1
+    got, want = _real_pairs(q, g, mask), _numpy_pairs(q, g, mask)
+    assert got is not None
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert error_sums(*got) == _numpy_sums(*want)
+
+
+def test_batch_stats_of_a_traced_batch_are_numpys(bench):
+    """Every compared tensor of a real batch: the gathered sums equal numpy's on
+    ``real_tokens``-selected, dequantized values."""
+    from bbct.simulator.compare import batch_stats
+
+    bench.lower("w8a8")
+    sim = bench.sim
+    feeds = bench.plan(40)[2][1]
+    r = sim.run(feeds, trace=True)
+    golden = sim.golden.run_all(feeds).values
+    mask = feeds[bench.mask_name]
+    stats = batch_stats(sim.graph, r, golden, mask)
+    assert len(stats) > 20
+    for n in sim.graph.nodes:
+        if n.name in stats:
+            q, g = r.tensors[n.name], golden[n.onnx_name]
+            assert tuple(stats[n.name][2:7]) == _numpy_sums(*_numpy_pairs(q, g.reshape(q.shape), mask)), n.name
