@@ -8,6 +8,7 @@ import numba as nb
 import numpy as np
 
 from bbct.golden.errors import BbctError
+from bbct.kernels.formats import QTensor, block_index
 from bbct.simulator import ir
 from bbct.simulator.execute import Result
 
@@ -171,28 +172,86 @@ def _error_sums(g, x):
     return a, b, c, d, mx
 
 
+def _real_rows(shape: tuple[int, ...], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
+    """:func:`real_tokens` as rows of the last axis: which of the ``prod(shape[:-1])`` rows are
+    real, and whether within a real row only the real key columns count (``mask[row //
+    per_b]``); None where :func:`real_tokens` selects nothing."""
+    m = np.asarray(mask).astype(bool)
+    B, S = m.shape
+    if len(shape) == 2 and tuple(shape) == m.shape:  # one element per token
+        return np.ones(B, bool), m, 1, True
+    if len(shape) >= 3 and tuple(shape[:2]) == m.shape:
+        rows = np.broadcast_to(m.reshape(m.shape + (1,) * (len(shape) - 3)), shape[:-1])
+        return np.ascontiguousarray(rows).ravel(), m, 1, False
+    if len(shape) == 4 and shape[0] == B and shape[2] == S:
+        rows = np.broadcast_to(m[:, None, :], shape[:-1])
+        return np.ascontiguousarray(rows).ravel(), m, shape[1] * shape[2], shape[3] == S
+    return None
+
+
 @nb.njit(cache=True)
-def _gather_real(g, q, s, sel):
-    """The selected elements of 4-D ``g`` (as float64) and of ``q * s`` (codes times their
-    scale), in C order: what ``g[sel]`` and ``q[sel].astype(float64) * s[sel]`` give; and
-    whether every element of ``g``, selected or not, is finite."""
-    gs = np.empty(g.size)
-    xs = np.empty(g.size)
+def _gather_rows(g, q, s, bs, rsel, cmask, per_b, cols):
+    """The real elements of ``g`` (R, C) as float64 and of ``q * s`` (codes times their
+    block's scale, ``s[r, c // bs]``), in C order: row ``r`` when ``rsel[r]``, and within it
+    column ``c`` unless ``cols`` and not ``cmask[r // per_b, c]``."""
+    R, C = g.shape
+    n = 0
+    for r in range(R):
+        if rsel[r]:
+            if cols:
+                b = r // per_b
+                for c in range(C):
+                    n += cmask[b, c]
+            else:
+                n += C
+    gs = np.empty(n)
+    xs = np.empty(n)
     k = 0
-    finite = True
-    d0, d1, d2, d3 = g.shape
-    for i0 in range(d0):
-        for i1 in range(d1):
-            for i2 in range(d2):
-                for i3 in range(d3):
-                    v = np.float64(g[i0, i1, i2, i3])
-                    if not np.isfinite(v):
-                        finite = False
-                    if sel[i0, i1, i2, i3]:
-                        gs[k] = v
-                        xs[k] = np.float64(q[i0, i1, i2, i3]) * s[i0, i1, i2, i3]
+    nb = s.shape[1]
+    for r in range(R):
+        if not rsel[r]:
+            continue
+        b = r // per_b
+        for j in range(nb):  # a block at a time: one scale, no division per element
+            sc = s[r, j]
+            hi = min(C, (j + 1) * bs)
+            if cols:
+                for c in range(j * bs, hi):
+                    if cmask[b, c]:
+                        gs[k] = np.float64(g[r, c])
+                        xs[k] = np.float64(q[r, c]) * sc
                         k += 1
-    return gs[:k], xs[:k], finite
+            else:
+                for c in range(j * bs, hi):
+                    gs[k] = np.float64(g[r, c])
+                    xs[k] = np.float64(q[r, c]) * sc
+                    k += 1
+    return gs, xs
+
+
+def _real_pairs(q: QTensor, g: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``g[sel]`` and ``q.dequantize()[sel]`` for :func:`real_tokens`' ``sel``, the same float64
+    values in the same order, gathered a row at a time with one scale per block (no per-element
+    scale or selector array); None where the layout is not rows of the last axis."""
+    shape = g.shape
+    rows = _real_rows(shape, mask)
+    if rows is None or q.shape != shape or g.ndim < 2 or not g.size:
+        return None
+    nd, axis = g.ndim, q.fmt.block_axis % g.ndim
+    sb = np.ldexp(1.0, np.asarray(q.exp, np.int64))
+    if q.mant is not None:
+        sb = sb * q.mant
+    if sb.ndim != nd:
+        return None
+    if axis != nd - 1 and sb.shape[axis] != 1:  # blocks across rows: one scale per row
+        sb = np.take(sb, block_index(shape[axis], q.fmt.block_size), axis=axis)
+    C, nbl = shape[-1], sb.shape[-1]
+    bs = C if nbl == 1 else (q.fmt.block_size if axis == nd - 1 else 1)
+    s2 = np.ascontiguousarray(np.broadcast_to(sb, shape[:-1] + (nbl,))).reshape(-1, nbl)
+    rsel, cmask, per_b, cols = rows
+    g2 = np.ascontiguousarray(g).reshape(-1, C)
+    q2 = np.ascontiguousarray(q.data).reshape(-1, C)
+    return _gather_rows(g2, q2, s2, bs, rsel, cmask, per_b, cols)
 
 
 def error_sums(g: np.ndarray, x: np.ndarray) -> tuple[float, float, float, float, float]:
@@ -230,15 +289,15 @@ def batch_stats(
         if q.shape != g.shape and q.data.size != g.size:
             continue
         shape = tuple(g.shape)
+        pairs = None
+        if mask is not None and g.dtype in (np.float32, np.float64) and np.isfinite(g).all():
+            pairs = _real_pairs(q, g, mask)
+        if pairs is not None:
+            gg, ee, gq, qq, mx = error_sums(*pairs)
+            out[n.name] = [shape, q.fmt.short(), gg, ee, gq, qq, mx, pending]
+            pending = 0
+            continue
         sel = real_tokens(g, mask)
-        if sel is not None and q.shape == g.shape and g.ndim <= 4 and g.dtype in (np.float32, np.float64):
-            lead = (None,) * (4 - g.ndim)  # 4-D views, no copies (the scales and selector broadcast)
-            gs, xs, finite = _gather_real(g[lead], q.data[lead], q.scale_array()[lead], sel[lead])
-            if finite:
-                gg, ee, gq, qq, mx = error_sums(gs, xs)
-                out[n.name] = [shape, q.fmt.short(), gg, ee, gq, qq, mx, pending]
-                pending = 0
-                continue
         g = np.asarray(g, np.float64)
         bad = ~np.isfinite(g)
         if bad.any():
