@@ -548,7 +548,12 @@ def add_eval(sub: Any) -> None:
 
     _model_arg(p)
     add_task_args(p)
-    p.add_argument("--batch", type=_positive, default=32, help="sentences per batch")
+    p.add_argument(
+        "--batch",
+        type=_positive,
+        default=32,
+        help="sentences per batch; batches are formed in order of token count, each padded to its longest",
+    )
     p.add_argument(
         "--layer-examples",
         type=_positive,
