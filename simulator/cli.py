@@ -558,7 +558,7 @@ def add_eval(sub: Any) -> None:
         "--layer-examples",
         type=_positive,
         default=None,
-        help="per-layer SQNR over the first N examples (None: the whole split)",
+        help="per-layer SQNR over the first N examples (None: the whole split); no other number depends on it",
     )
     p.add_argument(
         "--jobs",

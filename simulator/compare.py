@@ -247,6 +247,8 @@ def _real_pairs(q: QTensor, g: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
         sb = np.take(sb, block_index(shape[axis], q.fmt.block_size), axis=axis)
     C, nbl = shape[-1], sb.shape[-1]
     bs = C if nbl == 1 else (q.fmt.block_size if axis == nd - 1 else 1)
+    if bs < 1 or nbl * bs < C or (nbl - 1) * bs >= C:  # exponents that do not match the format's blocks
+        return None
     s2 = np.ascontiguousarray(np.broadcast_to(sb, shape[:-1] + (nbl,))).reshape(-1, nbl)
     rsel, cmask, per_b, cols = rows
     g2 = np.ascontiguousarray(g).reshape(-1, C)
@@ -274,10 +276,21 @@ def compared_nodes(graph: ir.Graph, golden_names) -> list[str]:
 
 
 def batch_stats(
-    graph: ir.Graph, result: Result, golden: dict[str, np.ndarray], mask: np.ndarray | None = None
+    graph: ir.Graph,
+    result: Result,
+    golden: dict[str, np.ndarray],
+    mask: np.ndarray | None = None,
+    examples: np.ndarray | None = None,
 ) -> dict[str, list]:
     """One batch's error sums by node (``[shape, fmt, gg, ee, gq, qq, max_err, overflow]``):
-    what :meth:`Comparison.merge` adds up, computed where the batch ran."""
+    what :meth:`Comparison.merge` adds up, computed where the batch ran. With ``examples``
+    (bool per batch row; the ``mask`` is then required) only those examples count: their
+    real tokens, or their rows of a tensor without a sequence axis."""
+    if examples is not None:
+        examples = np.asarray(examples, bool)
+        if mask is None:
+            raise ValueError("batch_stats: examples need the attention mask (ones for a model without one)")
+        mask = np.asarray(mask).astype(bool) & examples[:, None]
     out: dict[str, list] = {}
     pending = 0
     for n in graph.nodes:
@@ -314,6 +327,8 @@ def batch_stats(
             x = q.dequantize().reshape(g.shape)
             if sel is not None:
                 g, x = g[sel], x[sel]
+            elif examples is not None and g.ndim and g.shape[0] == len(examples):  # e.g. logits (B, labels)
+                g, x = g[examples], x[examples]
         gg, ee, gq, qq, mx = error_sums(g, x)
         out[n.name] = [shape, q.fmt.short(), gg, ee, gq, qq, mx, pending]
         pending = 0

@@ -41,7 +41,7 @@ def _serial_reference(b: Bench, cfg: str):
     comp = Comparison(b.sim.graph)
     name = b.sim.graph.info["onnx_outputs"]["logits"]
     fl, il, by_node = [], [], {}
-    plan = b.plan(b.head(None))
+    plan = b.plan()
     for _, feeds in plan:
         r = b.sim.run(feeds, trace=True)
         comp.add(r, b.sim.golden.run_all(feeds).values, feeds[b.mask_name])
@@ -59,7 +59,7 @@ def _serial_reference(b: Bench, cfg: str):
 def test_eval_over_workers_equals_the_serial_pass(bench, cfg):
     fl, il, rows, by_node = _serial_reference(bench, cfg)
     for jobs in (1, 2):
-        bench._floats.clear()  # the float logits come with the batches again
+        bench._float = None  # the float logits come with the batches again
         ev = bench.evaluate(cfg, jobs=jobs)
         assert np.array_equal(ev.float_logits, fl) and np.array_equal(ev.int_logits, il)
         assert ev.layers == rows  # every SQNR, cosine, max error and overflow, exactly
@@ -68,42 +68,40 @@ def test_eval_over_workers_equals_the_serial_pass(bench, cfg):
         assert ev.summary["layer_examples"] == 40
 
 
-def test_layer_examples_trace_only_the_first_batches(bench):
+def test_layer_examples_trace_the_first_examples_and_change_nothing_else(bench):
+    """``layer_examples`` picks whose rows the per-layer sums read, wherever the length order
+    put them; the batches, logits and saturation counts are those of the full pass."""
     full = bench.evaluate("w8a8", jobs=2)
-    part = bench.evaluate("w8a8", layer_examples=9, jobs=2)  # the first 16 examples (two batches of 8)
-    assert part.summary["layer_examples"] == 16
+    part = bench.evaluate("w8a8", layer_examples=9, jobs=2)
+    assert full.summary["layer_examples"] == 40 and part.summary["layer_examples"] == 9
+    assert np.array_equal(part.int_logits, full.int_logits) and np.array_equal(part.float_logits, full.float_logits)
+    assert part.summary["overflow_by_node"] == full.summary["overflow_by_node"]
     assert [r.node for r in part.layers] == [r.node for r in full.layers]
-    # the 16 are batched apart from the rest, so padding differs: the classes stay
-    assert np.array_equal(np.argmax(part.int_logits, -1), np.argmax(full.int_logits, -1))
+    assert part.layers != full.layers
     lone = bench.evaluate("w8a8", layer_examples=0, jobs=2)
     assert lone.summary["layer_examples"] == 0 and lone.layers == []
+    assert np.array_equal(lone.int_logits, full.int_logits)
 
 
 def test_batches_go_by_length_and_results_by_the_split(bench):
-    """Batches are formed in order of token count within the traced head and within the rest;
-    each is padded to its longest; every example is in exactly one batch."""
+    """Batches are formed in order of token count, each padded to its longest; every example
+    is in exactly one batch; results come back in the split's order."""
     n = len(bench.data)
-    counts = [int(f[bench.mask_name].sum(axis=1).max()) for _, f in bench.plan(n)]
+    plan = bench.plan()
+    counts = [int(f[bench.mask_name].sum(axis=1).max()) for _, f in plan]
     assert counts == sorted(counts) and len(set(counts)) > 2  # _data's sentences are of unlike lengths
-    for head in (0, 16, n):
-        plan = bench.plan(head)
-        order = np.concatenate([sel for sel, _ in plan])
-        assert sorted(order.tolist()) == list(range(n))
-        assert set(order[:head].tolist()) == set(range(head))  # the head's batches come first
-        for sel, feeds in plan:
-            mask = feeds[bench.mask_name]
-            assert np.array_equal(mask.sum(axis=1), bench._counts[sel]) and mask.shape[1] == bench._counts[sel].max()
-    # the integer logits in the split's order: batch by batch as the file gives them, the same
-    # sentence gives the same class (its bits may differ only through another's padding)
+    assert sorted(np.concatenate([sel for sel, _ in plan]).tolist()) == list(range(n))
+    for sel, feeds in plan:
+        mask = feeds[bench.mask_name]
+        assert np.array_equal(mask.sum(axis=1), bench._counts[sel]) and mask.shape[1] == bench._counts[sel].max()
+    # each example's logits are those of its own batch's row
     ev = bench.evaluate("w8a8")
-    sim = bench.sim
-    by_file = [sim.run(sim.encode(bench.data.inputs(i, i + 8))).outputs["logits"].dequantize() for i in range(0, n, 8)]
-    by_file = np.concatenate(by_file)
-    assert np.array_equal(np.argmax(ev.int_logits, -1), np.argmax(by_file, -1))
+    sel, feeds = plan[1]
+    assert np.array_equal(ev.int_logits[sel], bench.sim.run(feeds).outputs["logits"].dequantize())
 
 
 def test_run_some_gives_run_alls_values(bench):
-    feeds = bench.plan(40)[0][1]
+    feeds = bench.plan()[0][1]
     golden = bench.sim.golden
     names = [n for n in golden.tensor_names() if n not in golden.output_names][::7]
     some = golden.run_some(feeds, names)
@@ -117,7 +115,7 @@ def test_run_some_gives_run_alls_values(bench):
 
 def test_trace_a_set_keeps_those_tensors(bench):
     bench.lower("w8a8")
-    graph, feeds = bench.sim.graph, bench.plan(40)[1][1]
+    graph, feeds = bench.sim.graph, bench.plan()[1][1]
     keep = set(compared_nodes(graph, bench.sim.golden.tensor_names())[:5])
     every = bench.sim.run(feeds, trace=True)
     some = bench.sim.run(feeds, trace=keep)
@@ -190,13 +188,21 @@ def test_batch_stats_of_a_traced_batch_are_numpys(bench):
 
     bench.lower("w8a8")
     sim = bench.sim
-    feeds = bench.plan(40)[2][1]
+    feeds = bench.plan()[2][1]
     r = sim.run(feeds, trace=True)
     golden = sim.golden.run_all(feeds).values
     mask = feeds[bench.mask_name]
-    stats = batch_stats(sim.graph, r, golden, mask)
-    assert len(stats) > 20
-    for n in sim.graph.nodes:
-        if n.name in stats:
-            q, g = r.tensors[n.name], golden[n.onnx_name]
-            assert tuple(stats[n.name][2:7]) == _numpy_sums(*_numpy_pairs(q, g.reshape(q.shape), mask)), n.name
+    examples = np.arange(len(mask)) % 3 == 1  # a part of the batch, as --layer-examples traces
+    for ex in (None, examples):
+        stats = batch_stats(sim.graph, r, golden, mask, ex)
+        assert len(stats) > 20
+        m = mask if ex is None else mask.astype(bool) & ex[:, None]
+        for n in sim.graph.nodes:
+            if n.name in stats:
+                q, g = r.tensors[n.name], golden[n.onnx_name].reshape(r.tensors[n.name].shape)
+                if real_tokens(g, m) is None:  # no sequence axis: the examples' rows
+                    rows = slice(None) if ex is None else ex
+                    want = _numpy_sums(g[rows].astype(np.float64).ravel(), q.dequantize()[rows].ravel())
+                else:
+                    want = _numpy_sums(*_numpy_pairs(q, g, m))
+                assert tuple(stats[n.name][2:7]) == want, n.name

@@ -11,6 +11,8 @@ about its own length: the split costs what its real tokens cost (RT test: 1.9x f
 rows and 3x fewer attention scores than batches in file order), and a sentence's integer
 result depends little on which others share its batch. (It can depend on them a little: a
 block or matrix exponent is taken over the padded tensor, as hardware fed that batch would.)
+The batches never depend on ``layer_examples``: the per-layer sums are taken over the rows
+of the first N examples wherever they fall, so tracing fewer changes no other number.
 Results are reported in the split's order.
 """
 
@@ -69,8 +71,8 @@ class Bench:
         from bbct.golden.tokenize import token_counts
 
         self._counts = token_counts(self.sim.tokenizer, data.inputs(), max_length)
-        self._plans: dict[int, list[tuple[np.ndarray, dict[str, np.ndarray]]]] = {}
-        self._floats: dict[int, np.ndarray] = {}  # float logits in the split's order, by plan
+        self._plan: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
+        self._float: np.ndarray | None = None  # the float logits, in the split's order
         self._lowered: Config | None = None  # the config self.sim.graph was lowered from
         self.mask_name = self.sim.fgraph.role_input("attention_mask")
 
@@ -115,75 +117,70 @@ class Bench:
         self._lowered = cfg
         return graph
 
-    def head(self, layer_examples: int | None) -> int:
-        """How many leading examples of the split are traced for ``layer_examples``: whole
-        batches' worth, as when batches followed the file (the whole split for None)."""
-        n = len(self.data)
-        if layer_examples is None:
-            return n
-        return min(n, -(-max(0, int(layer_examples)) // self.batch) * self.batch)
+    def plan(self) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """The batches, as (split indices, feeds): the split in order of token count (stable),
+        ``batch`` examples each, every batch padded to its longest."""
+        if self._plan is None:
+            texts = self.data.inputs()
+            idx = np.argsort(self._counts, kind="stable")
+            self._plan = [
+                (sel, self.sim.encode([texts[j] for j in sel]))
+                for sel in (idx[i : i + self.batch] for i in range(0, len(idx), self.batch))
+            ]
+        return self._plan
 
-    def plan(self, head: int) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
-        """The batches, as (split indices, feeds): the first ``head`` examples (the traced ones)
-        and the rest, each in order of token count; every batch padded to its longest."""
-        if head not in self._plans:
-            out, texts = [], self.data.inputs()
-            for lo, hi in ((0, head), (head, len(self.data))):
-                idx = lo + np.argsort(self._counts[lo:hi], kind="stable")
-                for i in range(0, len(idx), self.batch):
-                    sel = idx[i : i + self.batch]
-                    out.append((sel, self.sim.encode([texts[j] for j in sel])))
-            self._plans[head] = out
-        return self._plans[head]
-
-    def _in_split_order(self, head: int, per_batch: list[np.ndarray]) -> np.ndarray:
+    def _in_split_order(self, per_batch: list[np.ndarray]) -> np.ndarray:
         """Rows of ``per_batch`` (one array per batch of :meth:`plan`) put back in the split's order."""
         rows = np.concatenate(per_batch)
         out = np.empty_like(rows)
-        out[np.concatenate([sel for sel, _ in self.plan(head)])] = rows
+        out[np.concatenate([sel for sel, _ in self.plan()])] = rows
         return out
 
-    def float_logits(self, layer_examples: int | None = None) -> np.ndarray:
-        """The float model's logits of the split, in its order (from the batches of
-        ``layer_examples``' plan: onnxruntime's last bits follow the padding too)."""
-        head = self.head(layer_examples)
-        if head not in self._floats:
+    def float_logits(self) -> np.ndarray:
+        """The float model's logits of the split, in its order."""
+        if self._float is None:
             name = self.sim.graph.info["onnx_outputs"]["logits"]
-            fl = [np.asarray(self.sim.golden.run(f)[name], np.float64) for _, f in self.plan(head)]
-            self._floats[head] = self._in_split_order(head, fl)
-        return self._floats[head]
+            self._float = self._in_split_order(
+                [np.asarray(self.sim.golden.run(f)[name], np.float64) for _, f in self.plan()]
+            )
+        return self._float
 
-    def run_batch(self, head: int, i: int, trace: bool) -> BatchPart:
-        """Batch ``i`` of :meth:`plan` ``(head)`` in integers, with its per-layer error sums
-        against the float golden when ``trace`` (only the compared tensors are kept, and only
-        they are asked of onnxruntime)."""
-        feeds = self.plan(head)[i][1]
+    def run_batch(self, i: int, traced: np.ndarray | None) -> BatchPart:
+        """Batch ``i`` of :meth:`plan` in integers, with the per-layer error sums of its
+        examples ``traced`` (bool per example; None: none) against the float golden (only the
+        compared tensors are kept, and only they are asked of onnxruntime)."""
+        feeds = self.plan()[i][1]
         n = len(next(iter(feeds.values())))
         graph = self.sim.graph
         logits_name = graph.info["onnx_outputs"]["logits"]
         stats = None
-        if trace:
+        if traced is not None and traced.any():
             keep = set(compared_nodes(graph, self.sim.golden.tensor_names()))
             r = self.sim.run(feeds, trace=keep)
             golden = self.sim.golden.run_some(feeds, [n.onnx_name for n in graph.nodes if n.name in keep])
-            stats = batch_stats(graph, r, golden, feeds.get(self.mask_name) if self.mask_name else None)
+            mask = feeds.get(self.mask_name) if self.mask_name else None
+            if traced.all():
+                stats = batch_stats(graph, r, golden, mask)
+            else:  # a model without a mask: every token is real
+                mask = np.ones(feeds[next(iter(feeds))].shape, bool) if mask is None else mask
+                stats = batch_stats(graph, r, golden, mask, traced)
         else:
             r = self.sim.run(feeds)
-            golden = self.sim.golden.run(feeds) if head not in self._floats else {}
+            golden = self.sim.golden.run(feeds) if self._float is None else {}
         fl = np.asarray(golden[logits_name], np.float64) if logits_name in golden else None
         del golden
         overflow = {node: int(k) for node, k in r.overflow.items()}
         return BatchPart(n, r.outputs["logits"].dequantize(), overflow, r.overflow_count, stats, fl)
 
-    def _run_batches(self, head: int, plan: list[tuple[int, bool]], jobs: int):
-        """:meth:`run_batch` over ``plan`` (batch index, trace), in order; in ``jobs`` forked worker
-        processes when there is more than one job and more than one batch."""
+    def _run_batches(self, plan: list[tuple[int, np.ndarray | None]], jobs: int):
+        """:meth:`run_batch` over ``plan`` (batch index, traced examples), in order; in ``jobs``
+        forked worker processes when there is more than one job and more than one batch."""
         jobs = max(1, min(int(jobs), len(plan)))
         if jobs == 1:
-            return (self.run_batch(head, i, t) for i, t in plan)
-        return self._parallel(head, plan, jobs)
+            return (self.run_batch(i, t) for i, t in plan)
+        return self._parallel(plan, jobs)
 
-    def _parallel(self, head: int, plan: list[tuple[int, bool]], jobs: int):
+    def _parallel(self, plan: list[tuple[int, np.ndarray | None]], jobs: int):
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
@@ -195,14 +192,14 @@ class Bench:
                 pending = []
                 it = iter(plan)
                 for i, t in it:
-                    pending.append(ex.submit(_worker_batch, head, i, t))
+                    pending.append(ex.submit(_worker_batch, i, t))
                     if len(pending) >= 2 * jobs:
                         break
                 while pending:
                     part = pending.pop(0).result()
                     nxt = next(it, None)
                     if nxt is not None:
-                        pending.append(ex.submit(_worker_batch, head, *nxt))
+                        pending.append(ex.submit(_worker_batch, *nxt))
                     yield part
         finally:
             _WORKER = None
@@ -227,9 +224,8 @@ class Bench:
         # the float logits come with the batches (onnxruntime runs once per batch, for the
         # compared tensors and the logits together); the first batch's checks the width first
         name = self.sim.graph.info["onnx_outputs"]["logits"]
-        head = self.head(layer_examples)
-        batches = self.plan(head)  # built before the workers fork: they share it
-        fl = self._floats[head] if head in self._floats else self.sim.golden.run(batches[0][1])[name]
+        batches = self.plan()  # built before the workers fork: they share it
+        fl = self._float if self._float is not None else self.sim.golden.run(batches[0][1])[name]
         if fl.shape[-1] != task.num_labels:
             raise BbctError(
                 f"{self.model_path}: the model has {fl.shape[-1]} logit(s), task {task.name} needs {task.num_labels} "
@@ -239,29 +235,31 @@ class Bench:
         traced = 0
         il, ovf = [], 0
         by_node: dict[str, int] = {}
-        plan = [(i, bool(sel[0] < head)) for i, (sel, _) in enumerate(batches)]  # the head's batches come first
-        parts = self._run_batches(head, plan, jobs)
+        # the first ``layer_examples`` of the split, wherever the length order put them
+        n_traced = len(self.data) if layer_examples is None else max(0, min(len(self.data), int(layer_examples)))
+        plan = [(i, (sel < n_traced) if (sel < n_traced).any() else None) for i, (sel, _) in enumerate(batches)]
+        parts = self._run_batches(plan, jobs)
         if progress:
             from bbct.golden.progress import progress as bar
 
             parts = bar(parts, total=len(plan), desc=f"eval {task.name} {self.sim.config.name}", unit="batch")
         t0 = time.time()
         fls = []
-        for (_, trace), part in zip(plan, parts, strict=True):
+        for (_, rows), part in zip(plan, parts, strict=True):
             fls.append(part.float_logits)
-            if trace:  # merged in batch order: the same sums however the batches were spread
+            if rows is not None:  # merged in batch order: the same sums however the batches were spread
                 comparison.merge(part.stats)
-                traced += part.n
+                traced += int(rows.sum())
             il.append(part.logits)
             ovf += part.overflow_count
             for node, k in part.overflow.items():  # which nodes saturate, so a count can be read
                 if k:
                     by_node[node] = by_node.get(node, 0) + int(k)
         t_run = time.time() - t0
-        if head not in self._floats:
-            self._floats[head] = self._in_split_order(head, fls)
-        fl = self._floats[head]
-        iq = self._in_split_order(head, il)
+        if self._float is None:
+            self._float = self._in_split_order(fls)
+        fl = self._float
+        iq = self._in_split_order(il)
         rows = comparison.rows()
         summary = summarize(self.data, fl, iq)
         finite = [r.sqnr_db for r in rows if math.isfinite(r.sqnr_db)]
@@ -306,9 +304,9 @@ def _worker_init() -> None:
     _WORKER.sim.golden.reset(threads=1)
 
 
-def _worker_batch(head: int, i: int, trace: bool) -> BatchPart:
+def _worker_batch(i: int, traced: np.ndarray | None) -> BatchPart:
     assert _WORKER is not None
-    return _WORKER.run_batch(head, i, trace)
+    return _WORKER.run_batch(i, traced)
 
 
 def summarize(data: Dataset, fl: np.ndarray, iq: np.ndarray) -> dict[str, Any]:
