@@ -127,6 +127,17 @@ def test_sweep_rows_resume_and_pareto(tiny_bert_onnx, tmp_path, capsys):
         assert e[k] == p[k], k
 
 
+def test_the_batch_size_is_part_of_a_points_key(tiny_bert_onnx, tmp_path):
+    """Each batch's padding can reach a block or matrix exponent, so rows of another batch size
+    are not reused, nor is a Bench built for it."""
+    import dataclasses
+
+    sw = _sweep(tiny_bert_onnx, tmp_path)
+    other = dataclasses.replace(sw, spec=dataclasses.replace(sw.spec, batch=8))
+    assert sw.spec.ident() != other.spec.ident()
+    assert {k for k, _, _ in sw.plan()}.isdisjoint(k for k, _, _ in other.plan())
+
+
 def test_sweep_cli_writes_table_and_plots(tiny_bert_onnx, tmp_path, capsys):
     (tmp_path / "grid.toml").write_text(GRID)
     data = _data(tmp_path / "data")

@@ -65,7 +65,9 @@ class BenchSpec:
     def ident(self) -> str:
         import hashlib
 
-        blob = repr((self.model, self.task, self.data, self.split, self.limit, self.calib_texts, self.max_length))
+        blob = repr(
+            (self.model, self.task, self.data, self.split, self.limit, self.calib_texts, self.max_length, self.batch)
+        )
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -180,7 +182,10 @@ class Sweep:
 
         msha = model_sha256(self.spec.model)
         dkey = load_dataset(self.spec.task, self.spec.data, self.spec.split, self.spec.limit).digest()
+        # the batch size sets each batch's padding, which a block or matrix exponent can see;
+        # "by-length" names how batches are formed, so rows of another batching are not reused
         dkey += "|" + repr((self.spec.calib_texts, self.spec.max_length, self.spec.layer_examples))
+        dkey += f"|batch {self.spec.batch} by-length"
         out, seen = [], set()
         for values in self.points:
             tables = self.grid.point(values)
