@@ -369,10 +369,43 @@ _BLAS = ThreadpoolController()
 # costs more than they save, and far more when other processes keep the cores busy
 # (64 x 384 x 384 took 60 ms on two threads of a loaded machine, under 1 ms on one).
 _BLAS_THREADED_MACS = 1 << 28
-# A stacked product (attention) runs each item on all BLAS threads from this many
-# multiply-adds per item on (seq 256 x head 32 x 256; at seq 512 two threads took 51 ms where
-# one took 80, at seq 64 both took 4 ms): below it, per-item thread wake-ups cost what they save.
+# A stacked product (attention) spreads its items over as many threads as BLAS may use, each
+# item on one BLAS thread, from this many multiply-adds per item on (seq 256 x head 32 x 256):
+# below it, starting the threads costs what they save. Items on threads of their own, not each
+# item on all BLAS threads: per-item BLAS thread wake-ups collapse when other processes keep
+# the cores busy (seq 512 under a load of 5 on 2 cores: 16-19 s against 4.5 s single-threaded).
 _BLAS_THREADED_ITEM_MACS = 1 << 21
+
+
+def _blas_threads() -> int:
+    return max((int(i.get("num_threads") or 1) for i in _BLAS.select(user_api="blas").info()), default=1)
+
+
+def _stacked_matmul(a: np.ndarray, b: np.ndarray, ft: type) -> np.ndarray:
+    """``a @ b`` of stacked operands (batch axes on both sides) in ``ft``; with items of
+    ``_BLAS_THREADED_ITEM_MACS`` or more, the items are split over the BLAS thread count's
+    worth of threads, each running one-thread BLAS (numpy releases the GIL in matmul)."""
+    m_, k_, n_ = a.shape[-2], a.shape[-1], b.shape[-1]
+    nthr = _blas_threads() if m_ * k_ * n_ >= _BLAS_THREADED_ITEM_MACS else 1
+    batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    items = int(np.prod(batch, dtype=np.int64))
+    with _BLAS.limit(limits=1, user_api="blas"):
+        if nthr < 2 or items < 2:
+            return np.matmul(a.astype(ft), b.astype(ft))
+        from concurrent.futures import ThreadPoolExecutor
+
+        a3 = np.broadcast_to(a.astype(ft), batch + (m_, k_)).reshape(items, m_, k_)
+        b3 = np.broadcast_to(b.astype(ft), batch + (k_, n_)).reshape(items, k_, n_)
+        out = np.empty((items, m_, n_), ft)
+        cuts = np.linspace(0, items, min(nthr, items) + 1).astype(np.int64)
+
+        def part(lo: int, hi: int) -> None:
+            np.matmul(a3[lo:hi], b3[lo:hi], out=out[lo:hi])
+
+        with ThreadPoolExecutor(len(cuts) - 1) as ex:  # a pool per call: safe across fork
+            for f in [ex.submit(part, int(lo), int(hi)) for lo, hi in zip(cuts[:-1], cuts[1:], strict=True)]:
+                f.result()
+        return out.reshape(batch + (m_, n_))
 
 
 def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, ...]) -> np.ndarray:
@@ -381,9 +414,9 @@ def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, 
     A 2-D ``b`` (a linear layer's weights) multiplies all rows of ``a`` in one 2-D BLAS call:
     numpy's stacked matmul issues one small call per batch item, each spinning up the BLAS
     threads, which collapses when another process shares the cores. Products with batch axes
-    on both sides (attention) are many small matrices: they run on one BLAS thread unless each
-    item has ``_BLAS_THREADED_ITEM_MACS`` or more (long sequences), as do 2-D products below
-    ``_BLAS_THREADED_MACS``."""
+    on both sides (attention) are many small matrices on one BLAS thread each; from
+    ``_BLAS_THREADED_ITEM_MACS`` per item on (long sequences) the items are spread over threads
+    (:func:`_stacked_matmul`). 2-D products below ``_BLAS_THREADED_MACS`` run on one thread."""
     k_, n_ = b.shape[-2], b.shape[-1]
     if b.ndim == 2:
         a2 = a.reshape(-1, k_).astype(ft)
@@ -393,11 +426,8 @@ def _float_matmul(a: np.ndarray, b: np.ndarray, ft: type, out_shape: tuple[int, 
             with _BLAS.limit(limits=1, user_api="blas"):
                 accf = a2 @ b.astype(ft)
         accf = accf.reshape(a.shape[:-1] + (n_,))
-    elif a.shape[-2] * k_ * n_ >= _BLAS_THREADED_ITEM_MACS:  # long sequences: big enough per item
-        accf = np.matmul(a.astype(ft), b.astype(ft))
     else:
-        with _BLAS.limit(limits=1, user_api="blas"):
-            accf = np.matmul(a.astype(ft), b.astype(ft))
+        accf = _stacked_matmul(a, b, ft)
     if accf.shape != out_shape:  # b carried batch axes that a did not
         accf = np.broadcast_to(accf, out_shape)
     return accf

@@ -91,6 +91,25 @@ def test_gemm_twins(data, m, k, n, bits, sat, acc_bits, with_bias, batched_b):
     _same(gemm(*args), gemm_ref(*args))
 
 
+@pytest.mark.parametrize("items, threads", [(7, 3), (2, 4), (1, 2), (12, 2)])
+@pytest.mark.parametrize("shared", ["none", "a", "b"])
+def test_gemm_stacked_items_over_threads(monkeypatch, items, threads, shared):
+    """Long-sequence attention: the items of a stacked product split over threads, each on one
+    BLAS thread (any item count against any thread count, operands broadcast on either side),
+    give the reference's every output and event."""
+    import bbct.kernels.gemm as G
+
+    monkeypatch.setattr(G, "_BLAS_THREADED_ITEM_MACS", 1)
+    monkeypatch.setattr(G, "_blas_threads", lambda: threads)
+    rng = np.random.default_rng(items * 10 + threads)
+    a = rng.integers(-(2**19), 2**19, (1 if shared == "a" else items, 5, 33))
+    b = rng.integers(-(2**11), 2**11, (1 if shared == "b" else items, 33, 6))
+    ea = rng.integers(-3, 3, (a.shape[0], 5, 1))
+    for acc_bits in (62, 24):  # exact sums; some outputs recomputed with their events
+        args = (a, ea, b, np.array(2), acc_bits, Saturation.SAT)
+        _same(gemm(*args), gemm_ref(*args))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.data(), st.integers(4, 20), st.sampled_from(list(Saturation)))
 def test_gemm_partial_recompute(data, acc_bits, sat):
