@@ -405,22 +405,23 @@ def _mult_flat(x, m, s, mode, lo, hi, wrap, bits, out):
 @nb.njit(cache=True)
 def _mult_rows(x, m, s_row, mode, lo, hi, wrap, bits, out):
     """:func:`_mult_flat` for one multiplier and one shift per row of ``x`` (rows, n): the
-    product row, then one per-block narrowing (``out`` holds the product first). Returns
-    (overflow count, max, min) with max/min over ``x`` and 0, for the caller's range check."""
+    product row (int64, in a row of scratch), then one per-block narrowing into ``out`` (any
+    integer dtype that holds ``lo..hi``). Returns (overflow count, max, min) with max/min over
+    ``x`` and 0, for the caller's range check."""
     rows, n = x.shape
     n_over = 0
     gmx = np.int64(0)
     gmn = np.int64(0)
     am = abs(m)
+    pr = np.empty(n, np.int64)
     for r in range(rows):
         xr = x[r]
-        pr = out[r]
         mx, mn = extent(xr)
         gmx = max(gmx, mx)
         gmn = min(gmn, mn)
         for j in range(n):
             pr[j] = xr[j] * m
-        n_over += _narrow_block(pr, s_row[r], max(mx, -mn) * am, mode, lo, hi, wrap, bits, pr)
+        n_over += _narrow_block(pr, s_row[r], max(mx, -mn) * am, mode, lo, hi, wrap, bits, out[r])
     return n_over, gmx, gmn
 
 
@@ -443,21 +444,27 @@ def requantize_mult(
     signed: bool = True,
     rounding: Rounding = Rounding.RND_CONV,
     saturation: Saturation = Saturation.SAT,
+    dtype: type = np.int64,
 ) -> tuple[np.ndarray, int]:
-    """``sat((x * multiplier) >>r shift)`` elementwise; returns (int64 codes, overflow events).
+    """``sat((x * multiplier) >>r shift)`` elementwise; returns (codes, overflow events).
 
     ``multiplier`` and ``shift`` broadcast to ``x`` (per-channel constants); the product is
     formed exactly in int64 (``|x * multiplier| < 2**62``, checked), shifted once with
     ``rounding`` (shifts beyond 62 taken as 62, negative shifts are exact left shifts) and
     narrowed to ``bits`` with ``saturation``. The TFLite/gemmlowp fixed-point rescale idiom.
+    The codes are returned in the integer ``dtype`` (int64 by default; a narrower one must
+    hold every ``bits``-bit code, checked), written there directly, with no int64 copy.
     """
     lo, hi, wrap = sat_bounds(bits, signed, saturation)
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or not (np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max):
+        raise ValueError(f"requantize_mult: dtype {dtype} does not hold {bits}-bit codes")
     xa, ma = require_int("requantize_mult: x", x), require_int("requantize_mult: multiplier", np.asarray(multiplier))
     s_row = _per_row(require_int("requantize_mult: shift", np.asarray(shift)), xa.shape, -1)
     if ma.size == 1 and s_row is not None and xa.size:  # one multiplier, one shift per row
         xr = np.ascontiguousarray(xa, np.int64).reshape(-1, xa.shape[-1])
         m = int(ma.ravel()[0])
-        out = np.empty(xr.shape, np.int64)
+        out = np.empty(xr.shape, dtype)
         n, mx, mn = _mult_rows(xr, np.int64(m), s_row, int(rounding), lo, hi, wrap, bits, out)
         big = max(int(mx), -int(mn)) * abs(m)
         if big >= _LIMIT:
@@ -476,7 +483,7 @@ def requantize_mult(
         bits,
         out,
     )
-    return out.reshape(x.shape), int(n)
+    return out.reshape(x.shape).astype(dtype, copy=False), int(n)
 
 
 def requantize_mult_ref(

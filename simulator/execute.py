@@ -125,8 +125,9 @@ def _rescale(n: ir.Rescale, x: QTensor) -> tuple[QTensor, int]:
     # value = acc * 2**e_acc * m * 2**-shift = y * 2**e_out  =>  y = acc * m >> (shift + e_out - e_acc)
     e = np.asarray(x.exp, np.int64)
     shift = n.shift + n.e_out - (e if e.ndim == x.data.ndim and e.shape[-1] == 1 else _exp_full(x).astype(np.int64))
-    y, ov = requantize_mult(x.data, n.multiplier, shift, n.fmt.bits, n.fmt.signed, n.fmt.rounding, n.fmt.saturation)
-    return _fixed(y.astype(n.fmt.dtype), n.fmt, n.e_out), int(ov)
+    f = n.fmt
+    y, ov = requantize_mult(x.data, n.multiplier, shift, f.bits, f.signed, f.rounding, f.saturation, f.dtype)
+    return _fixed(y, f, n.e_out), int(ov)
 
 
 def _affine_quantize(n: ir.AffineQuantize, x: QTensor) -> tuple[QTensor, int]:

@@ -171,6 +171,18 @@ def test_requantize_mult_per_row_twins(data, mode, sat):
         b = requantize_mult_ref(x, m, shift, bits, signed, mode, sat)
         assert_bit_equal(a[0], b[0])
         assert a[1] == b[1]
+        # written straight into the format's own dtype: the same codes and events
+        dt = IntFormat(bits=bits, signed=signed).dtype
+        for sh in (shift, np.arange(7) + s0):  # per-row kernel and the general one
+            c = requantize_mult(x, m, sh, bits, signed, mode, sat, dt)
+            d = requantize_mult_ref(x, m, sh, bits, signed, mode, sat)
+            assert c[0].dtype == dt and np.array_equal(c[0], d[0]) and c[1] == d[1]
+
+
+@pytest.mark.parametrize("dtype, bits, signed", [(np.int8, 9, True), (np.uint8, 8, True), (np.int16, 16, False)])
+def test_requantize_mult_refuses_a_dtype_too_narrow(dtype, bits, signed):
+    with pytest.raises(ValueError, match="does not hold"):
+        requantize_mult(np.array([[1, 2]]), 3, np.array([[1]]), bits, signed, dtype=dtype)
 
 
 def test_requantize_mult_golden_and_multiplier():
