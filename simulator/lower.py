@@ -654,7 +654,7 @@ def _weights(e: _Emitter, n: F.Linear, s: OpSettings, short: str) -> tuple[QTens
     else:
         stored = e.quant_weight(n.weight, s, axis=0, what=short, hessian_keys=sharing)
     wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
-    out = (stored, np.ascontiguousarray(wide.astype(np.int64)), int(np.asarray(ew).ravel()[0]))
+    out = (stored, ir.narrow_ints(wide), int(np.asarray(ew).ravel()[0]))
     e.weights[key] = out
     return out
 

@@ -50,10 +50,23 @@ def test_lowering_shape(spec):
     dump = g.dump()
     assert len(dump.splitlines()) == len(g.nodes) + 1 + len(g.outputs)
     assert "L0.q.acc = linear(emb.ln.aligned) W=(32,32)" in dump and "~ logits" in dump
-    # every weight in the IR is an integer; every stored weight is 8-bit in blocks of 32
+    # every weight in the IR is an integer, in the narrowest signed type that holds it (the
+    # aligned weights of 8-bit codes need more than 8 bits, never 64); every stored weight is
+    # 8-bit in blocks of 32
     for n in g.nodes:
         if isinstance(n, ir.Linear):
-            assert n.weight.dtype == np.int64 and n.stored.fmt.bits == 8 and n.stored.fmt.block_size == 32
+            assert n.weight.dtype in (np.int16, np.int32) and n.stored.fmt.bits == 8 and n.stored.fmt.block_size == 32
+            assert ir.narrow_ints(n.weight.astype(np.int64)).dtype == n.weight.dtype
+
+
+def test_narrow_ints_takes_the_narrowest_type_that_holds_the_values():
+    assert ir.narrow_ints(np.array([-127, 127])).dtype == np.int8
+    assert ir.narrow_ints(np.array([-128, 5])).dtype == np.int16  # a type's minimum is never used
+    assert ir.narrow_ints(np.array([1 << 15])).dtype == np.int32
+    assert ir.narrow_ints(np.array([-(1 << 40)])).dtype == np.int64
+    assert ir.narrow_ints(np.zeros((0, 3), np.int32)).dtype == np.int64
+    a = np.arange(-300, 300).reshape(20, 30)
+    assert np.array_equal(ir.narrow_ints(a), a)
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8", "mx-int8"])
