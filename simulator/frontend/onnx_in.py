@@ -152,7 +152,7 @@ def _gather(imp: _Importer, n: onnx.NodeProto) -> F.FNode:
             name=n.output[0],
             inputs=(idx,),
             sources=(n.name,),
-            table=table.astype(np.float32),
+            table=np.asarray(table, np.float32),  # a float32 table as it is (no second copy of the largest weight)
             table_name=data,
             given=given,
         )
