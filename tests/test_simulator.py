@@ -102,6 +102,23 @@ def test_weights_quantized_in_slabs_and_detached_change_no_bit(preset, tiny_bert
     assert _digest(r0) == _digest(r1) and r0.overflow == r1.overflow
 
 
+def test_simulator_drops_the_float_graph_after_lowering(tiny_bert_onnx):
+    """A Simulator keeps the integer graph only: the float graph (its weights as large as the
+    model's) is imported again on first use, the same; ``keep_float`` keeps it."""
+    from bbct.simulator.session import Simulator
+
+    sim = Simulator(tiny_bert_onnx, "w8a8")
+    assert sim._fgraph is None
+    feeds = sim.encode(["a fine film", "a dull one"])
+    assert set(feeds) >= {"input_ids", "attention_mask"} and sim._fgraph is None
+    assert sim.input_name("attention_mask") == "attention_mask" and sim._fgraph is None
+    assert sim.fgraph.dump() == load_graph(tiny_bert_onnx).dump()
+    assert sim.fgraph is sim.fgraph  # imported once
+    kept = Simulator(tiny_bert_onnx, "w8a8", keep_float=True)
+    assert kept._fgraph is not None
+    assert _digest(kept.run(feeds, trace=True)) == _digest(sim.run(feeds, trace=True))
+
+
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8", "mx-int8", "w8a8-static"])
 def test_integer_run_against_float_golden(preset, spec, golden):
     feeds = tiny_inputs()
