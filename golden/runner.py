@@ -12,15 +12,15 @@ plain session does not optimize either (tested).
 
 from __future__ import annotations
 
-import contextlib
 import re
-from collections.abc import Iterator
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper
 from onnx.external_data_helper import load_external_data_for_model
 
 from bbct.golden.errors import BbctError
@@ -61,6 +61,109 @@ def _first_line(e: BaseException) -> str:
     INVALID_ARGUMENT :`` prefix."""
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", lines[0]) if lines else type(e).__name__
+
+
+# where a detached initializer's data is said to be: no file, the values come with the model
+DETACHED = "*/bbct_detached/*"
+DETACH_MIN_BYTES = 1 << 16  # initializers this large or larger are detached (weights, tables)
+# the types of weights and codes that are detached; shapes, axes and indices (int32, int64),
+# which shape inference reads, stay in the model whatever their size
+_DETACHABLE = {np.dtype(t) for t in (np.float16, np.float32, np.float64, np.int8, np.uint8, np.int16, np.uint16)}
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
+    """Copy the fields set in message ``src`` into ``dst``, but those named in ``skip``."""
+    for fd, v in src.ListFields():
+        if fd.name in skip:
+            continue
+        if hasattr(v, "extend"):  # a repeated field
+            getattr(dst, fd.name).extend(v)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(v)
+        else:
+            setattr(dst, fd.name, v)
+
+
+def _raw_values(t: onnx.TensorProto, min_bytes: int) -> np.ndarray | None:
+    """The values of initializer ``t`` as a read-only array over one copy of its raw data, when
+    it has ``min_bytes`` or more of it, exactly its shape's size, of a detachable type and
+    nothing else (tensors the checker accepts as they are); else None."""
+    if t.ByteSize() < min_bytes or not t.HasField("raw_data") or t.HasField("segment"):
+        return None
+    if t.data_location == onnx.TensorProto.EXTERNAL or any(len(getattr(t, f)) for f in _TYPED_FIELDS):
+        return None
+    try:
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    except Exception:  # an unknown or undefined type: left to the checker
+        return None
+    dims = tuple(t.dims)
+    if dtype not in _DETACHABLE or any(d < 0 for d in dims):
+        return None
+    raw = t.raw_data
+    if len(raw) < min_bytes or len(raw) != dtype.itemsize * int(np.prod(dims, dtype=np.int64)):
+        return None
+    return np.frombuffer(raw, dtype).reshape(dims)
+
+
+def detach_weights(
+    model: onnx.ModelProto, min_bytes: int | None = None
+) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A copy of ``model`` without the data of its large initializers, and their values by name.
+
+    An initializer of ``min_bytes`` (default :data:`DETACH_MIN_BYTES`) or more of raw data
+    (exactly its shape's size; float or 8/16-bit integer: a weight, a table, codes, not a
+    shape) keeps its name, type and dims in the copy, its data marked external at
+    :data:`DETACHED` (no file); its values are a read-only array over one copy of the bytes.
+    ``model`` is not changed: dropping it then leaves one copy of the weights, not the
+    protobuf's and a serialized one besides. :class:`GoldenRunner` takes both back
+    (``weights=``) and gives the values to onnxruntime as external initializers: the same
+    bits as the whole model (tested), without serializing the weights for each session.
+    On a big-endian machine nothing is detached (the raw data is little-endian)."""
+    min_bytes = DETACH_MIN_BYTES if min_bytes is None else min_bytes
+    small = onnx.ModelProto()
+    if sys.byteorder == "big":
+        small.CopyFrom(model)
+        return small, {}
+    _copy_fields(model, small, skip=("graph",))
+    if not model.HasField("graph"):
+        return small, {}
+    _copy_fields(model.graph, small.graph, skip=("initializer",))
+    weights: dict[str, np.ndarray] = {}
+    for t in model.graph.initializer:
+        v = _raw_values(t, min_bytes)
+        if v is None or t.name in weights:
+            small.graph.initializer.add().CopyFrom(t)
+            continue
+        nt = small.graph.initializer.add()
+        _copy_fields(t, nt, skip=("raw_data",))
+        nt.data_location = onnx.TensorProto.EXTERNAL
+        nt.external_data.add(key="location", value=DETACHED)
+        weights[t.name] = v
+    return small, weights
+
+
+def checkable(model: onnx.ModelProto, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of a detached ``model`` for ``onnx.checker``: each detached initializer is an
+    empty tensor of its name and type. :func:`detach_weights` takes only tensors the checker
+    accepts as they are; what it checks elsewhere (nodes, names, opsets) does not read an
+    initializer's dims or data."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name in weights and _is_detached(t):
+            t.ClearField("data_location")
+            t.ClearField("external_data")
+            del t.dims[:]
+            t.dims.append(0)
+            t.raw_data = b""
+    return m
+
+
+def _is_detached(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL and any(
+        e.key == "location" and e.value == DETACHED for e in t.external_data
+    )
 
 
 def _options(threads: int | None) -> ort.SessionOptions:
@@ -106,8 +209,20 @@ _FORKED: list = []  # sessions a process dropped by GoldenRunner.reset (see ther
 class GoldenRunner:
     """Runs a model in onnxruntime; ``run_all`` exposes every node output by tensor name."""
 
-    def __init__(self, model: str | Path | onnx.ModelProto, threads: int | None = None) -> None:
-        self.model = load_onnx(model) if not isinstance(model, onnx.ModelProto) else model
+    def __init__(
+        self,
+        model: str | Path | onnx.ModelProto,
+        threads: int | None = None,
+        weights: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        """``model``: a file (loaded with its large initializers detached, see
+        :func:`detach_weights`) or a model; ``weights``: the values of a model's detached
+        initializers by name."""
+        if isinstance(model, onnx.ModelProto):
+            self.model, self.weights = model, dict(weights or {})
+        else:
+            self.model, self.weights = detach_weights(load_onnx(model))
+        self._values: dict[str, ort.OrtValue] | None = None  # the weights as onnxruntime sees them
         self.path = None if isinstance(model, onnx.ModelProto) else Path(model)
         self.threads = threads
         self.input_names = [i.name for i in self.model.graph.input]
@@ -140,10 +255,15 @@ class GoldenRunner:
         return None
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        so = _options(self.threads)
+        if self.weights:  # the detached initializers, from memory (the arrays stay referenced here)
+            if self._values is None:
+                self._values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in self.weights.items()}
+            # onnxruntime drops an initializer no node reads before it takes the given values
+            used = [k for k in _read_names(model.graph) if k in self._values]
+            so.add_external_initializers(used, [self._values[k] for k in used])
         try:
-            return ort.InferenceSession(
-                model.SerializeToString(), _options(self.threads), providers=["CPUExecutionProvider"]
-            )
+            return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise BbctError(f"onnxruntime cannot load {self._where}: {_first_line(e)}") from None
 
@@ -255,32 +375,44 @@ class GoldenRunner:
         return Golden(dict(zip(self._all_names, vals, strict=True)), self.producer, self.output_names)
 
 
+def _read_names(graph: onnx.GraphProto) -> list[str]:
+    """The tensors read by the nodes of ``graph`` (and of their subgraphs) or given out by it."""
+    names = dict.fromkeys(o.name for o in graph.output)
+    for n in graph.node:
+        names.update(dict.fromkeys(t for t in n.input if t))
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                names.update(dict.fromkeys(_read_names(g)))
+    return list(names)
+
+
 def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     """value_info of every tensor onnx shape inference can type (empty if it cannot run)."""
-    with _large_weights_set_aside(model):  # inference reads their dims, not their values
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # inference is a convenience here; onnxruntime types the outputs anyway
-            return {}
+    try:  # inference reads the weights' dims, not their values
+        inferred = onnx.shape_inference.infer_shapes(_without_large_data(model))
+    except Exception:  # inference is a convenience here; onnxruntime types the outputs anyway
+        return {}
     return {v.name: v for v in inferred.graph.value_info if v.type.HasField("tensor_type")}
 
 
-@contextlib.contextmanager
-def _large_weights_set_aside(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> Iterator[None]:
-    """Take the raw data of initializers of ``min_bytes`` or more out of ``model`` for the
-    duration (dims and type stay), so that what copies or serializes the model meanwhile (shape
-    inference does both) handles kilobytes, not the weights. Small ones (shapes, indices,
-    constants an inference may read) stay."""
-    aside = []
+def _without_large_data(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> onnx.ModelProto:
+    """A copy of ``model`` whose initializers of ``min_bytes`` or more of raw data have none
+    (dims and type stay), so that what copies or serializes it (shape inference does both)
+    handles kilobytes, not the weights. Small ones (shapes, indices, constants an inference
+    may read) stay. ``model`` is not changed: taking its data out and putting it back would
+    copy the weights into its memory again."""
+    small = onnx.ModelProto()
+    _copy_fields(model, small, skip=("graph",))
+    if not model.HasField("graph"):
+        return small
+    _copy_fields(model.graph, small.graph, skip=("initializer",))
     for t in model.graph.initializer:
-        if t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
-            aside.append((t, t.raw_data))
-            t.ClearField("raw_data")
-    try:
-        yield
-    finally:
-        for t, raw in aside:
-            t.raw_data = raw
+        nt = small.graph.initializer.add()
+        if t.ByteSize() >= min_bytes and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+            _copy_fields(t, nt, skip=("raw_data",))
+        else:
+            nt.CopyFrom(t)
+    return small
 
 
 def run_float(

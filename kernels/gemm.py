@@ -474,10 +474,14 @@ def gemm(
     n_over = 0
     rid, tab, force = _bias_table(bias, e_acc, e_bias, bias_rounding, a3.shape[0] * m_, acc_bits, acc_saturation)
     use_bias = bias is not None
-    acc = np.empty((a3.shape[0], m_, n_), np.int64)
+    shape3 = (a3.shape[0], m_, n_)
     if bound < EXACT_F64 and a3.size and b3.size:  # empty operands: the loop gives 0 (+ bias)
         ft = np.float32 if bound < EXACT_F32 else np.float64  # exact: module docstring, step 1
         accf = _float_matmul(a, b, ft, out_shape).reshape(-1, m_, n_)
+        # float64 sums of their own become the int64 accumulators in place (the largest tensor
+        # of a linear not held twice): each output is read before it is written, at its index
+        own = accf.dtype == np.float64 and accf.flags.c_contiguous and accf.flags.writeable
+        acc = accf.view(np.int64) if own else np.empty(shape3, np.int64)
         a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
         empty = np.zeros((0, 0), np.int64)
         rmax = rsum = cmax = csum = empty
@@ -502,6 +506,7 @@ def gemm(
             n_over += _gemm_seq_at(a3c, b3c, idx, rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc)
     else:
         a3c, b3c = np.ascontiguousarray(a3), np.ascontiguousarray(b3)
+        acc = np.empty(shape3, np.int64)
         n_over += _gemm_seq(a3c, b3c, rid, tab, force, use_bias, lo, hi, wrap, acc_bits, acc)
     return acc.reshape(out_shape), e_acc, int(n_over)
 

@@ -281,7 +281,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _warn_accumulators(sim)
     texts = list(zip(args.text, args.pair, strict=True)) if args.pair else list(args.text)
     truncated = _warn_truncated(sim, texts)
-    mask_name = sim.fgraph.role_input("attention_mask")
+    mask_name = sim.input_name("attention_mask")
     comparison = Comparison(sim.graph)
     floats: dict[str, list[np.ndarray]] = {}
     ints: dict[str, list[np.ndarray]] = {}

@@ -222,12 +222,20 @@ def _write_activations(model: onnx.ModelProto, graph: ir.Graph) -> tuple[list[st
     return list(pairs), skipped
 
 
-def read_static_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, dict[str, object]]]:
+def read_static_activations(
+    model: onnx.ModelProto, weights: dict[str, np.ndarray] | None = None
+) -> tuple[onnx.ModelProto, dict[str, dict[str, object]]]:
     """The inverse of the activation pairs :func:`export_qdq` writes: each marked
     ``QuantizeLinear -> DequantizeLinear`` is removed (the float graph is the model's) and
     its power-of-two scales become the tensor's given static exponents, one per channel:
     ``{tensor: {"exp": int array, "bits": 8|16, "source": node}}``. A model without them is
-    returned as it is."""
+    returned as it is. ``weights``: the values of detached initializers
+    (:func:`bbct.golden.runner.detach_weights`)."""
+    weights = weights or {}
+
+    def value(t: onnx.TensorProto) -> np.ndarray:
+        return weights[t.name] if t.name in weights else numpy_helper.to_array(t)
+
     if not any(n.op_type == "DequantizeLinear" and n.doc_string.startswith(ACT_MARK) for n in model.graph.node):
         return model, {}
     m = onnx.ModelProto()
@@ -244,11 +252,11 @@ def read_static_activations(model: onnx.ModelProto) -> tuple[onnx.ModelProto, di
             raise UnsupportedGraphError(
                 f"node {dq.name!r} (DequantizeLinear): a {ACT_MARK} pair without its QuantizeLinear or scale"
             )
-        s = numpy_helper.to_array(scale).astype(np.float64)
+        s = value(scale).astype(np.float64)
         f, k = np.frexp(s)
         if not np.all(f == 0.5):
             raise UnsupportedGraphError(f"node {dq.name!r} (DequantizeLinear): {ACT_MARK} scales must be powers of two")
-        zp = numpy_helper.to_array(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
+        zp = value(inits[dq.input[2]]) if len(dq.input) > 2 and dq.input[2] in inits else None
         bits = 16 if zp is not None and zp.dtype == np.int16 else 8
         acts[dq.output[0]] = {"exp": (k - 1).astype(np.int64), "bits": bits, "source": dq.name}
         rename[q.input[0]] = dq.output[0]

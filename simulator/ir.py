@@ -100,12 +100,28 @@ class Align(Node):
         return f"axes={self.reduce_axes} guard={self.guard} {self.rounding.name}"
 
 
+def narrow_ints(a: np.ndarray) -> np.ndarray:
+    """Integers ``a`` as a contiguous array of the narrowest signed type (int8, int16, int32,
+    int64) that holds every value and its negation (the type's minimum is never used): a
+    constant's memory, not its values, depends on the type."""
+    a = np.asarray(a)
+    if a.size:
+        lo, hi = int(a.min()), int(a.max())
+        for t in (np.int8, np.int16, np.int32):
+            info = np.iinfo(t)
+            if lo > info.min and hi <= info.max:
+                return np.ascontiguousarray(a.astype(t))
+    return np.ascontiguousarray(a.astype(np.int64))
+
+
 @dataclass(frozen=True, eq=False)
 class Linear(Node):
     """``acc = x_aligned @ weight + bias`` in an ``acc_bits`` accumulator.
 
-    ``weight`` holds the aligned integer weights (K, N) at exponent ``w_exp``; ``stored`` is the
-    block-scaled weight as it is stored (what compression counts and vectors dump).
+    ``weight`` holds the aligned integer weights (K, N) at exponent ``w_exp``, in the narrowest
+    signed type that holds them (:func:`narrow_ints`; the GEMM widens them to int64 per
+    product); ``stored`` is the block-scaled weight as it is stored (what compression counts
+    and vectors dump).
     """
 
     weight: np.ndarray | None = None
@@ -121,7 +137,7 @@ class Linear(Node):
 
     def validate(self) -> None:
         _req(self.weight is not None and self.weight.ndim == 2, self, "weight must be 2-D")
-        _req(self.weight.dtype == np.int64, self, f"weight dtype {self.weight.dtype}, int64 expected")
+        _req(self.weight.dtype.kind == "i", self, f"weight dtype {self.weight.dtype}, signed integers expected")
         if self.bias is not None:
             _req(self.bias.shape == (self.weight.shape[1],), self, f"bias shape {self.bias.shape}")
         _req(8 <= self.acc_bits <= 62, self, f"acc_bits={self.acc_bits} must be in 8..62")

@@ -64,6 +64,23 @@ class Calibration:
         return self.amax.get(point)
 
 
+# elements of a weight quantized at a time (float64 temporaries of 8 MB each)
+SLAB = 1 << 20
+
+
+def _slabs(shape: tuple[int, ...], axis: int) -> tuple[int, list[tuple[slice, ...]]]:
+    """The axis across the blocks of a 2-D weight with blocks along ``axis``, and index
+    tuples cutting the weight along it into slabs of about :data:`SLAB` elements (whole
+    blocks each: a block's scale and codes depend on its own values only); one slab for a
+    smaller or not 2-D weight."""
+    if len(shape) != 2 or int(np.prod(shape)) <= SLAB:
+        return 0, [tuple(slice(None) for _ in shape)]
+    other = 1 - axis % 2
+    step = max(1, SLAB // max(1, shape[1 - other]))
+    cuts = [slice(i, min(i + step, shape[other])) for i in range(0, shape[other], step)]
+    return other, [(c, slice(None)) if other == 0 else (slice(None), c) for c in cuts]
+
+
 @dataclass(frozen=True)
 class Role:
     """Where a float node sits: config op class, layer (None outside the encoder layers) and
@@ -327,10 +344,13 @@ class _Emitter:
         """Weight codes; ``hessian_keys`` given (the linears that use this weight), GPTQ applies
         when the settings ask for it, with the sum of their input statistics."""
         fmt = self.weight_fmt(s, axis)
-        w = np.asarray(w, dtype=np.float64)
-        if not np.all(np.isfinite(w)):
+        w = np.asarray(w)
+        if w.dtype.kind != "f":
+            w = w.astype(np.float64)
+        if not np.all(np.isfinite(w)):  # as float64: every float32 (float16) is one, the same
             raise LoweringError(f"node {what}: weight of {hessian_keys[0] if hessian_keys else what!r} is not finite")
         if s.weight_method == "gptq" and hessian_keys:
+            w = np.asarray(w, dtype=np.float64)
             hs = [self.calib.hessians.get(k) for k in hessian_keys] if self.calib is not None else [None]
             h = None if any(x is None for x in hs) else sum(hs[1:], hs[0])
             if h is None:
@@ -341,11 +361,37 @@ class _Emitter:
             q = gptq(w, fmt, h, s.weight_clip_search, act_order=s.weight_order == "act", exp_bits=s.weight_exp_bits)
             self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
             return q
-        if s.weight_clip_search and fmt.scale == ScaleKind.POW2:
-            exp, mant = mse_exponents(w, fmt, s.weight_clip_search), None
+        # block by block, a slab of whole blocks at a time: the float64 temporaries of a large
+        # table (30k x 384) are those of a slab, not of the table several times over
+        other, slabs = _slabs(w.shape, axis)
+        exps, mants = [], []
+        for sl in slabs:
+            part = np.asarray(w[sl], dtype=np.float64)
+            if s.weight_clip_search and fmt.scale == ScaleKind.POW2:
+                e, m = mse_exponents(part, fmt, s.weight_clip_search), None
+            else:
+                e, m = block_exponents(part, fmt)
+            exps.append(e)
+            mants.append(m)
+        exp = exps[0] if len(exps) == 1 else np.concatenate(exps, axis=other)
+        mant = mants[0] if len(mants) == 1 or mants[0] is None else np.concatenate(mants, axis=other)
+        exp = exponent_window(exp, s.weight_exp_bits)  # exponents fit weight_exp_bits: the whole tensor's window
+        if len(slabs) == 1:
+            q = quantize(np.asarray(w, dtype=np.float64), fmt, exp, mant)
         else:
-            exp, mant = block_exponents(w, fmt)
-        q = quantize(w, fmt, exponent_window(exp, s.weight_exp_bits), mant)  # exponents fit weight_exp_bits
+            qs = [
+                quantize(
+                    np.asarray(w[sl], dtype=np.float64), fmt, exp[sl], None if mant is None else mant[sl]
+                )
+                for sl in slabs
+            ]
+            q = QTensor(
+                np.concatenate([p.data for p in qs], axis=other),
+                fmt,
+                np.concatenate([p.exp for p in qs], axis=other),
+                None if mant is None else np.concatenate([p.mant for p in qs], axis=other),
+                {"overflow": sum(int(p.meta.get("overflow", 0)) for p in qs)},
+            )
         self.count(what, w.size, s.weight_bits, int(np.asarray(q.exp).size), s)
         return q
 
@@ -608,7 +654,7 @@ def _weights(e: _Emitter, n: F.Linear, s: OpSettings, short: str) -> tuple[QTens
     else:
         stored = e.quant_weight(n.weight, s, axis=0, what=short, hessian_keys=sharing)
     wide, ew = align(stored, reduce_axes=(0, 1), guard=s.weight_guard, rounding=Rounding.RND_CONV)
-    out = (stored, np.ascontiguousarray(wide.astype(np.int64)), int(np.asarray(ew).ravel()[0]))
+    out = (stored, ir.narrow_ints(wide), int(np.asarray(ew).ravel()[0]))
     e.weights[key] = out
     return out
 

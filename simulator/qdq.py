@@ -297,7 +297,7 @@ def _gemm_rescale(
         ir.Linear(
             name=r.short + ".acc",
             inputs=(xa,),
-            weight=w,
+            weight=ir.narrow_ints(w),
             w_exp=0,
             bias=codes,
             bias_exp=bias_exp,

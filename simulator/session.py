@@ -44,10 +44,15 @@ class Simulator:
         calib_batch: int = 32,
         threads: int | None = None,
         calib_source: str = "",
+        keep_float: bool = False,
     ) -> None:
+        """``keep_float``: keep the float graph after lowering, for callers that lower it
+        again (the explore bench); otherwise :attr:`fgraph` is imported again on first use,
+        and a run of the integer model holds the integer weights only."""
         self.model_path = Path(model)
         self.config = config if isinstance(config, Config) else load_config(config)
-        self.fgraph: FGraph = load_graph(self.model_path)
+        self._fgraph: FGraph | None = load_graph(self.model_path)
+        self._inputs = dict(self._fgraph.inputs)  # input name -> role
         self.tokenizer = find_tokenizer(self.model_path)
         self.max_length = max_length
         self._threads = threads
@@ -63,6 +68,19 @@ class Simulator:
             self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
         except LoweringError as e:  # name the model: the message names only its node
             raise LoweringError(f"{self.model_path}: {e}") from None
+        if not keep_float:
+            self._fgraph = None  # its float weights: as large as the model file
+
+    @property
+    def fgraph(self) -> FGraph:
+        """The float graph (imported again on first use after lowering, unless ``keep_float``)."""
+        if self._fgraph is None:
+            self._fgraph = load_graph(self.model_path)
+        return self._fgraph
+
+    def input_name(self, role: str) -> str | None:
+        """The model's input of ``role`` (``attention_mask``...), or None."""
+        return next((k for k, v in self._inputs.items() if v == role), None)
 
     @functools.cached_property
     def golden(self) -> GoldenRunner:
@@ -74,7 +92,7 @@ class Simulator:
         """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by
         the model's input names."""
         feeds = encode(self.tokenizer, texts, max_length=self.max_length, pad_to=pad_to)
-        by_role = {role: name for name, role in self.fgraph.inputs.items()}
+        by_role = {role: name for name, role in self._inputs.items()}
         return {by_role[k]: v for k, v in feeds.items() if k in by_role}
 
     def run(

@@ -11,7 +11,7 @@ import pytest
 from bert_exports import tiny_inputs
 
 from bbct.golden.errors import BbctError
-from bbct.golden.runner import GoldenRunner, _inferred_types, run_float
+from bbct.golden.runner import GoldenRunner, _inferred_types, checkable, detach_weights, run_float
 from bbct.golden.tokenize import encode, find_tokenizer
 from bbct.simulator.cli import main
 
@@ -50,6 +50,50 @@ def test_golden_index_and_shape_inferred_types(tiny_bert_onnx):
     assert len(typed) > 0.9 * len(every)
     elem = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64", onnx.TensorProto.BOOL: "bool"}
     assert all(elem[v.type.tensor_type.elem_type] == idx[n]["dtype"] for n, v in typed.items())
+
+
+def test_detached_weights_change_no_bit_and_leave_the_model(tiny_bert_onnx):
+    """Initializers detached from the model (onnxruntime takes them from memory as external
+    initializers) give every tensor the same bits; the model given is left as it was, also by
+    shape inference; shapes and indices (int64) stay in the model."""
+    model = onnx.load(str(tiny_bert_onnx))
+    before = model.SerializeToString()
+    small, weights = detach_weights(model, min_bytes=1)
+    _inferred_types(model)
+    assert model.SerializeToString() == before
+    kinds = {a.dtype.kind for a in weights.values()}
+    assert kinds == {"f"} and all(not a.flags.writeable for a in weights.values())
+    inits = {t.name: t for t in model.graph.initializer}
+    assert all(np.array_equal(a, onnx.numpy_helper.to_array(inits[k])) for k, a in weights.items())
+    kept = [t for t in small.graph.initializer if t.name not in weights]
+    assert all(onnx.helper.tensor_dtype_to_np_dtype(t.data_type).kind not in "f" for t in kept)
+    assert all(not t.HasField("raw_data") for t in small.graph.initializer if t.name in weights)
+    onnx.checker.check_model(checkable(small, weights))
+    feeds = tiny_inputs()
+    full = GoldenRunner(model).run_all(feeds).values
+    det = GoldenRunner(small, weights=weights).run_all(feeds).values
+    assert full.keys() == det.keys()
+    for k, v in full.items():
+        assert v.dtype == det[k].dtype and np.array_equal(v, det[k], equal_nan=v.dtype.kind == "f"), k
+
+
+def test_a_short_initializer_stays_for_the_checker(tiny_bert_onnx, tmp_path, monkeypatch):
+    """An initializer whose raw data is not its shape's size is not detached: the checker
+    refuses it as before, naming it."""
+    import bbct.golden.runner as R
+    from bbct.simulator.frontend.onnx_in import load_graph
+
+    monkeypatch.setattr(R, "DETACH_MIN_BYTES", 1)
+    model = onnx.load(str(tiny_bert_onnx))
+    t = max(model.graph.initializer, key=lambda t: len(t.raw_data))
+    t.raw_data = t.raw_data[:-4]
+    small, weights = detach_weights(model)
+    assert t.name not in weights and weights
+    bad = tmp_path / "short.onnx"
+    onnx.save(model, str(bad))
+    with pytest.raises(BbctError) as e:
+        load_graph(bad)
+    assert str(e.value).startswith(f"{bad}: malformed ONNX model") and t.name in str(e.value)
 
 
 def test_run_float_batches_equal_one_run(tiny_bert_onnx):

@@ -50,10 +50,73 @@ def test_lowering_shape(spec):
     dump = g.dump()
     assert len(dump.splitlines()) == len(g.nodes) + 1 + len(g.outputs)
     assert "L0.q.acc = linear(emb.ln.aligned) W=(32,32)" in dump and "~ logits" in dump
-    # every weight in the IR is an integer; every stored weight is 8-bit in blocks of 32
+    # every weight in the IR is an integer, in the narrowest signed type that holds it (the
+    # aligned weights of 8-bit codes need more than 8 bits, never 64); every stored weight is
+    # 8-bit in blocks of 32
     for n in g.nodes:
         if isinstance(n, ir.Linear):
-            assert n.weight.dtype == np.int64 and n.stored.fmt.bits == 8 and n.stored.fmt.block_size == 32
+            assert n.weight.dtype in (np.int16, np.int32) and n.stored.fmt.bits == 8 and n.stored.fmt.block_size == 32
+            assert ir.narrow_ints(n.weight.astype(np.int64)).dtype == n.weight.dtype
+
+
+def test_narrow_ints_takes_the_narrowest_type_that_holds_the_values():
+    assert ir.narrow_ints(np.array([-127, 127])).dtype == np.int8
+    assert ir.narrow_ints(np.array([-128, 5])).dtype == np.int16  # a type's minimum is never used
+    assert ir.narrow_ints(np.array([1 << 15])).dtype == np.int32
+    assert ir.narrow_ints(np.array([-(1 << 40)])).dtype == np.int64
+    assert ir.narrow_ints(np.zeros((0, 3), np.int32)).dtype == np.int64
+    a = np.arange(-300, 300).reshape(20, 30)
+    assert np.array_equal(ir.narrow_ints(a), a)
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8", "mx-int8"])
+def test_weights_quantized_in_slabs_and_detached_change_no_bit(preset, tiny_bert_onnx, monkeypatch):
+    """Large weights are quantized a slab of whole blocks at a time, and the import detaches
+    large initializers from the protobuf: with both applied to every weight of the tiny model,
+    the integer graph's constants and every traced tensor are the same bits."""
+    import bbct.golden.runner as R
+    import bbct.simulator.lower as L
+
+    cfg = load_config(preset)
+    feeds = tiny_inputs()
+
+    def build():
+        fg = load_graph(tiny_bert_onnx)
+        calib = calibrate(fg, [feeds], gptq=cfg.uses_gptq) if cfg.needs_calibration else None
+        g = lower(fg, cfg, calib)
+        return g, run(g, feeds, trace=True)
+
+    monkeypatch.setattr(R, "DETACH_MIN_BYTES", 1 << 40)
+    monkeypatch.setattr(L, "SLAB", 1 << 40)
+    g0, r0 = build()
+    monkeypatch.setattr(R, "DETACH_MIN_BYTES", 1)
+    monkeypatch.setattr(L, "SLAB", 100)  # a few rows or columns of each weight and table
+    g1, r1 = build()
+    assert [n.name for n in g0.nodes] == [n.name for n in g1.nodes]
+    for a, b in zip(g0.nodes, g1.nodes, strict=True):
+        if isinstance(a, ir.Linear):
+            assert a.weight.dtype == b.weight.dtype and np.array_equal(a.weight, b.weight)
+            assert np.array_equal(a.stored.data, b.stored.data) and np.array_equal(a.stored.exp, b.stored.exp)
+        if isinstance(a, ir.Embed):
+            assert np.array_equal(a.table.data, b.table.data) and np.array_equal(a.table.exp, b.table.exp)
+    assert _digest(r0) == _digest(r1) and r0.overflow == r1.overflow
+
+
+def test_simulator_drops_the_float_graph_after_lowering(tiny_bert_onnx):
+    """A Simulator keeps the integer graph only: the float graph (its weights as large as the
+    model's) is imported again on first use, the same; ``keep_float`` keeps it."""
+    from bbct.simulator.session import Simulator
+
+    sim = Simulator(tiny_bert_onnx, "w8a8")
+    assert sim._fgraph is None
+    feeds = sim.encode(["a fine film", "a dull one"])
+    assert set(feeds) >= {"input_ids", "attention_mask"} and sim._fgraph is None
+    assert sim.input_name("attention_mask") == "attention_mask" and sim._fgraph is None
+    assert sim.fgraph.dump() == load_graph(tiny_bert_onnx).dump()
+    assert sim.fgraph is sim.fgraph  # imported once
+    kept = Simulator(tiny_bert_onnx, "w8a8", keep_float=True)
+    assert kept._fgraph is not None
+    assert _digest(kept.run(feeds, trace=True)) == _digest(sim.run(feeds, trace=True))
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8", "mx-int8", "w8a8-static"])

@@ -62,7 +62,7 @@ class Bench:
 
         # a Simulator under a config that needs no calibration: its import, tokenizer and golden
         # runner are reused, its integer graph is replaced per config
-        self.sim = Simulator(model, "w8a8", max_length=max_length, threads=threads)
+        self.sim = Simulator(model, "w8a8", max_length=max_length, threads=threads, keep_float=True)
         self.data = data
         self.batch = batch
         self.calib_texts = calib_texts
@@ -74,7 +74,7 @@ class Bench:
         self._plan: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self._float: np.ndarray | None = None  # the float logits, in the split's order
         self._lowered: Config | None = None  # the config self.sim.graph was lowered from
-        self.mask_name = self.sim.fgraph.role_input("attention_mask")
+        self.mask_name = self.sim.input_name("attention_mask")
 
     @property
     def model_path(self) -> Path:

@@ -29,7 +29,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from bbct.golden.errors import BbctError
-from bbct.golden.runner import GoldenRunner, load_onnx
+from bbct.golden.runner import GoldenRunner, checkable, detach_weights, load_onnx
 from bbct.simulator.errors import UnsupportedGraphError
 from bbct.simulator.frontend import fgraph as F
 
@@ -152,7 +152,7 @@ def _gather(imp: _Importer, n: onnx.NodeProto) -> F.FNode:
             name=n.output[0],
             inputs=(idx,),
             sources=(n.name,),
-            table=table.astype(np.float32),
+            table=np.asarray(table, np.float32),  # a float32 table as it is (no second copy of the largest weight)
             table_name=data,
             given=given,
         )
@@ -221,9 +221,10 @@ def supported_ops() -> dict[str, str]:
 
 
 class _Importer:
-    def __init__(self, model: onnx.ModelProto, where: str) -> None:
+    def __init__(self, model: onnx.ModelProto, where: str, weights: dict[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.where = where
+        self.weights = weights or {}  # detached initializers' values (golden.runner.detach_weights)
         g = model.graph
         self.nodes = list(g.node)
         self.inits = {i.name: i for i in g.initializer}
@@ -428,7 +429,7 @@ class _Importer:
         return feeds
 
     def run_probes(self) -> None:
-        runner = GoldenRunner(self.model)
+        runner = GoldenRunner(self.model, weights=self.weights)
         error = ""
         for probes in (PROBES, SHORT_PROBES):
             self.probe, self.probe_feeds = [], []
@@ -447,7 +448,9 @@ class _Importer:
     def value(self, t: str) -> np.ndarray:
         if t in self.folded:
             return self.folded[t]
-        if t in self.inits:
+        if t in self.weights:
+            v = self.weights[t]
+        elif t in self.inits:
             v = numpy_helper.to_array(self.inits[t])
         else:
             n = self.prod.get(t)
@@ -521,7 +524,11 @@ class _Importer:
                 extra += self._shape_of_act(n, ids)
                 continue
             nodes.append(n)
-        inits = [self.inits[t] for t in needed if t in self.inits]
+        inits = [
+            numpy_helper.from_array(self.weights[t], t) if t in self.weights else self.inits[t]
+            for t in needed
+            if t in self.inits
+        ]
         used_inputs = [p for p in self.graph_inputs if p.name in needed or any(p.name in n.input for n in extra)]
         outs = [
             helper.make_tensor_value_info(t, helper.np_dtype_to_tensor_dtype(np.asarray(self.probe[0][t]).dtype), None)
@@ -665,8 +672,11 @@ def load_graph(path_or_model: str | Path | onnx.ModelProto) -> F.FGraph:
         m, where = path_or_model, f"model {path_or_model.graph.name or '(unnamed graph)'}"
     else:
         m, where = load_onnx(path_or_model), str(path_or_model)
+    # the weights leave the protobuf once (a file's is dropped here): the checks, rewrites and
+    # probes then copy and serialize kilobytes, and onnxruntime reads the arrays
+    m, weights = detach_weights(m)
     try:
-        onnx.checker.check_model(m)
+        onnx.checker.check_model(checkable(m, weights))
     except (onnx.checker.ValidationError, ValueError) as e:
         raise BbctError(f"{where}: malformed ONNX model: {str(e).splitlines()[0]}") from None
     from bbct.simulator.export import read_static_activations
@@ -674,8 +684,8 @@ def load_graph(path_or_model: str | Path | onnx.ModelProto) -> F.FGraph:
 
     m = rewrite_integer_ops(m)
     try:
-        m, static = read_static_activations(m)  # bbct's own exported activation exponents
-        fg = _Importer(m, where).run()
+        m, static = read_static_activations(m, weights)  # bbct's own exported activation exponents
+        fg = _Importer(m, where, weights).run()
         if static:
             fg.info["static_exponents"] = static
         return fg
