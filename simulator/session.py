@@ -8,6 +8,7 @@ This is what the CLI, the benchmarks and user scripts use::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -70,6 +71,9 @@ class Simulator:
             raise LoweringError(f"{self.model_path}: {e}") from None
         if not keep_float:
             self._fgraph = None  # its float weights: as large as the model file
+            if self.calibration is not None and self.calibration.hessians:
+                # GPTQ's input second moments served the lowering only (151 MB for MiniLM-L6)
+                self.calibration = dataclasses.replace(self.calibration, hessians={})
 
     @property
     def fgraph(self) -> FGraph:

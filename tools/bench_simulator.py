@@ -15,10 +15,12 @@ Engines, all in the same run, on the same batch (real RT test sentences, padded 
   dynamic activations; LayerNorm, softmax and GELU stay in float);
 * ``bbct-<config>``: the bit-accurate integer simulator (``Simulator.run``), Numba kernels.
 
-Each engine runs in its own child process so its peak resident memory (``ru_maxrss``) is its
-own: model load + setup + the timed runs. Time is the median wall time of ``--repeats`` runs
-after one warm-up (JIT compilation and session creation excluded; Numba's on-disk cache makes
-later setups fast). ``vs_ort_fp32`` is that median over ort-fp32's (target for bbct: <= 1.5).
+Each engine runs in its own child process so its peak resident memory is its own: model load
++ setup + the timed runs (VmHWM, read after setup and again after the runs, the mark reset in
+between: the ``setup/run peak MB`` column; for ``w4a8`` the setup's is GPTQ calibration's).
+Time is the median wall time of ``--repeats`` runs after one warm-up (JIT compilation and
+session creation excluded; Numba's on-disk cache makes later setups fast). ``vs_ort_fp32``
+is that median over ort-fp32's (target for bbct: <= 1.5).
 The simulator rows also get a per-op time breakdown from one profiled run, and per linear
 shape the achieved GFLOP/s (2*M*K*N per product) next to numpy's float32 and float64 GEMM of
 the same shape in the same process (how far the exact integer products are from the BLAS).
@@ -249,8 +251,10 @@ def child(engine: str, model: Path, batch: int, seq: int, threads: int, repeats:
             return r.outputs[role].dequantize()
 
     setup_s = time.perf_counter() - t_setup
+    setup_peak = _peak_mb(reset=True)  # GPTQ calibration's peak is the setup's (w4a8)
     times = _time(once, repeats)
     logits = np.asarray(once())
+    run_peak = _peak_mb()  # before the profiling below, whose numpy GEMMs are not the engine's
     if engine.startswith("bbct-"):
         prof: dict[str, float] = {}
         sim.run(feeds, profile=prof)
@@ -263,10 +267,31 @@ def child(engine: str, model: Path, batch: int, seq: int, threads: int, repeats:
         "min_s": min(times),
         "times_s": times,
         "setup_s": setup_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": (
+            max(setup_peak, run_peak)
+            if setup_peak is not None and run_peak is not None
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        ),
+        "setup_peak_mb": setup_peak,
+        "run_peak_mb": run_peak,
         "pred": logits.argmax(-1).tolist() if logits.ndim == 2 else None,
         **extra,
     }
+
+
+def _peak_mb(reset: bool = False) -> float | None:
+    """This process's peak resident MB so far (VmHWM); with ``reset`` the mark is then set back
+    to the current size, so the next reading is the peak of what runs after. None where
+    /proc does not say."""
+    try:
+        with open("/proc/self/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        if reset:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        return kb / 1024
+    except (OSError, StopIteration, ValueError):
+        return None
 
 
 def _spawn(eng: str, model: Path, batch: int, seq: int, args: argparse.Namespace, env: dict, linears: bool):
@@ -336,7 +361,7 @@ def _print_rows(title: str, rows: list[dict]) -> None:
     print(f"\n{title}")
     print(
         f"{'engine':<20}{'median ms':>11}{'min ms':>9}{'vs fp32':>9}{'peak MB':>9}{'mem x':>7}"
-        f"{'setup s':>9}{'agree':>7}"
+        f"{'setup s':>9}{'agree':>7}{'setup/run peak MB':>19}"
     )
     for r in rows:
         agree = r.get("agreement_with_fp32")
@@ -344,7 +369,13 @@ def _print_rows(title: str, rows: list[dict]) -> None:
             f"{r['engine']:<20}{1e3 * r['median_s']:>11.1f}{1e3 * r['min_s']:>9.1f}{r['vs_ort_fp32']:>8.2f}x"
             f"{r['peak_rss_mb']:>9.0f}{r['mem_vs_ort_fp32']:>6.2f}x{r['setup_s']:>9.1f}"
             f"{'' if agree is None else f'{agree:.2f}':>7}"
+            f"{_peaks(r):>19}"
         )
+
+
+def _peaks(r: dict) -> str:
+    s, u = r.get("setup_peak_mb"), r.get("run_peak_mb")
+    return "" if s is None or u is None else f"{s:.0f} / {u:.0f}"
 
 
 def _print_profiles(rows: list[dict]) -> None:
