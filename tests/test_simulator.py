@@ -119,6 +119,22 @@ def test_simulator_drops_the_float_graph_after_lowering(tiny_bert_onnx):
     assert _digest(kept.run(feeds, trace=True)) == _digest(sim.run(feeds, trace=True))
 
 
+def test_simulator_frees_gptqs_statistics_after_lowering(tiny_bert_onnx):
+    """GPTQ's input second moments serve the lowering only: a w4a8 Simulator keeps its
+    calibration's maxima and source (reports name it), not the statistics; the graph is what
+    lowering with the full calibration gives."""
+    from bbct.simulator.session import Simulator
+
+    texts = ["a fine film", "a dull one", "not bad at all", "the worst of the year"]
+    sim = Simulator(tiny_bert_onnx, "w4a8", calib_texts=texts, calib_source="four")
+    assert sim.calibration is not None and sim.calibration.hessians == {}
+    assert sim.calibration.amax and sim.calibration.source == "four"
+    kept = Simulator(tiny_bert_onnx, "w4a8", calib_texts=texts, keep_float=True)
+    assert kept.calibration is not None and kept.calibration.hessians
+    feeds = sim.encode(texts)
+    assert _digest(kept.run(feeds, trace=True)) == _digest(sim.run(feeds, trace=True))
+
+
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8", "mx-int8", "w8a8-static"])
 def test_integer_run_against_float_golden(preset, spec, golden):
     feeds = tiny_inputs()
