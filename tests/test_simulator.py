@@ -288,3 +288,16 @@ def test_stored_weight_exponents_fit_the_bits_compression_counts(spec, exp_bits)
         assert real.max() - real.min() < 2**exp_bits
     res = run(g, tiny_inputs())
     assert np.isfinite(res.outputs["logits"].dequantize()).all()
+
+
+def test_calibration_batches_go_by_length(tiny_bert_onnx):
+    """Calibration sentences are batched in order of token count (statistics over real tokens
+    do not need the file's order), every sentence once."""
+    from bbct.simulator.session import Simulator
+
+    sim = Simulator(tiny_bert_onnx, "w8a8")
+    texts = ["a b c d e f g h", "a", "a b c", "a b", "a b c d e", "a b c d e f"]
+    feeds = sim.calibration_feeds(texts, batch=4)
+    lens = [f["attention_mask"].sum(axis=1).tolist() for f in feeds]
+    assert [len(x) for x in lens] == [4, 2] and sum(lens, []) == sorted(sum(lens, []))
+    assert sorted(sum(lens, [])) == sorted(sim.encode(texts)["attention_mask"].sum(axis=1).tolist())

@@ -92,9 +92,8 @@ class Bench:
             key = (str(self.model_path.resolve()), repr(self.calib_texts), self.sim.max_length, gptq)
             if key not in _CALIBRATIONS:
                 from bbct.simulator.calibrate import calibrate
-                from bbct.simulator.session import batches
 
-                feeds = [self.sim.encode(b) for b in batches(list(self.calib_texts), 32)]
+                feeds = self.sim.calibration_feeds(list(self.calib_texts))
                 _CALIBRATIONS[key] = calibrate(self.sim.fgraph, feeds, gptq=gptq, source=self.calib_source)
             self._calib[gptq] = _CALIBRATIONS[key]
         return self._calib[gptq]
