@@ -85,6 +85,16 @@ def _copy_fields(src, dst, skip: tuple[str, ...] = ()) -> None:
             setattr(dst, fd.name, v)
 
 
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` with every field but its graph's initializers (each caller adds
+    them back, whole or without their data)."""
+    small = onnx.ModelProto()
+    _copy_fields(model, small, skip=("graph",))
+    if model.HasField("graph"):
+        _copy_fields(model.graph, small.graph, skip=("initializer",))
+    return small
+
+
 def _raw_values(t: onnx.TensorProto, min_bytes: int) -> np.ndarray | None:
     """The values of initializer ``t`` as a read-only array over one copy of its raw data, when
     it has ``min_bytes`` or more of it, exactly its shape's size, of a detachable type and
@@ -121,14 +131,11 @@ def detach_weights(
     bits as the whole model (tested), without serializing the weights for each session.
     On a big-endian machine nothing is detached (the raw data is little-endian)."""
     min_bytes = DETACH_MIN_BYTES if min_bytes is None else min_bytes
-    small = onnx.ModelProto()
     if sys.byteorder == "big":
+        small = onnx.ModelProto()
         small.CopyFrom(model)
         return small, {}
-    _copy_fields(model, small, skip=("graph",))
-    if not model.HasField("graph"):
-        return small, {}
-    _copy_fields(model.graph, small.graph, skip=("initializer",))
+    small = _without_initializers(model)
     weights: dict[str, np.ndarray] = {}
     for t in model.graph.initializer:
         v = _raw_values(t, min_bytes)
@@ -395,20 +402,16 @@ def _inferred_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
     return {v.name: v for v in inferred.graph.value_info if v.type.HasField("tensor_type")}
 
 
-def _without_large_data(model: onnx.ModelProto, min_bytes: int = 1 << 16) -> onnx.ModelProto:
+def _without_large_data(model: onnx.ModelProto, min_bytes: int = DETACH_MIN_BYTES) -> onnx.ModelProto:
     """A copy of ``model`` whose initializers of ``min_bytes`` or more of raw data have none
     (dims and type stay), so that what copies or serializes it (shape inference does both)
     handles kilobytes, not the weights. Small ones (shapes, indices, constants an inference
     may read) stay. ``model`` is not changed: taking its data out and putting it back would
     copy the weights into its memory again."""
-    small = onnx.ModelProto()
-    _copy_fields(model, small, skip=("graph",))
-    if not model.HasField("graph"):
-        return small
-    _copy_fields(model.graph, small.graph, skip=("initializer",))
+    small = _without_initializers(model)
     for t in model.graph.initializer:
         nt = small.graph.initializer.add()
-        if t.ByteSize() >= min_bytes and t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+        if t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
             _copy_fields(t, nt, skip=("raw_data",))
         else:
             nt.CopyFrom(t)

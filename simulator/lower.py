@@ -373,16 +373,14 @@ class _Emitter:
                 e, m = block_exponents(part, fmt)
             exps.append(e)
             mants.append(m)
-        exp = exps[0] if len(exps) == 1 else np.concatenate(exps, axis=other)
-        mant = mants[0] if len(mants) == 1 or mants[0] is None else np.concatenate(mants, axis=other)
-        exp = exponent_window(exp, s.weight_exp_bits)  # exponents fit weight_exp_bits: the whole tensor's window
-        if len(slabs) == 1:
-            q = quantize(np.asarray(w, dtype=np.float64), fmt, exp, mant)
+        if len(slabs) == 1:  # exponents of any shape (a 1-D weight's may be 0-d): no slicing
+            exp = exponent_window(exps[0], s.weight_exp_bits)  # exponents fit weight_exp_bits
+            q = quantize(part, fmt, exp, mants[0])  # part: the whole weight, as float64
         else:
+            exp = exponent_window(np.concatenate(exps, axis=other), s.weight_exp_bits)  # the whole tensor's window
+            mant = None if mants[0] is None else np.concatenate(mants, axis=other)
             qs = [
-                quantize(
-                    np.asarray(w[sl], dtype=np.float64), fmt, exp[sl], None if mant is None else mant[sl]
-                )
+                quantize(np.asarray(w[sl], np.float64), fmt, exp[sl], None if mant is None else mant[sl])
                 for sl in slabs
             ]
             q = QTensor(
