@@ -175,7 +175,8 @@ def _error_sums(g, x):
 def _real_rows(shape: tuple[int, ...], mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, int, bool] | None:
     """:func:`real_tokens` as rows of the last axis: which of the ``prod(shape[:-1])`` rows are
     real, and whether within a real row only the real key columns count (``mask[row //
-    per_b]``); None where :func:`real_tokens` selects nothing."""
+    per_b]``); None where :func:`real_tokens` selects nothing. The fast gather's twin of
+    :func:`real_tokens`, the plain selector that tests hold it equal to."""
     m = np.asarray(mask).astype(bool)
     B, S = m.shape
     if len(shape) == 2 and tuple(shape) == m.shape:  # one element per token
@@ -235,7 +236,7 @@ def _real_pairs(q: QTensor, g: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray
     scale or selector array); None where the layout is not rows of the last axis."""
     shape = g.shape
     rows = _real_rows(shape, mask)
-    if rows is None or q.shape != shape or g.ndim < 2 or not g.size:
+    if rows is None or q.shape != shape or not g.size:
         return None
     nd, axis = g.ndim, q.fmt.block_axis % g.ndim
     sb = np.ldexp(1.0, np.asarray(q.exp, np.int64))

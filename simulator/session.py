@@ -92,14 +92,21 @@ class Simulator:
         alone never holds a second copy of the float weights."""
         return GoldenRunner(self.model_path, threads=self._threads)
 
-    def calibration_feeds(self, texts: list, batch: int = 32) -> list[dict[str, np.ndarray]]:
-        """``texts`` encoded in batches of about one length (in order of token count): the
-        statistics are taken over real tokens, so padding is only cost (the RT calibration
-        float pass: 1.7x fewer token rows than batches in file order)."""
+    def length_batches(self, texts: list, batch: int = 32) -> list[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """``texts`` in batches of about one length, as (indices into ``texts``, feeds): in
+        order of token count (a stable sort), ``batch`` each, each padded to its longest, so
+        padding costs little."""
         from bbct.golden.tokenize import token_counts
 
         order = np.argsort(token_counts(self.tokenizer, texts, self.max_length), kind="stable")
-        return [self.encode([texts[j] for j in order[i : i + batch]]) for i in range(0, len(texts), batch)]
+        sels = [order[i : i + batch] for i in range(0, len(order), batch)]
+        return [(sel, self.encode([texts[j] for j in sel])) for sel in sels]
+
+    def calibration_feeds(self, texts: list, batch: int = 32) -> list[dict[str, np.ndarray]]:
+        """``texts`` encoded in :meth:`length_batches`: the statistics are taken over real
+        tokens, so padding is only cost (the RT calibration float pass: 1.7x fewer token rows
+        than batches in file order)."""
+        return [f for _, f in self.length_batches(texts, batch)]
 
     def encode(self, texts: list, pad_to: int | None = None) -> dict[str, np.ndarray]:
         """Token ids, mask and types of ``texts`` (strings, or (text, pair) tuples), keyed by

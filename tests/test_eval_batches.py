@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from test_sweep import _data  # sentences of 2 to 11 words: batches padded to unlike lengths
 
+from bbct.golden.tokenize import token_counts
 from bbct.simulator.compare import Comparison, compared_nodes, error_sums, real_tokens
 from bbct.simulator.explore.bench import Bench
 from bbct.simulator.tasks import get_task, load_dataset
@@ -93,7 +94,8 @@ def test_batches_go_by_length_and_results_by_the_split(bench):
     assert sorted(np.concatenate([sel for sel, _ in plan]).tolist()) == list(range(n))
     for sel, feeds in plan:
         mask = feeds[bench.mask_name]
-        assert np.array_equal(mask.sum(axis=1), bench._counts[sel]) and mask.shape[1] == bench._counts[sel].max()
+        counts = token_counts(bench.sim.tokenizer, [bench.data.inputs()[j] for j in sel], bench.sim.max_length)
+        assert np.array_equal(mask.sum(axis=1), counts) and mask.shape[1] == counts.max()
     # each example's logits are those of its own batch's row
     ev = bench.evaluate("w8a8")
     sel, feeds = plan[1]

@@ -68,9 +68,6 @@ class Bench:
         self.calib_texts = calib_texts
         self.calib_source = calib_source
         self._calib: dict[bool, Calibration] = {}
-        from bbct.golden.tokenize import token_counts
-
-        self._counts = token_counts(self.sim.tokenizer, data.inputs(), max_length)
         self._plan: list[tuple[np.ndarray, dict[str, np.ndarray]]] | None = None
         self._float: np.ndarray | None = None  # the float logits, in the split's order
         self._lowered: Config | None = None  # the config self.sim.graph was lowered from
@@ -120,12 +117,7 @@ class Bench:
         """The batches, as (split indices, feeds): the split in order of token count (stable),
         ``batch`` examples each, every batch padded to its longest."""
         if self._plan is None:
-            texts = self.data.inputs()
-            idx = np.argsort(self._counts, kind="stable")
-            self._plan = [
-                (sel, self.sim.encode([texts[j] for j in sel]))
-                for sel in (idx[i : i + self.batch] for i in range(0, len(idx), self.batch))
-            ]
+            self._plan = self.sim.length_batches(self.data.inputs(), self.batch)
         return self._plan
 
     def _in_split_order(self, per_batch: list[np.ndarray]) -> np.ndarray:
@@ -160,8 +152,9 @@ class Bench:
             mask = feeds.get(self.mask_name) if self.mask_name else None
             if traced.all():
                 stats = batch_stats(graph, r, golden, mask)
-            else:  # a model without a mask: every token is real
-                mask = np.ones(feeds[next(iter(feeds))].shape, bool) if mask is None else mask
+            else:
+                if mask is None:  # a model without a mask: every token is real
+                    mask = np.ones(feeds[next(iter(feeds))].shape, bool)
                 stats = batch_stats(graph, r, golden, mask, traced)
         else:
             r = self.sim.run(feeds)
